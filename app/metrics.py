@@ -1,0 +1,100 @@
+"""Throughput, MFU and memory formulas in one place, and the rank-0 sinks: TensorBoard,
+metrics.jsonl and a progress bar. Other ranks get a logger that does nothing."""
+import json
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import psutil
+import torch
+
+
+def measure_matmul_tflops(dtype: torch.dtype, device: torch.device, size: int = 1024, seconds: float = 0.3) -> float:
+    """Achieved TFLOP/s of a square matmul on this rank's threads: the peak MFU is measured against."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    torch.matmul(a, b)  # warm-up: first call selects kernels
+    iterations = 0
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        torch.matmul(a, b)
+        iterations += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    elapsed = time.perf_counter() - started
+    return 2 * size**3 * iterations / elapsed / 1e12
+
+
+def mfu(flops_per_token: float, tokens_per_second_per_rank: float, peak_tflops_per_rank: float) -> float:
+    """Model FLOPs utilisation: achieved training FLOP/s over the peak, per rank."""
+    return flops_per_token * tokens_per_second_per_rank / (peak_tflops_per_rank * 1e12)
+
+
+def process_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return psutil.Process().memory_info().rss
+
+
+class NullLogger:
+    """What ranks other than 0 hold: the same calls, no output."""
+
+    def log(self, step: int, values: Dict[str, float]) -> None:
+        pass
+
+    def text(self, tag: str, text: str) -> None:
+        pass
+
+    def hparams(self, hparams: dict, metrics: dict) -> None:
+        pass
+
+    def progress(self, advance: int, postfix: Optional[dict] = None) -> None:
+        pass
+
+    def image(self, tag: str, image, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RunLogger(NullLogger):
+    """Rank 0's TensorBoard writer, metrics.jsonl and tqdm bar, all in the run directory."""
+
+    def __init__(self, run_dir: Path, total_steps: int, initial_step: int, progress_bar: bool):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self.bar = None
+        if progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, values: Dict[str, float]) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+
+    def text(self, tag: str, text: str) -> None:
+        self.writer.add_text(tag, text)
+
+    def hparams(self, hparams: dict, metrics: dict) -> None:
+        self.writer.add_hparams(hparams, metrics, run_name=".")
+
+    def progress(self, advance: int, postfix: Optional[dict] = None) -> None:
+        if self.bar is not None:
+            self.bar.update(advance)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def image(self, tag: str, image, step: int) -> None:
+        self.writer.add_image(tag, image, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.writer.close()
+        self.jsonl.close()

@@ -1,0 +1,66 @@
+"""Hugging Face models built from our presets (no hub), and the one place that counts their
+parameters and training FLOPs. Knows nothing of Horovod."""
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def llama_config(model_cfg, vocab_size: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=model_cfg.hidden_size,
+        intermediate_size=model_cfg.intermediate_size,
+        num_hidden_layers=model_cfg.num_layers,
+        num_attention_heads=model_cfg.num_heads,
+        num_key_value_heads=model_cfg.num_kv_heads or model_cfg.num_heads,
+        max_position_embeddings=model_cfg.max_seq_len,
+        rope_theta=model_cfg.rope_theta,
+        rms_norm_eps=model_cfg.norm_eps,
+        attention_dropout=model_cfg.dropout,
+        tie_word_embeddings=model_cfg.tie_embeddings,
+        initializer_range=model_cfg.init_std,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+
+
+def resolve_vocab_size(model_cfg, tokenizer_vocab: int) -> int:
+    if model_cfg.vocab_size is None:
+        return tokenizer_vocab
+    if model_cfg.vocab_size < tokenizer_vocab:
+        raise ValueError(
+            f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} tokens; "
+            "leave model.vocab_size unset (null) to follow the tokenizer"
+        )
+    return model_cfg.vocab_size
+
+
+def build_causal_lm(model_cfg, vocab_size: int) -> LlamaForCausalLM:
+    if model_cfg.init_from:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(model_cfg.init_from)
+    config = llama_config(model_cfg, resolve_vocab_size(model_cfg, vocab_size))
+    # sdpa is the fused attention kernel; eager would materialise the T x T matrix in Python ops.
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config)
+
+
+def count_parameters(model: torch.nn.Module, include_embeddings: bool = True) -> int:
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    # A tied embedding is also the output projection, a real matmul: keep it counted.
+    tied = embedding is model.get_output_embeddings().weight
+    if include_embeddings or tied:
+        return total
+    return total - embedding.numel()
+
+
+def flops_per_token(model: torch.nn.Module, num_layers: int, hidden_size: int, seq_len: int) -> float:
+    """Training FLOPs per token, PaLM appendix B / nanoGPT's estimate_mfu:
+    6N for the weight matmuls (forward 2N, backward 4N) plus 12*L*d*T for attention scores
+    (QK^T and AV, forward and backward; L layers, d = heads x head_dim, T tokens of context).
+    The input embedding is a lookup, not a matmul, so it is left out of N."""
+    n = count_parameters(model, include_embeddings=False)
+    return 6 * n + 12 * num_layers * hidden_size * seq_len
+

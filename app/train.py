@@ -1,0 +1,338 @@
+"""Data-parallel training with Horovod, top to bottom.
+
+    python -m app.prepare data=shakespeare
+    horovodrun -np 2 python -m app.train model=llama_small
+    mpirun -np 2 python -m app.train model=llama_small sync=param_average
+
+One step: every rank runs grad_accum_steps forward/backward passes on its own slice of the
+global batch; Horovod's hooks allreduce the gradients once, after the last backward; we wait
+for them (optimizer.synchronize), unscale and clip the averaged gradients, and step.
+"""
+import logging
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import hydra
+import torch
+import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+from app import checkpoint, config, data, dist, fileio, metrics, models, optim, prepare, tokenizer
+
+log = logging.getLogger("app.train")
+
+
+class StopRequest:
+    """SIGTERM or SIGUSR1 (what SLURM sends before a time limit) asks for a checkpoint and a clean exit."""
+
+    def __init__(self):
+        self.requested = False
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True on every rank if any rank was signalled, so all ranks stop at the same step."""
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        return bool(dist.sum_over_ranks(flag, name="stop_request").item() > 0)
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        device = torch.device("cuda", dist.local_rank())
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise config.ConfigError("train.precision=fp16 needs a CUDA device; use bf16 on CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def causal_lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=inputs).logits
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model, windows, cfg, device, precision_ctx) -> float:
+    """Mean validation loss over the same fixed windows every time, summed over ranks."""
+    model.eval()
+    totals = torch.zeros(2)
+    for inputs, targets in data.validation_batches(
+        windows, dist.rank(), dist.size(), cfg.train.micro_batch_size, cfg.train.eval_batches
+    ):
+        with precision_ctx:
+            loss = causal_lm_loss(model, inputs.to(device), targets.to(device))
+        totals += torch.tensor([loss.item() * inputs.numel(), inputs.numel()])
+    model.train()
+    totals = dist.sum_over_ranks(totals, name="val_loss")
+    return (totals[0] / totals[1]).item()
+
+
+def setup_logging(run_dir: Path) -> None:
+    level = logging.INFO if dist.is_main() else logging.WARNING
+    logging.getLogger().setLevel(level)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(f"[%(asctime)s][rank {dist.rank()}][%(levelname)s] %(message)s"))
+    if dist.is_main():
+        file_handler = logging.FileHandler(run_dir / "train.log")
+        file_handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s"))
+        logging.getLogger().addHandler(file_handler)
+
+
+def train(cfg, run_dir: Path) -> dict:
+    # --- ranks, threads, seeds --------------------------------------------------------------
+    rank, world = dist.rank(), dist.size()
+    device = pick_device(cfg.train.device)
+    threads = dist.threads_per_rank(cfg.train.threads_per_rank)
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.train.seed + rank)  # dropout differs per rank; weights come from rank 0
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fileio.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    setup_logging(run_dir)
+    log.info(
+        "run dir %s | %d ranks (%s), %d threads each, device %s, precision %s",
+        run_dir, world, dist.controller(), threads, device, cfg.train.precision,
+    )
+
+    # --- data --------------------------------------------------------------------------------
+    if dist.is_main():
+        prepare.prepare(cfg, log=log.info)
+    dist.barrier()
+    meta = prepare.read_meta(cfg.data.dir)
+    seq_len = cfg.train.seq_len or cfg.model.max_seq_len
+    train_windows = data.TokenWindows(Path(cfg.data.dir) / "train.bin", meta["dtype"], seq_len, cfg.train.seed)
+    val_windows = data.TokenWindows(Path(cfg.data.dir) / "val.bin", meta["dtype"], seq_len, cfg.train.seed)
+    stream = data.RankStream(train_windows, rank, world, cfg.train.micro_batch_size, cfg.train.grad_accum_steps)
+
+    # --- model ------------------------------------------------------------------------------
+    torch.manual_seed(cfg.train.seed)
+    model = models.build_causal_lm(cfg.model, meta["vocab_size"]).to(device)
+    torch.manual_seed(cfg.train.seed + rank)
+    n_params = models.count_parameters(model)
+    flops_per_token = models.flops_per_token(model, cfg.model.num_layers, cfg.model.hidden_size, seq_len)
+    log.info("model %s: %.2fM parameters, %.1f MFLOPs/token", cfg.model.name, n_params / 1e6, flops_per_token / 1e6)
+
+    # --- optimizer, schedule, Horovod -------------------------------------------------------
+    optimizer = optim.build_optimizer(model, cfg.optim, optim.lr_at(0, cfg.optim, cfg.train.max_steps, world))
+    scaler = torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None
+    precision_ctx = autocast_context(cfg.train.precision, device)
+
+    # --- resume -----------------------------------------------------------------------------
+    tokenizer_hash = meta["tokenizer_sha256"]
+    state = checkpoint.TrainState(
+        world_size=world, model_signature=checkpoint.model_signature(model), tokenizer_sha256=tokenizer_hash,
+        config=OmegaConf.to_container(cfg),
+    )
+    resume_from = checkpoint.resolve_resume(cfg.train.resume, run_dir) if dist.is_main() else None
+    resume_from = dist.broadcast_object(resume_from, name="resume_from")
+    if resume_from is not None and dist.is_main():
+        saved = checkpoint.read_state(resume_from)
+        checkpoint.check_compatible(saved, model, tokenizer_hash, resume_from)
+        checkpoint.load_weights(resume_from, model)
+        optimizer.load_state_dict(checkpoint.load_optimizer_state(resume_from))
+        state.step, state.samples_seen, state.tokens_seen = saved.step, saved.samples_seen, saved.tokens_seen
+        state.grad_scaler = saved.grad_scaler
+        state.world_size = saved.world_size
+    dist.broadcast_model_and_optimizer(model, optimizer, resumed=resume_from is not None)
+    if resume_from is not None:
+        saved_world = dist.broadcast_object(state.world_size, name="saved_world")
+        state.step, state.samples_seen, state.tokens_seen, state.grad_scaler = dist.broadcast_object(
+            (state.step, state.samples_seen, state.tokens_seen, state.grad_scaler), name="train_state"
+        )
+        rng_states = dist.broadcast_object(
+            checkpoint.load_rng_states(resume_from) if dist.is_main() else None, name="rng_states"
+        )
+        if saved_world == world:
+            torch.set_rng_state(rng_states[rank])
+        else:
+            # The data position is a global sample count, valid for any world size; only the
+            # per-rank dropout RNG cannot carry over, so it is re-derived from (seed, rank, step).
+            torch.manual_seed(cfg.train.seed + rank + 1_000_003 * state.step)
+            log.warning("resuming a %d-rank checkpoint on %d ranks: data position re-derived", saved_world, world)
+        if scaler is not None and state.grad_scaler:
+            scaler.load_state_dict(state.grad_scaler)
+        state.world_size = world
+        log.info("resumed from %s at step %d (%d samples seen)", resume_from, state.step, state.samples_seen)
+    optimizer = dist.wrap_optimizer(optimizer, model, cfg.sync, cfg.train.grad_accum_steps)
+
+    def save_checkpoint():
+        rng_states = dist.allgather_object(torch.get_rng_state(), name="rng_gather")
+        if dist.is_main():
+            state.grad_scaler = scaler.state_dict() if scaler is not None else None
+            path = checkpoint.save(run_dir, model, optimizer, state, rng_states, cfg.train.keep_last)
+            log.info("checkpoint %s", path)
+
+    # --- observability (rank 0 writes; the others hold a logger that does nothing) -----------
+    peak_tflops = cfg.train.peak_tflops or metrics.measure_matmul_tflops(
+        torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32, device
+    )
+    logger = (
+        metrics.RunLogger(run_dir, cfg.train.max_steps, state.step, cfg.train.progress_bar)
+        if dist.is_main() else metrics.NullLogger()
+    )
+    logger.text("config", "```\n" + OmegaConf.to_yaml(cfg) + "\n```")
+    stop = StopRequest()
+
+    # --- the loop ---------------------------------------------------------------------------
+    model.train()
+    tokens_per_step_per_rank = stream.per_rank * seq_len
+    window = {"loss": torch.zeros(()), "steps": 0, "compute_s": 0.0, "wait_s": 0.0, "data_s": 0.0, "started": time.perf_counter()}
+    last = {}
+    while state.step < cfg.train.max_steps:
+        lr = optim.lr_at(state.step, cfg.optim, cfg.train.max_steps, world)
+        optim.set_lr(optimizer, lr)
+        step_started = time.perf_counter()
+        for micro_step in range(cfg.train.grad_accum_steps):
+            data_started = time.perf_counter()
+            inputs, targets = stream.micro_batch_at(state.samples_seen, micro_step)
+            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            window["data_s"] += time.perf_counter() - data_started
+            with precision_ctx:
+                loss = causal_lm_loss(model, inputs, targets)
+            scaled = loss / cfg.train.grad_accum_steps
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            window["loss"] += loss.detach().float().cpu() / cfg.train.grad_accum_steps
+        wait_started = time.perf_counter()
+        dist.synchronize_gradients(optimizer)
+        window["wait_s"] += time.perf_counter() - wait_started
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            if cfg.train.grad_clip > 0 else None
+        )
+        with dist.step_without_sync(optimizer):
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+        optimizer.zero_grad()  # set_to_none is the default; Horovod's wrapper takes no arguments
+        state.step += 1
+        state.samples_seen += stream.global_batch
+        state.tokens_seen += stream.global_batch * seq_len
+        if cfg.sync.param_average_every and state.step % cfg.sync.param_average_every == 0:
+            wait_started = time.perf_counter()
+            dist.average_parameters(model.parameters(), cfg.sync.param_average_backend)
+            window["wait_s"] += time.perf_counter() - wait_started
+        window["steps"] += 1
+        window["compute_s"] += time.perf_counter() - step_started
+
+        # Logging is the only place that reads values back from the device or talks to other
+        # ranks outside the gradient allreduce, and only every log_every steps.
+        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
+            elapsed = time.perf_counter() - window["started"]
+            rank_tokens_per_s = window["steps"] * tokens_per_step_per_rank / elapsed
+            summed = dist.sum_over_ranks(
+                torch.tensor([
+                    window["loss"].item() / window["steps"], rank_tokens_per_s, window["wait_s"],
+                    window["compute_s"] - window["wait_s"], window["data_s"],
+                    float(metrics.process_memory_bytes(device)),
+                ], dtype=torch.float64),
+                name="log_metrics",
+            )
+            mean = (summed / world).tolist()
+            last = {
+                "train/loss": mean[0],
+                "lr": lr,
+                "tokens_per_second": summed[1].item(),
+                "tokens_per_second_per_rank": rank_tokens_per_s,
+                "mfu": metrics.mfu(flops_per_token, mean[1], peak_tflops),
+                "time/allreduce_wait_s_per_step": mean[2] / window["steps"],
+                "time/compute_s_per_step": mean[3] / window["steps"],
+                "time/data_s_per_step": mean[4] / window["steps"],
+                "memory/rss_gib_mean": mean[5] / 2**30,
+                "tokens_seen": state.tokens_seen,
+            }
+            if grad_norm is not None:
+                last["grad_norm"] = grad_norm.item()
+            logger.log(state.step, last)
+            logger.progress(window["steps"], {"loss": f"{mean[0]:.3f}", "tok/s": f"{summed[1].item():,.0f}"})
+            log.info(
+                "step %d/%d | loss %.4f | lr %.2e | %s tok/s | mfu %.1f%% | wait %.0f ms/step",
+                state.step, cfg.train.max_steps, mean[0], lr, f"{summed[1].item():,.0f}", 100 * last["mfu"],
+                1000 * last["time/allreduce_wait_s_per_step"],
+            )
+            window = {"loss": torch.zeros(()), "steps": 0, "compute_s": 0.0, "wait_s": 0.0, "data_s": 0.0, "started": time.perf_counter()}
+        if cfg.train.eval_every and (state.step % cfg.train.eval_every == 0 or state.step == cfg.train.max_steps):
+            eval_started = time.perf_counter()
+            val_loss = evaluate(model, val_windows, cfg, device, precision_ctx)
+            last.update({"val/loss": val_loss, "val/perplexity": math.exp(val_loss)})
+            logger.log(state.step, {"val/loss": val_loss, "val/perplexity": math.exp(val_loss)})
+            log.info("step %d | val loss %.4f | val perplexity %.2f", state.step, val_loss, math.exp(val_loss))
+            window["started"] += time.perf_counter() - eval_started  # throughput counts training only
+        # Ranks agree on a stop at log steps only, so a signal costs no per-step collective.
+        stop_now = state.step % cfg.train.log_every == 0 and stop.agreed()
+        if stop_now or (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0):
+            save_checkpoint()
+        if stop_now:
+            log.warning("stop requested by signal: checkpointed at step %d, exiting", state.step)
+            logger.close()
+            return last
+
+    if not cfg.train.checkpoint_every or state.step % cfg.train.checkpoint_every:
+        save_checkpoint()
+    logger.hparams(
+        {"model": cfg.model.name, "optim": cfg.optim.name, "lr": cfg.optim.lr, "sync": cfg.sync.name,
+         "precision": cfg.train.precision, "world_size": world, "global_batch": stream.global_batch},
+        {"hparam/" + k.replace("/", "_"): v for k, v in last.items() if k in ("train/loss", "val/loss")},
+    )
+    if dist.is_main() and cfg.train.sample_tokens > 0:
+        sample = generate_sample(model, cfg, device)
+        log.info("sample:\n%s", sample)
+        logger.text("sample", sample)
+    logger.close()
+    return last
+
+
+@torch.no_grad()
+def generate_sample(model, cfg, device) -> str:
+    tok = tokenizer.load(cfg.data.dir)
+    model.eval()
+    prompt = tok(cfg.train.sample_prompt, return_tensors="pt").input_ids.to(device)
+    torch.manual_seed(cfg.train.seed)
+    output = model.generate(
+        prompt, max_new_tokens=cfg.train.sample_tokens, do_sample=True,
+        temperature=cfg.train.sample_temperature, top_k=cfg.train.sample_top_k, pad_token_id=tok.eos_token_id,
+    )
+    model.train()
+    return tok.decode(output[0], skip_special_tokens=True)
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def hydra_main(cfg) -> None:
+    try:
+        config.validate(cfg)
+        train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except (config.ConfigError, FileNotFoundError, ValueError) as error:
+        log.error("%s", error)
+        sys.exit(2)
+
+
+def main() -> None:
+    dist.init()
+    stamp = dist.run_stamp()
+    OmegaConf.register_new_resolver("run_stamp", lambda: stamp, replace=True)
+    config.register()
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()
