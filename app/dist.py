@@ -93,7 +93,10 @@ def wrap_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, syn
 
 
 def _is_distributed(optimizer) -> bool:
-    return hasattr(optimizer, "synchronize") and hasattr(optimizer, "skip_synchronize")
+    """True for the averaging wrapper. Adasum's wrapper (marked by its _starting_models) steps
+    locally and combines the parameter deltas inside step(), so it has no separate sync phase:
+    clipping then applies to each rank's own gradients."""
+    return hasattr(optimizer, "skip_synchronize") and not hasattr(optimizer, "_starting_models")
 
 
 def synchronize_gradients(optimizer) -> None:
@@ -127,11 +130,6 @@ def average_parameters(parameters: Iterable[torch.nn.Parameter], backend: str) -
         return
     from mpi4py import MPI
 
-    if MPI.COMM_WORLD.Get_size() != hvd.size():
-        raise RuntimeError(
-            "sync.param_average_backend=mpi needs an MPI launch (mpirun or srun); "
-            "launch with mpirun, or use sync.param_average_backend=horovod"
-        )
     flat = torch.cat([t.reshape(-1).float() for t in tensors]).cpu()
     MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
     flat /= hvd.size()
@@ -139,6 +137,17 @@ def average_parameters(parameters: Iterable[torch.nn.Parameter], backend: str) -
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def check_mpi_world() -> None:
+    """MPI collectives need every rank in one MPI job, which horovodrun --gloo does not make."""
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.Get_size() != hvd.size():
+        raise ValueError(
+            "sync.param_average_backend=mpi needs an MPI launch (mpirun, srun or horovodrun --mpi); "
+            "launch that way, or use sync.param_average_backend=horovod"
+        )
 
 
 def sum_over_ranks(tensor: torch.Tensor, name: str) -> torch.Tensor:

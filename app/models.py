@@ -1,5 +1,7 @@
 """Hugging Face models built from our presets (no hub), and the one place that counts their
 parameters and training FLOPs. Knows nothing of Horovod."""
+import hashlib
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -54,6 +56,15 @@ def count_parameters(model: torch.nn.Module, include_embeddings: bool = True) ->
     if include_embeddings or tied:
         return total
     return total - embedding.numel()
+
+
+def parameter_checksum(model: torch.nn.Module) -> str:
+    """A hash of every parameter's bytes: equal on all ranks exactly when replicas agree."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def flops_per_token(model: torch.nn.Module, num_layers: int, hidden_size: int, seq_len: int) -> float:

@@ -171,6 +171,8 @@ def train(cfg, run_dir: Path) -> dict:
         state.world_size = world
         log.info("resumed from %s at step %d (%d samples seen)", resume_from, state.step, state.samples_seen)
     optimizer = dist.wrap_optimizer(optimizer, model, cfg.sync, cfg.train.grad_accum_steps)
+    if cfg.sync.param_average_every and cfg.sync.param_average_backend == "mpi":
+        dist.check_mpi_world()
 
     def save_checkpoint():
         rng_states = dist.allgather_object(torch.get_rng_state(), name="rng_gather")
@@ -294,6 +296,16 @@ def train(cfg, run_dir: Path) -> dict:
          "precision": cfg.train.precision, "world_size": world, "global_batch": stream.global_batch},
         {"hparam/" + k.replace("/", "_"): v for k, v in last.items() if k in ("train/loss", "val/loss")},
     )
+    replicas = dist.allgather_object(
+        {"rank": rank, "run_dir": str(run_dir), "param_sha256": models.parameter_checksum(model)}, name="replicas"
+    )
+    if dist.is_main():
+        identical = len({r["param_sha256"] for r in replicas}) == 1
+        log.info("parameters identical on all %d ranks: %s", world, identical)
+        fileio.write_json(run_dir / "summary.json", {
+            "step": state.step, "tokens_seen": state.tokens_seen, "world_size": world,
+            "controller": dist.controller(), "metrics": last, "replicas": replicas, "replicas_identical": identical,
+        })
     if dist.is_main() and cfg.train.sample_tokens > 0:
         sample = generate_sample(model, cfg, device)
         log.info("sample:\n%s", sample)

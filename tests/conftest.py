@@ -1,0 +1,84 @@
+"""Shared fixtures: a small prepared Shakespeare dataset and a runner for real Horovod jobs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+# Small enough that a 2-rank job takes seconds, large enough to train a visible loss drop.
+TINY_VOCAB = 512
+
+
+def job_env() -> dict:
+    env = dict(os.environ)
+    env.update({
+        "PYTHONPATH": str(ROOT),
+        "PATH": f"{BIN}:{env.get('PATH', '')}",
+        # OpenMPI refuses root without these; CI and containers run as root.
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "OMPI_MCA_rmaps_base_oversubscribe": "1",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def launcher_command(np_: int, launcher: str) -> list:
+    if launcher == "gloo":
+        return [str(BIN / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", "--gloo"]
+    if launcher == "mpi":
+        return ["mpirun", "-np", str(np_), "--bind-to", "none", "-x", "PYTHONPATH", "-x", "PATH"]
+    if launcher == "none":
+        return []
+    raise ValueError(launcher)
+
+
+def run_job(args, np_=2, launcher="gloo", cwd=ROOT, timeout=600, check=True, module="app.train"):
+    """Run `python -m module args` under a real launcher; return the CompletedProcess."""
+    command = launcher_command(np_, launcher) + [sys.executable, "-m", module, *args]
+    result = subprocess.run(command, cwd=cwd, env=job_env(), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(command)} exited {result.returncode}\n--- stdout ---\n{result.stdout[-6000:]}"
+            f"\n--- stderr ---\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
+def run_worker(script: str, args=(), np_=2, launcher="gloo", timeout=300):
+    """Run tests/workers/<script> under a real launcher."""
+    command = launcher_command(np_, launcher) + [sys.executable, str(ROOT / "tests" / "workers" / script), *map(str, args)]
+    result = subprocess.run(command, cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{script} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def read_metrics(run_dir: Path) -> list:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """Shakespeare with a 512-token BPE vocabulary, prepared once per test session."""
+    data_dir = tmp_path_factory.mktemp("data") / "shakespeare512"
+    run_job(["data=shakespeare", f"data.vocab_size={TINY_VOCAB}", f"data.dir={data_dir}"], launcher="none", module="app.prepare")
+    return data_dir
+
+
+def tiny_train_args(data_dir: Path, run_dir: Path, *extra) -> list:
+    """A seconds-long llama_tiny run: fp32 and deterministic so runs can be compared exactly."""
+    return [
+        "model=llama_tiny", f"data.vocab_size={TINY_VOCAB}", f"data.dir={data_dir}",
+        "train.micro_batch_size=4", "train.max_steps=6", "train.log_every=2", "train.eval_every=0",
+        "train.checkpoint_every=0", "train.sample_tokens=0", "train.progress_bar=false",
+        "train.precision=fp32", "train.deterministic=true", "train.peak_tflops=1.0",
+        "optim.warmup_steps=2", f"hydra.run.dir={run_dir}", *extra,
+    ]

