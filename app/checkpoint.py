@@ -78,6 +78,9 @@ def save(run_dir: Path, model, optimizer, state: TrainState, rng_states: list, k
     final = root / step_dir_name(state.step)
     with fileio.staged_directory(final) as staging:
         save_model(model, str(staging / "model.safetensors"))
+        # The Hugging Face config (with the class name) rebuilds the model with no project config.
+        model.config.architectures = [type(model).__name__]
+        model.config.to_json_file(staging / "config.json")
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(rng_states, staging / "rng.pt")
         fileio.write_json(staging / "state.json", asdict(state))
@@ -121,15 +124,43 @@ def load_rng_states(checkpoint_dir: Path) -> list:
     return torch.load(Path(checkpoint_dir) / "rng.pt", weights_only=True)
 
 
+def find(path: str) -> Path:
+    """A checkpoint directory, or a run directory meaning its latest checkpoint."""
+    candidate = Path(path)
+    if (candidate / "checkpoints").is_dir():
+        found = latest(candidate)
+        if found is None:
+            raise FileNotFoundError(f"run directory {candidate} has no complete checkpoint yet")
+        return found
+    if not (candidate / "state.json").is_file():
+        raise FileNotFoundError(f"{candidate} is neither a checkpoint (no state.json) nor a run directory")
+    return candidate
+
+
+def run_tokenizer_dir(run_dir: Path) -> Path:
+    """Rank 0 copies the tokenizer into the run directory, beside checkpoints/."""
+    return Path(run_dir) / "tokenizer"
+
+
+def tokenizer_dir(checkpoint_dir: Path) -> Path:
+    return run_tokenizer_dir(Path(checkpoint_dir).parent.parent)
+
+
+def load_trained_model(checkpoint_dir: Path, device: str = "cpu"):
+    """The trained model, rebuilt from the checkpoint's own config.json and weights."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(checkpoint_dir)
+    model_class = getattr(transformers, config.architectures[0])
+    model = model_class(config)
+    load_weights(checkpoint_dir, model)
+    return model.to(device).eval()
+
+
 def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
     """train.resume: auto (the run dir's latest, if any), never, or a checkpoint directory."""
     if resume == "never":
         return None
     if resume == "auto":
         return latest(run_dir)
-    path = Path(resume)
-    if (path / "checkpoints" / "latest").is_file():
-        path = latest(path)
-    if path is None or not (path / "state.json").is_file():
-        raise FileNotFoundError(f"train.resume={resume} is not a checkpoint directory (no state.json)")
-    return path
+    return find(resume)

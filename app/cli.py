@@ -2,7 +2,7 @@
 reported as one line on stderr and exit status 2."""
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -24,31 +24,38 @@ def fail(message: str) -> "NoReturn":  # noqa: F821
     sys.exit(2)
 
 
-def split_args(argv: List[str], own_keys: List[str]):
-    """Split `key=value` arguments into this tool's own options and Hydra overrides."""
-    own, overrides = {}, []
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key in own_keys:
-            own[key] = value
-        else:
-            overrides.append(arg)
-    return own, overrides
-
-
-def run(main: Callable[[config.Config, dict], None], own_keys: Optional[List[str]] = None) -> None:
-    """Parse argv into (config, own options), call main, and turn bad input into one line."""
-    from omegaconf.errors import OmegaConfBaseException
+def run(main: Callable[[config.Config], None]) -> None:
+    """Compose the Hydra config from argv, call main, and turn bad input into one line."""
     from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    own, overrides = split_args(sys.argv[1:], own_keys or [])
     try:
-        cfg = compose_config(overrides)
+        cfg = compose_config(sys.argv[1:])
         OmegaConf.resolve(cfg)
         config.validate(cfg)
     except (HydraException, OmegaConfBaseException, config.ConfigError) as error:
         fail(" ".join(str(error).split()) or repr(error))
     try:
-        main(cfg, own)
+        main(cfg)
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        fail(str(error))
+
+
+def parse_tool_args(schema, argv: List[str]):
+    """`key=value` arguments checked against a dataclass schema: a typo is an error, not ignored."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(argv))
+        OmegaConf.to_container(cfg, throw_on_missing=True)
+    except OmegaConfBaseException as error:
+        fail(" ".join(str(error).split()) + f"; usage: {schema.__doc__}")
+    return cfg
+
+
+def run_tool(schema, main: Callable) -> None:
+    cfg = parse_tool_args(schema, sys.argv[1:])
+    try:
+        main(cfg)
     except (FileNotFoundError, ValueError, KeyError) as error:
         fail(str(error))

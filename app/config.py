@@ -129,6 +129,44 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+@dataclass
+class GenerateConfig:
+    """python -m app.generate checkpoint=RUN_OR_CHECKPOINT prompt="..." [knobs]"""
+    checkpoint: str = "???"
+    prompt: str = "ROMEO:"
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 0.95
+    greedy: bool = False
+    seed: int = 0
+    stream: bool = True
+
+
+@dataclass
+class ExportConfig:
+    """python -m app.export checkpoint=RUN_OR_CHECKPOINT out=DIR"""
+    checkpoint: str = "???"
+    out: str = "???"
+    # Weights' dtype in the export: float32 | bfloat16 | float16.
+    dtype: str = "float32"
+
+
+@dataclass
+class EvaluateConfig:
+    """python -m app.evaluate checkpoint=RUN_OR_CHECKPOINT [data=PREPARED_DIR] [split=val]"""
+    checkpoint: str = "???"
+    # A prepared data directory; None: the one the checkpoint was trained on.
+    data: Optional[str] = None
+    split: str = "val"
+    batch_size: int = 8
+    # None: the sequence length the model was trained with.
+    seq_len: Optional[int] = None
+    # 0: every non-overlapping window of the split.
+    max_batches: int = 0
+    precision: str = "fp32"
+
+
 def register() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
 

@@ -67,7 +67,9 @@ class RankStream:
         return self.windows.batch(first, self.micro_batch)
 
 
-def validation_batches(windows: TokenWindows, rank: int, world: int, micro_batch: int, batches: int):
-    """The same fixed validation windows at every evaluation, dealt round-robin to ranks."""
-    for index in range(rank, batches, world):
-        yield windows.batch(index * micro_batch, micro_batch)
+def evaluation_batches(windows: TokenWindows, rank: int, world: int, batch_size: int, total_windows: int):
+    """The first `total_windows` windows of the fixed epoch-0 order, in batches dealt
+    round-robin to ranks; the last batch may be short, so no window is dropped or repeated."""
+    total_windows = min(total_windows, windows.windows_per_epoch)
+    for first in range(rank * batch_size, total_windows, world * batch_size):
+        yield windows.batch(first, min(batch_size, total_windows - first))

@@ -3,6 +3,7 @@ parameters and training FLOPs. Knows nothing of Horovod."""
 import hashlib
 
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
@@ -46,6 +47,12 @@ def build_causal_lm(model_cfg, vocab_size: int) -> LlamaForCausalLM:
     # sdpa is the fused attention kernel; eager would materialise the T x T matrix in Python ops.
     config._attn_implementation = "sdpa"
     return LlamaForCausalLM(config)
+
+
+def causal_lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; targets are the inputs shifted by one (data.py)."""
+    logits = model(input_ids=inputs).logits
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def count_parameters(model: torch.nn.Module, include_embeddings: bool = True) -> int:

@@ -103,7 +103,7 @@ def read_meta(data_dir) -> dict:
 
 
 def main() -> None:
-    cli.run(lambda cfg, _own: prepare(cfg))
+    cli.run(prepare)
 
 
 if __name__ == "__main__":

@@ -13,16 +13,16 @@ import math
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
 import torch
-import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from app import checkpoint, config, data, dist, fileio, metrics, models, optim, prepare, tokenizer
+from app import checkpoint, config, data, dist, fileio, metrics, models, optim, prepare, runtime, tokenizer
+from app.evaluate import mean_loss
+from app.generate import generate_text
 
 log = logging.getLogger("app.train")
 
@@ -44,42 +44,36 @@ class StopRequest:
         return bool(dist.sum_over_ranks(flag, name="stop_request").item() > 0)
 
 
-def pick_device(requested: str) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        device = torch.device("cuda", dist.local_rank())
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
-
-
-def autocast_context(precision: str, device: torch.device):
-    if precision == "fp32":
-        return nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise config.ConfigError("train.precision=fp16 needs a CUDA device; use bf16 on CPU")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def causal_lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=inputs).logits
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-
-
-@torch.no_grad()
-def evaluate(model, windows, cfg, device, precision_ctx) -> float:
-    """Mean validation loss over the same fixed windows every time, summed over ranks."""
-    model.eval()
-    totals = torch.zeros(2)
-    for inputs, targets in data.validation_batches(
-        windows, dist.rank(), dist.size(), cfg.train.micro_batch_size, cfg.train.eval_batches
-    ):
-        with precision_ctx:
-            loss = causal_lm_loss(model, inputs.to(device), targets.to(device))
-        totals += torch.tensor([loss.item() * inputs.numel(), inputs.numel()])
-    model.train()
-    totals = dist.sum_over_ranks(totals, name="val_loss")
-    return (totals[0] / totals[1]).item()
+def restore(resume_from: Path, model, optimizer, scaler, state: checkpoint.TrainState, seed: int) -> None:
+    """Rank 0 reads the checkpoint; every rank receives weights, optimizer and train state."""
+    rank, world = dist.rank(), dist.size()
+    payload = None
+    if dist.is_main():
+        try:
+            saved = checkpoint.read_state(resume_from)
+            checkpoint.check_compatible(saved, model, state.tokenizer_sha256, resume_from)
+            checkpoint.load_weights(resume_from, model)
+            optimizer.load_state_dict(checkpoint.load_optimizer_state(resume_from))
+            payload = {"state": saved, "rng": checkpoint.load_rng_states(resume_from)}
+        except (ValueError, FileNotFoundError) as error:
+            payload = {"error": str(error)}
+    # Every rank learns of a refused checkpoint, so none is left waiting in a collective.
+    payload = dist.broadcast_object(payload, name="resume_payload")
+    if "error" in payload:
+        raise ValueError(payload["error"])
+    dist.broadcast_model_and_optimizer(model, optimizer, resumed=True)
+    saved = payload["state"]
+    state.step, state.samples_seen, state.tokens_seen = saved.step, saved.samples_seen, saved.tokens_seen
+    if saved.world_size == world:
+        torch.set_rng_state(payload["rng"][rank])
+    else:
+        # The data position is a global sample count, valid for any world size; only the
+        # per-rank dropout RNG cannot carry over, so it is re-derived from (seed, rank, step).
+        torch.manual_seed(seed + rank + 1_000_003 * state.step)
+        log.warning("resuming a %d-rank checkpoint on %d ranks: data position re-derived", saved.world_size, world)
+    if scaler is not None and saved.grad_scaler:
+        scaler.load_state_dict(saved.grad_scaler)
+    log.info("resumed from %s at step %d (%d samples seen)", resume_from, state.step, state.samples_seen)
 
 
 def setup_logging(run_dir: Path) -> None:
@@ -96,7 +90,7 @@ def setup_logging(run_dir: Path) -> None:
 def train(cfg, run_dir: Path) -> dict:
     # --- ranks, threads, seeds --------------------------------------------------------------
     rank, world = dist.rank(), dist.size()
-    device = pick_device(cfg.train.device)
+    device = runtime.pick_device(cfg.train.device, dist.local_rank())
     threads = dist.threads_per_rank(cfg.train.threads_per_rank)
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed + rank)  # dropout differs per rank; weights come from rank 0
@@ -114,6 +108,9 @@ def train(cfg, run_dir: Path) -> dict:
     # --- data --------------------------------------------------------------------------------
     if dist.is_main():
         prepare.prepare(cfg, log=log.info)
+        # A copy beside the checkpoints makes the run directory self-contained for export/generate.
+        with fileio.staged_directory(checkpoint.run_tokenizer_dir(run_dir)) as staging:
+            tokenizer.load(cfg.data.dir).save_pretrained(staging)
     dist.barrier()
     meta = prepare.read_meta(cfg.data.dir)
     seq_len = cfg.train.seq_len or cfg.model.max_seq_len
@@ -131,48 +128,27 @@ def train(cfg, run_dir: Path) -> dict:
 
     # --- optimizer, schedule, Horovod -------------------------------------------------------
     optimizer = optim.build_optimizer(model, cfg.optim, optim.lr_at(0, cfg.optim, cfg.train.max_steps, world))
+    # Wrap before restoring: DistributedOptimizer rebuilds the optimizer from its param groups,
+    # so state loaded into the inner one would be dropped.
+    optimizer = dist.wrap_optimizer(optimizer, model, cfg.sync, cfg.train.grad_accum_steps)
+    if cfg.sync.param_average_every and cfg.sync.param_average_backend == "mpi":
+        dist.check_mpi_world()
     scaler = torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None
-    precision_ctx = autocast_context(cfg.train.precision, device)
+    precision_ctx = runtime.autocast_context(cfg.train.precision, device)
 
     # --- resume -----------------------------------------------------------------------------
     tokenizer_hash = meta["tokenizer_sha256"]
     state = checkpoint.TrainState(
         world_size=world, model_signature=checkpoint.model_signature(model), tokenizer_sha256=tokenizer_hash,
-        config=OmegaConf.to_container(cfg),
+        config=OmegaConf.to_container(cfg, resolve=True),
     )
-    resume_from = checkpoint.resolve_resume(cfg.train.resume, run_dir) if dist.is_main() else None
-    resume_from = dist.broadcast_object(resume_from, name="resume_from")
-    if resume_from is not None and dist.is_main():
-        saved = checkpoint.read_state(resume_from)
-        checkpoint.check_compatible(saved, model, tokenizer_hash, resume_from)
-        checkpoint.load_weights(resume_from, model)
-        optimizer.load_state_dict(checkpoint.load_optimizer_state(resume_from))
-        state.step, state.samples_seen, state.tokens_seen = saved.step, saved.samples_seen, saved.tokens_seen
-        state.grad_scaler = saved.grad_scaler
-        state.world_size = saved.world_size
-    dist.broadcast_model_and_optimizer(model, optimizer, resumed=resume_from is not None)
+    resume_from = dist.broadcast_object(
+        checkpoint.resolve_resume(cfg.train.resume, run_dir) if dist.is_main() else None, name="resume_from"
+    )
     if resume_from is not None:
-        saved_world = dist.broadcast_object(state.world_size, name="saved_world")
-        state.step, state.samples_seen, state.tokens_seen, state.grad_scaler = dist.broadcast_object(
-            (state.step, state.samples_seen, state.tokens_seen, state.grad_scaler), name="train_state"
-        )
-        rng_states = dist.broadcast_object(
-            checkpoint.load_rng_states(resume_from) if dist.is_main() else None, name="rng_states"
-        )
-        if saved_world == world:
-            torch.set_rng_state(rng_states[rank])
-        else:
-            # The data position is a global sample count, valid for any world size; only the
-            # per-rank dropout RNG cannot carry over, so it is re-derived from (seed, rank, step).
-            torch.manual_seed(cfg.train.seed + rank + 1_000_003 * state.step)
-            log.warning("resuming a %d-rank checkpoint on %d ranks: data position re-derived", saved_world, world)
-        if scaler is not None and state.grad_scaler:
-            scaler.load_state_dict(state.grad_scaler)
-        state.world_size = world
-        log.info("resumed from %s at step %d (%d samples seen)", resume_from, state.step, state.samples_seen)
-    optimizer = dist.wrap_optimizer(optimizer, model, cfg.sync, cfg.train.grad_accum_steps)
-    if cfg.sync.param_average_every and cfg.sync.param_average_backend == "mpi":
-        dist.check_mpi_world()
+        restore(resume_from, model, optimizer, scaler, state, cfg.train.seed)
+    else:
+        dist.broadcast_model_and_optimizer(model, optimizer, resumed=False)
 
     def save_checkpoint():
         rng_states = dist.allgather_object(torch.get_rng_state(), name="rng_gather")
@@ -185,6 +161,7 @@ def train(cfg, run_dir: Path) -> dict:
     peak_tflops = cfg.train.peak_tflops or metrics.measure_matmul_tflops(
         torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32, device
     )
+    log.info("peak %.3f TFLOP/s per rank (%s)", peak_tflops, "configured" if cfg.train.peak_tflops else "measured")
     logger = (
         metrics.RunLogger(run_dir, cfg.train.max_steps, state.step, cfg.train.progress_bar)
         if dist.is_main() else metrics.NullLogger()
@@ -207,7 +184,7 @@ def train(cfg, run_dir: Path) -> dict:
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             window["data_s"] += time.perf_counter() - data_started
             with precision_ctx:
-                loss = causal_lm_loss(model, inputs, targets)
+                loss = models.causal_lm_loss(model, inputs, targets)
             scaled = loss / cfg.train.grad_accum_steps
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
             window["loss"] += loss.detach().float().cpu() / cfg.train.grad_accum_steps
@@ -275,7 +252,8 @@ def train(cfg, run_dir: Path) -> dict:
             window = {"loss": torch.zeros(()), "steps": 0, "compute_s": 0.0, "wait_s": 0.0, "data_s": 0.0, "started": time.perf_counter()}
         if cfg.train.eval_every and (state.step % cfg.train.eval_every == 0 or state.step == cfg.train.max_steps):
             eval_started = time.perf_counter()
-            val_loss = evaluate(model, val_windows, cfg, device, precision_ctx)
+            val_loss = mean_loss(model, val_windows, cfg.train.micro_batch_size,
+                                 cfg.train.eval_batches * cfg.train.micro_batch_size, device, precision_ctx)
             last.update({"val/loss": val_loss, "val/perplexity": math.exp(val_loss)})
             logger.log(state.step, {"val/loss": val_loss, "val/perplexity": math.exp(val_loss)})
             log.info("step %d | val loss %.4f | val perplexity %.2f", state.step, val_loss, math.exp(val_loss))
@@ -307,25 +285,13 @@ def train(cfg, run_dir: Path) -> dict:
             "controller": dist.controller(), "metrics": last, "replicas": replicas, "replicas_identical": identical,
         })
     if dist.is_main() and cfg.train.sample_tokens > 0:
-        sample = generate_sample(model, cfg, device)
+        tok = tokenizer.load(checkpoint.run_tokenizer_dir(run_dir))
+        sample = generate_text(model, tok, cfg.train.sample_prompt, cfg.train.sample_tokens,
+                               cfg.train.sample_temperature, cfg.train.sample_top_k, seed=cfg.train.seed)
         log.info("sample:\n%s", sample)
         logger.text("sample", sample)
     logger.close()
     return last
-
-
-@torch.no_grad()
-def generate_sample(model, cfg, device) -> str:
-    tok = tokenizer.load(cfg.data.dir)
-    model.eval()
-    prompt = tok(cfg.train.sample_prompt, return_tensors="pt").input_ids.to(device)
-    torch.manual_seed(cfg.train.seed)
-    output = model.generate(
-        prompt, max_new_tokens=cfg.train.sample_tokens, do_sample=True,
-        temperature=cfg.train.sample_temperature, top_k=cfg.train.sample_top_k, pad_token_id=tok.eos_token_id,
-    )
-    model.train()
-    return tok.decode(output[0], skip_special_tokens=True)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -1,6 +1,7 @@
 """Shared fixtures: a small prepared Shakespeare dataset and a runner for real Horovod jobs."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,12 @@ def run_worker(script: str, args=(), np_=2, launcher="gloo", timeout=300):
     result = subprocess.run(command, cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{script} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
+
+
+def last_json_line(output: str) -> dict:
+    """The last JSON object printed, without horovodrun's `[rank]<stdout>:` prefix."""
+    lines = [re.sub(r"^\[\d+\]<stdout>:", "", line).strip() for line in output.splitlines()]
+    return json.loads([line for line in lines if line.startswith("{")][-1])
 
 
 def read_summary(run_dir: Path) -> dict:

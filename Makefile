@@ -1,0 +1,24 @@
+# The two commands of the README. Both start by running scripts/install.sh (idempotent:
+# seconds once the Horovod wheel is cached).
+NP ?= 2
+PYTHON := .venv/bin/python
+ARGS ?=
+
+.PHONY: install train test bench doctor
+
+install:
+	bash scripts/install.sh
+
+train: install
+	$(PYTHON) -m app.prepare data=shakespeare $(ARGS)
+	OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
+	  .venv/bin/horovodrun -np $(NP) -H localhost:$(NP) $(PYTHON) -m app.train data=shakespeare $(ARGS)
+
+test: install
+	bash scripts/test.sh
+
+bench: install
+	$(PYTHON) -m app.bench $(ARGS)
+
+doctor: install
+	bash scripts/doctor.sh

@@ -1,0 +1,213 @@
+"""Checkpoints lose nothing: kill -9 and resume equals an uninterrupted run, writes are atomic,
+signals stop every rank cleanly, exports load in plain transformers."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from app import checkpoint
+from conftest import (ROOT, job_env, last_json_line, launcher_command, read_metrics, read_summary, run_job,
+                      tiny_train_args)
+
+
+def start_job(args, launcher="gloo"):
+    command = launcher_command(2, launcher) + [sys.executable, "-m", "app.train", *args]
+    return subprocess.Popen(command, cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every rank at once, as a node failure would."""
+    procs = [psutil.Process(process.pid)] + psutil.Process(process.pid).children(recursive=True)
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    process.wait(timeout=30)
+    psutil.wait_procs(procs, timeout=30)
+
+
+def latest_step(run_dir) -> int:
+    found = checkpoint.latest(run_dir)
+    return checkpoint.read_state(found).step if found else 0
+
+
+def wait_for(predicate, timeout_s=120, process=None):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if predicate():
+            return
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"job ended before the condition held:\n{process.stdout.read()[-4000:]}")
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting")
+
+
+def final_weights(run_dir):
+    return load_file(str(checkpoint.latest(run_dir) / "model.safetensors"))
+
+
+def long_args(data, run_dir, *extra):
+    return tiny_train_args(data, run_dir, "train.max_steps=40", "train.checkpoint_every=4", "train.log_every=2",
+                           "train.micro_batch_size=8", *extra)
+
+
+def test_kill_9_mid_run_then_rerun_equals_an_uninterrupted_run_bitwise(tiny_data, tmp_path):
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    run_job(long_args(tiny_data, reference))
+
+    job = start_job(long_args(tiny_data, interrupted))
+    wait_for(lambda: latest_step(interrupted) >= 8, process=job)
+    kill_tree(job)
+    killed_at = latest_step(interrupted)
+    assert 8 <= killed_at < 40 and not (interrupted / "summary.json").exists(), "the kill came too late to test resume"
+
+    result = run_job(long_args(tiny_data, interrupted))
+    assert f"at step {killed_at}" in result.stdout
+    assert read_summary(interrupted)["step"] == 40
+
+    expected, got = final_weights(reference), final_weights(interrupted)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    # The loss curve too: the last value logged for each step equals the uninterrupted run's.
+    reference_curve = {row["step"]: row["train/loss"] for row in read_metrics(reference)}
+    resumed_curve = {row["step"]: row["train/loss"] for row in read_metrics(interrupted)}
+    assert resumed_curve == reference_curve
+
+
+def test_killing_during_checkpoint_writes_never_leaves_a_broken_latest(tmp_path):
+    rng = random.Random(0)
+    run_dir = tmp_path / "run"
+    env = job_env()
+    for attempt in range(8):
+        writer = subprocess.Popen([sys.executable, str(ROOT / "tests/workers/checkpoint_writer.py"), str(run_dir)],
+                                  env=env, stdout=subprocess.PIPE, text=True)
+        assert writer.stdout.readline().strip() == "ready"
+        time.sleep(rng.random() * 1.5)
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        found = checkpoint.latest(run_dir)
+        if found is None:
+            continue  # killed before the first checkpoint completed: nothing claimed, nothing broken
+        state = checkpoint.read_state(found)
+        model = checkpoint.load_trained_model(found)
+        assert float(next(model.parameters()).detach().flatten()[0]) == float(state.step)
+        assert checkpoint.load_optimizer_state(found)["param_groups"]
+        assert len(checkpoint.complete_checkpoints(run_dir / "checkpoints")) <= 3
+    assert checkpoint.latest(run_dir) is not None, "no checkpoint ever completed; the writer is too slow to test"
+
+
+def test_sigusr1_on_one_rank_checkpoints_all_ranks_exits_0_and_the_rerun_finishes(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    args = long_args(tiny_data, run_dir, "train.checkpoint_every=0")
+    job = start_job(args)
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text(), process=job)
+    ranks = [p for p in psutil.Process(job.pid).children(recursive=True)
+             if p.name().startswith("python") and "app.train" in p.cmdline()]
+    assert len(ranks) == 2
+    ranks[1].send_signal(signal.SIGUSR1)
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode == 0, output[-3000:]
+    assert "stop requested by signal" in output
+    stopped_at = latest_step(run_dir)
+    assert 0 < stopped_at < 40
+
+    result = run_job(args)
+    assert f"resumed from {checkpoint.latest(run_dir).parent}" in result.stdout or f"at step {stopped_at}" in result.stdout
+    assert read_summary(run_dir)["step"] == 40
+
+
+def test_resume_on_a_different_number_of_ranks_continues_the_sample_stream(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    run_job(tiny_train_args(tiny_data, run_dir, "train.max_steps=4"), np_=2)
+    result = run_job(tiny_train_args(tiny_data, run_dir, "train.max_steps=8"), np_=1, launcher="none")
+    assert "resuming a 2-rank checkpoint on 1 ranks" in result.stdout + result.stderr
+    summary = read_summary(run_dir)
+    assert summary["step"] == 8 and summary["world_size"] == 1
+    assert summary["tokens_seen"] == (4 * 2 + 4 * 1) * 4 * 64
+
+
+def test_a_checkpoint_of_another_model_shape_is_refused_with_the_reason(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    run_job(tiny_train_args(tiny_data, run_dir, "train.max_steps=2"), np_=2)
+    result = run_job(tiny_train_args(tiny_data, run_dir, "train.max_steps=4", "model.hidden_size=32"), np_=2, check=False)
+    assert result.returncode != 0
+    assert "another model shape (hidden_size: checkpoint 64 vs config 32)" in result.stdout + result.stderr
+
+
+def test_old_checkpoints_are_pruned_to_keep_last(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    run_job(tiny_train_args(tiny_data, run_dir, "train.max_steps=8", "train.checkpoint_every=2", "train.keep_last=2"), np_=1,
+            launcher="none")
+    names = [p.name for p in checkpoint.complete_checkpoints(run_dir / "checkpoints")]
+    assert names == ["step-000006", "step-000008"]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000008"
+
+
+PLAIN_TRANSFORMERS = r"""
+import sys, json, torch
+sys.modules["app"] = None  # prove that no project code is needed
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+ids = tok("ROMEO: But soft, what light", return_tensors="pt").input_ids
+with torch.no_grad():
+    logits = model(input_ids=ids).logits
+torch.save({"ids": ids, "logits": logits}, sys.argv[2])
+out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
+print(json.dumps({"text": tok.decode(out[0]), "new_tokens": out.shape[1] - ids.shape[1]}))
+"""
+
+
+def test_export_loads_and_generates_in_plain_transformers_with_matching_logits(tiny_data, tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "exported"
+    run_job(tiny_train_args(tiny_data, run_dir), np_=1, launcher="none")
+    run_job([f"checkpoint={run_dir}", f"out={out}"], launcher="none", module="app.export")
+    script = tmp_path / "plain.py"
+    script.write_text(PLAIN_TRANSFORMERS)
+    env = {k: v for k, v in job_env().items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "logits.pt")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    generated = json.loads(result.stdout.strip().splitlines()[-1])
+    assert generated["new_tokens"] == 8 and generated["text"].startswith("ROMEO: But soft, what light")
+
+    plain = torch.load(tmp_path / "logits.pt")
+    ours = checkpoint.load_trained_model(checkpoint.find(str(run_dir)))
+    with torch.no_grad():
+        our_logits = ours(input_ids=plain["ids"]).logits
+    torch.testing.assert_close(our_logits, plain["logits"], rtol=0, atol=1e-6)
+
+
+def test_generate_is_reproducible_by_seed_and_greedy_is_deterministic(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    run_job(tiny_train_args(tiny_data, run_dir), np_=1, launcher="none")
+
+    def generate(*extra):
+        return run_job([f"checkpoint={run_dir}", "max_new_tokens=12", "stream=false", *extra], launcher="none",
+                       module="app.generate").stdout
+
+    assert generate("seed=1") == generate("seed=1")
+    assert generate("seed=1") != generate("seed=2")
+    assert generate("greedy=true", "seed=1") == generate("greedy=true", "seed=2")
+    bad = run_job([f"checkpoint={run_dir}", "max_new_tokenz=3"], launcher="none", module="app.generate", check=False)
+    assert bad.returncode == 2 and "max_new_tokenz" in bad.stderr
+
+
+def test_evaluate_on_two_ranks_equals_one_rank(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    run_job(tiny_train_args(tiny_data, run_dir), np_=1, launcher="none")
+    args = [f"checkpoint={run_dir}", "batch_size=5", "max_batches=7"]
+    one = last_json_line(run_job(args, launcher="none", module="app.evaluate").stdout)
+    two = last_json_line(run_job(args, np_=2, module="app.evaluate").stdout)
+    assert one["windows"] == two["windows"] == 35 and two["ranks"] == 2
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-9)
