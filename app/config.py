@@ -195,13 +195,14 @@ def validate(cfg: Config) -> None:
     positive = {
         "train.micro_batch_size": cfg.train.micro_batch_size,
         "train.grad_accum_steps": cfg.train.grad_accum_steps,
-        "train.max_steps": cfg.train.max_steps,
         "train.log_every": cfg.train.log_every,
         "train.eval_batches": cfg.train.eval_batches,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
+    if cfg.train.max_steps < 0:
+        raise ConfigError(f"train.max_steps={cfg.train.max_steps} must be 0 (initial checkpoint only) or more")
     if not cfg.sync.gradient_allreduce and cfg.sync.param_average_every < 1:
         raise ConfigError(
             "sync.gradient_allreduce=false needs sync.param_average_every >= 1, or ranks never meet"
