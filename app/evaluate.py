@@ -1,51 +1,34 @@
-"""Loss and perplexity of a checkpoint on a prepared split, alone or under Horovod.
+"""Metrics of a checkpoint on a prepared split, alone or under Horovod: loss and perplexity for
+language models, accuracy, macro F1 and the confusion matrix for classifiers.
 
     python -m app.evaluate checkpoint=runs/2026-11-22_05-10-00
     horovodrun -np 2 python -m app.evaluate checkpoint=runs/... data=data/other split=val
 """
 import json
-import math
-from pathlib import Path
 
-import torch
+from omegaconf import OmegaConf
 
-from app import checkpoint, cli, config, data, dist, models, prepare, runtime
-
-
-@torch.no_grad()
-def mean_loss(model, windows, batch_size: int, total_windows: int, device, precision_ctx) -> float:
-    """Token-weighted mean loss over the windows, summed over ranks (not a mean of means)."""
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(2, dtype=torch.float64)
-    for inputs, targets in data.evaluation_batches(windows, dist.rank(), dist.size(), batch_size, total_windows):
-        with precision_ctx:
-            loss = models.causal_lm_loss(model, inputs.to(device), targets.to(device))
-        totals += torch.tensor([loss.item() * targets.numel(), targets.numel()], dtype=torch.float64)
-    model.train(was_training)
-    totals = dist.sum_over_ranks(totals, name="eval_loss")
-    return (totals[0] / totals[1]).item()
+from app import checkpoint, cli, config, dist, prepare, runtime, tasks
 
 
 def evaluate(cfg) -> dict:
     dist.init()
     found = checkpoint.find(cfg.checkpoint)
     state = checkpoint.read_state(found)
-    data_dir = Path(cfg.data or state.config["data"]["dir"])
-    meta = prepare.read_meta(data_dir)
+    run_cfg = OmegaConf.create(state.config)
+    if cfg.data:
+        run_cfg.data.dir = cfg.data
+    if cfg.seq_len:
+        run_cfg.train.seq_len = cfg.seq_len
+    meta = prepare.read_meta(run_cfg.data.dir)
     if meta["tokenizer_sha256"] != state.tokenizer_sha256:
-        raise ValueError(f"{data_dir} was tokenized with another tokenizer than {found}; prepare it with that run's tokenizer")
+        raise ValueError(f"{run_cfg.data.dir} was tokenized with another tokenizer than {found}; "
+                         "prepare it with that run's tokenizer (data.tokenizer_path)")
+    task = tasks.build(run_cfg, dist.rank(), dist.size(), split=cfg.split)
     device = runtime.pick_device("auto", dist.local_rank())
     model = checkpoint.load_trained_model(found, device)
-    seq_len = cfg.seq_len or state.config["train"]["seq_len"] or state.config["model"]["max_seq_len"]
-    windows = data.TokenWindows(data_dir / f"{cfg.split}.bin", meta["dtype"], seq_len, seed=0)
-    total = cfg.max_batches * cfg.batch_size if cfg.max_batches else windows.windows_per_epoch
-    loss = mean_loss(model, windows, cfg.batch_size, total, device, runtime.autocast_context(cfg.precision, device))
-    result = {
-        "checkpoint": str(found), "split": cfg.split, "loss": loss, "perplexity": math.exp(loss),
-        "windows": min(total, windows.windows_per_epoch), "tokens": min(total, windows.windows_per_epoch) * seq_len,
-        "ranks": dist.size(),
-    }
+    result = task.evaluate(model, device, runtime.autocast_context(cfg.precision, device), cfg.batch_size, cfg.max_batches)
+    result = {"checkpoint": str(found), "split": cfg.split, "ranks": dist.size(), **result}
     if dist.is_main():
         print(json.dumps(result))
     return result

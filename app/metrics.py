@@ -78,7 +78,8 @@ class RunLogger(NullLogger):
 
     def log(self, step: int, values: Dict[str, float]) -> None:
         for key, value in values.items():
-            self.writer.add_scalar(key, value, step)
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, step)
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self.jsonl.flush()
 

@@ -1,10 +1,11 @@
 """Hugging Face models built from our presets (no hub), and the one place that counts their
 parameters and training FLOPs. Knows nothing of Horovod."""
 import hashlib
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 
 def llama_config(model_cfg, vocab_size: int) -> LlamaConfig:
@@ -38,15 +39,54 @@ def resolve_vocab_size(model_cfg, tokenizer_vocab: int) -> int:
     return model_cfg.vocab_size
 
 
+def init_source(init_from: str) -> str:
+    """model.init_from: one of our run or checkpoint directories, or any local HF model directory."""
+    from app import checkpoint
+
+    path = Path(init_from)
+    if (path / "checkpoints").is_dir() or (path / "state.json").is_file():
+        return str(checkpoint.find(init_from))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.init_from={init_from} is not a run, a checkpoint or a Hugging Face model directory")
+    return str(path)
+
+
 def build_causal_lm(model_cfg, vocab_size: int) -> LlamaForCausalLM:
     if model_cfg.init_from:
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(model_cfg.init_from)
+        return LlamaForCausalLM.from_pretrained(init_source(model_cfg.init_from))
     config = llama_config(model_cfg, resolve_vocab_size(model_cfg, vocab_size))
     # sdpa is the fused attention kernel; eager would materialise the T x T matrix in Python ops.
     config._attn_implementation = "sdpa"
     return LlamaForCausalLM(config)
+
+
+def bert_config(model_cfg, vocab_size: int, pad_token_id: int, num_labels: int) -> BertConfig:
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=model_cfg.hidden_size,
+        intermediate_size=model_cfg.intermediate_size,
+        num_hidden_layers=model_cfg.num_layers,
+        num_attention_heads=model_cfg.num_heads,
+        max_position_embeddings=model_cfg.max_seq_len,
+        hidden_dropout_prob=model_cfg.dropout,
+        attention_probs_dropout_prob=model_cfg.dropout,
+        layer_norm_eps=model_cfg.norm_eps,
+        initializer_range=model_cfg.init_std,
+        pad_token_id=pad_token_id,
+        num_labels=num_labels,
+    )
+
+
+def build_encoder(model_cfg, vocab_size: int, pad_token_id: int, task: str, num_labels: int = 2):
+    """BertForSequenceClassification (task=classify) or BertForMaskedLM (task=mlm). From an
+    MLM checkpoint, a classifier keeps the encoder and starts a fresh classification head."""
+    model_class = BertForSequenceClassification if task == "classify" else BertForMaskedLM
+    if model_cfg.init_from:
+        extra = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if task == "classify" else {}
+        return model_class.from_pretrained(init_source(model_cfg.init_from), **extra)
+    config = bert_config(model_cfg, resolve_vocab_size(model_cfg, vocab_size), pad_token_id, num_labels)
+    config._attn_implementation = "sdpa"
+    return model_class(config)
 
 
 def causal_lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -59,7 +99,8 @@ def count_parameters(model: torch.nn.Module, include_embeddings: bool = True) ->
     total = sum(p.numel() for p in model.parameters())
     embedding = model.get_input_embeddings().weight
     # A tied embedding is also the output projection, a real matmul: keep it counted.
-    tied = embedding is model.get_output_embeddings().weight
+    output = model.get_output_embeddings()  # None for a classifier
+    tied = output is not None and output.weight is embedding
     if include_embeddings or tied:
         return total
     return total - embedding.numel()

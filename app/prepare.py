@@ -92,6 +92,10 @@ def prepare_lm(data_cfg, log=print) -> Path:
 
 
 def prepare(cfg, log=print) -> Path:
+    if cfg.task in ("classify", "mlm"):
+        from app import labelled_data
+
+        return labelled_data.prepare(cfg.data, log=log)
     return prepare_lm(cfg.data, log=log)
 
 

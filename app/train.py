@@ -9,10 +9,10 @@ global batch; Horovod's hooks allreduce the gradients once, after the last backw
 for them (optimizer.synchronize), unscale and clip the averaged gradients, and step.
 """
 import logging
-import math
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -20,9 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from app import checkpoint, config, data, dist, fileio, metrics, models, optim, prepare, runtime, tokenizer
-from app.evaluate import mean_loss
-from app.generate import generate_text
+from app import checkpoint, config, dist, fileio, metrics, models, optim, prepare, runtime, tasks, tokenizer
 
 log = logging.getLogger("app.train")
 
@@ -87,13 +85,25 @@ def setup_logging(run_dir: Path) -> None:
         logging.getLogger().addHandler(file_handler)
 
 
+@dataclass
+class Window:
+    """What happens between two log steps on this rank; summed over ranks when logged."""
+    loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    steps: int = 0
+    tokens: int = 0
+    tokens_counted: int = 0  # of `tokens`, how many are already in state.tokens_seen
+    compute_s: float = 0.0
+    wait_s: float = 0.0
+    data_s: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+
 def train(cfg, run_dir: Path) -> dict:
     # --- ranks, threads, seeds --------------------------------------------------------------
     rank, world = dist.rank(), dist.size()
     device = runtime.pick_device(cfg.train.device, dist.local_rank())
     threads = dist.threads_per_rank(cfg.train.threads_per_rank)
     torch.set_num_threads(threads)
-    torch.manual_seed(cfg.train.seed + rank)  # dropout differs per rank; weights come from rank 0
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     if dist.is_main():
@@ -101,8 +111,8 @@ def train(cfg, run_dir: Path) -> dict:
         fileio.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     setup_logging(run_dir)
     log.info(
-        "run dir %s | %d ranks (%s), %d threads each, device %s, precision %s",
-        run_dir, world, dist.controller(), threads, device, cfg.train.precision,
+        "run dir %s | task %s | %d ranks (%s), %d threads each, device %s, precision %s",
+        run_dir, cfg.task, world, dist.controller(), threads, device, cfg.train.precision,
     )
 
     # --- data --------------------------------------------------------------------------------
@@ -112,19 +122,15 @@ def train(cfg, run_dir: Path) -> dict:
         with fileio.staged_directory(checkpoint.run_tokenizer_dir(run_dir)) as staging:
             tokenizer.load(cfg.data.dir).save_pretrained(staging)
     dist.barrier()
-    meta = prepare.read_meta(cfg.data.dir)
-    seq_len = cfg.train.seq_len or cfg.model.max_seq_len
-    train_windows = data.TokenWindows(Path(cfg.data.dir) / "train.bin", meta["dtype"], seq_len, cfg.train.seed)
-    val_windows = data.TokenWindows(Path(cfg.data.dir) / "val.bin", meta["dtype"], seq_len, cfg.train.seed)
-    stream = data.RankStream(train_windows, rank, world, cfg.train.micro_batch_size, cfg.train.grad_accum_steps)
+    task = tasks.build(cfg, rank, world)
 
-    # --- model ------------------------------------------------------------------------------
+    # --- model (the same seed everywhere; rank 0's weights are broadcast anyway) --------------
     torch.manual_seed(cfg.train.seed)
-    model = models.build_causal_lm(cfg.model, meta["vocab_size"]).to(device)
-    torch.manual_seed(cfg.train.seed + rank)
-    n_params = models.count_parameters(model)
-    flops_per_token = models.flops_per_token(model, cfg.model.num_layers, cfg.model.hidden_size, seq_len)
-    log.info("model %s: %.2fM parameters, %.1f MFLOPs/token", cfg.model.name, n_params / 1e6, flops_per_token / 1e6)
+    model = task.build_model().to(device)
+    torch.manual_seed(cfg.train.seed + rank)  # dropout and masking noise differ per rank
+    flops_per_token = task.flops_per_token(model)
+    log.info("model %s: %.2fM parameters, %.1f MFLOPs/token", cfg.model.name,
+             models.count_parameters(model) / 1e6, flops_per_token / 1e6)
 
     # --- optimizer, schedule, Horovod -------------------------------------------------------
     optimizer = optim.build_optimizer(model, cfg.optim, optim.lr_at(0, cfg.optim, cfg.train.max_steps, world))
@@ -137,9 +143,8 @@ def train(cfg, run_dir: Path) -> dict:
     precision_ctx = runtime.autocast_context(cfg.train.precision, device)
 
     # --- resume -----------------------------------------------------------------------------
-    tokenizer_hash = meta["tokenizer_sha256"]
     state = checkpoint.TrainState(
-        world_size=world, model_signature=checkpoint.model_signature(model), tokenizer_sha256=tokenizer_hash,
+        world_size=world, model_signature=checkpoint.model_signature(model), tokenizer_sha256=task.tokenizer_sha256,
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     resume_from = dist.broadcast_object(
@@ -150,7 +155,14 @@ def train(cfg, run_dir: Path) -> dict:
     else:
         dist.broadcast_model_and_optimizer(model, optimizer, resumed=False)
 
-    def save_checkpoint():
+    def flush_token_count(window: Window) -> None:
+        # Token counts differ per rank with padding; they are summed only where ranks meet anyway.
+        new_tokens = torch.tensor([window.tokens - window.tokens_counted], dtype=torch.float64)
+        state.tokens_seen += int(dist.sum_over_ranks(new_tokens, name="tokens").item())
+        window.tokens_counted = window.tokens
+
+    def save_checkpoint(window: Window) -> None:
+        flush_token_count(window)
         rng_states = dist.allgather_object(torch.get_rng_state(), name="rng_gather")
         if dist.is_main():
             state.grad_scaler = scaler.state_dict() if scaler is not None else None
@@ -171,26 +183,25 @@ def train(cfg, run_dir: Path) -> dict:
 
     # --- the loop ---------------------------------------------------------------------------
     model.train()
-    tokens_per_step_per_rank = stream.per_rank * seq_len
-    window = {"loss": torch.zeros(()), "steps": 0, "compute_s": 0.0, "wait_s": 0.0, "data_s": 0.0, "started": time.perf_counter()}
-    last = {}
+    window, last = Window(), {}
     while state.step < cfg.train.max_steps:
         lr = optim.lr_at(state.step, cfg.optim, cfg.train.max_steps, world)
         optim.set_lr(optimizer, lr)
         step_started = time.perf_counter()
         for micro_step in range(cfg.train.grad_accum_steps):
             data_started = time.perf_counter()
-            inputs, targets = stream.micro_batch_at(state.samples_seen, micro_step)
-            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            window["data_s"] += time.perf_counter() - data_started
+            batch = task.micro_batch(state.samples_seen, micro_step)
+            window.tokens += task.tokens_in(batch)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+            window.data_s += time.perf_counter() - data_started
             with precision_ctx:
-                loss = models.causal_lm_loss(model, inputs, targets)
+                loss = task.loss(model, batch)
             scaled = loss / cfg.train.grad_accum_steps
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            window["loss"] += loss.detach().float().cpu() / cfg.train.grad_accum_steps
+            window.loss += loss.detach().float().cpu() / cfg.train.grad_accum_steps
         wait_started = time.perf_counter()
         dist.synchronize_gradients(optimizer)
-        window["wait_s"] += time.perf_counter() - wait_started
+        window.wait_s += time.perf_counter() - wait_started
         if scaler is not None:
             scaler.unscale_(optimizer)
         grad_norm = (
@@ -205,74 +216,74 @@ def train(cfg, run_dir: Path) -> dict:
                 optimizer.step()
         optimizer.zero_grad()  # set_to_none is the default; Horovod's wrapper takes no arguments
         state.step += 1
-        state.samples_seen += stream.global_batch
-        state.tokens_seen += stream.global_batch * seq_len
+        state.samples_seen += task.stream.global_batch
         if cfg.sync.param_average_every and state.step % cfg.sync.param_average_every == 0:
             wait_started = time.perf_counter()
             dist.average_parameters(model.parameters(), cfg.sync.param_average_backend)
-            window["wait_s"] += time.perf_counter() - wait_started
-        window["steps"] += 1
-        window["compute_s"] += time.perf_counter() - step_started
+            window.wait_s += time.perf_counter() - wait_started
+        window.steps += 1
+        window.compute_s += time.perf_counter() - step_started
 
         # Logging is the only place that reads values back from the device or talks to other
         # ranks outside the gradient allreduce, and only every log_every steps.
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
-            elapsed = time.perf_counter() - window["started"]
-            rank_tokens_per_s = window["steps"] * tokens_per_step_per_rank / elapsed
+            elapsed = time.perf_counter() - window.started
+            rank_tokens_per_s = window.tokens / elapsed
             summed = dist.sum_over_ranks(
                 torch.tensor([
-                    window["loss"].item() / window["steps"], rank_tokens_per_s, window["wait_s"],
-                    window["compute_s"] - window["wait_s"], window["data_s"],
-                    float(metrics.process_memory_bytes(device)),
+                    window.loss.item() / window.steps, rank_tokens_per_s, window.wait_s,
+                    window.compute_s - window.wait_s, window.data_s, float(metrics.process_memory_bytes(device)),
                 ], dtype=torch.float64),
                 name="log_metrics",
             )
             mean = (summed / world).tolist()
+            flush_token_count(window)
             last = {
                 "train/loss": mean[0],
                 "lr": lr,
                 "tokens_per_second": summed[1].item(),
                 "tokens_per_second_per_rank": rank_tokens_per_s,
                 "mfu": metrics.mfu(flops_per_token, mean[1], peak_tflops),
-                "time/allreduce_wait_s_per_step": mean[2] / window["steps"],
-                "time/compute_s_per_step": mean[3] / window["steps"],
-                "time/data_s_per_step": mean[4] / window["steps"],
+                "time/allreduce_wait_s_per_step": mean[2] / window.steps,
+                "time/compute_s_per_step": mean[3] / window.steps,
+                "time/data_s_per_step": mean[4] / window.steps,
                 "memory/rss_gib_mean": mean[5] / 2**30,
                 "tokens_seen": state.tokens_seen,
             }
             if grad_norm is not None:
                 last["grad_norm"] = grad_norm.item()
             logger.log(state.step, last)
-            logger.progress(window["steps"], {"loss": f"{mean[0]:.3f}", "tok/s": f"{summed[1].item():,.0f}"})
+            logger.progress(window.steps, {"loss": f"{mean[0]:.3f}", "tok/s": f"{summed[1].item():,.0f}"})
             log.info(
                 "step %d/%d | loss %.4f | lr %.2e | %s tok/s | mfu %.1f%% | wait %.0f ms/step",
                 state.step, cfg.train.max_steps, mean[0], lr, f"{summed[1].item():,.0f}", 100 * last["mfu"],
                 1000 * last["time/allreduce_wait_s_per_step"],
             )
-            window = {"loss": torch.zeros(()), "steps": 0, "compute_s": 0.0, "wait_s": 0.0, "data_s": 0.0, "started": time.perf_counter()}
+            window = Window()
         if cfg.train.eval_every and (state.step % cfg.train.eval_every == 0 or state.step == cfg.train.max_steps):
             eval_started = time.perf_counter()
-            val_loss = mean_loss(model, val_windows, cfg.train.micro_batch_size,
-                                 cfg.train.eval_batches * cfg.train.micro_batch_size, device, precision_ctx)
-            last.update({"val/loss": val_loss, "val/perplexity": math.exp(val_loss)})
-            logger.log(state.step, {"val/loss": val_loss, "val/perplexity": math.exp(val_loss)})
-            log.info("step %d | val loss %.4f | val perplexity %.2f", state.step, val_loss, math.exp(val_loss))
-            window["started"] += time.perf_counter() - eval_started  # throughput counts training only
+            evaluation = task.evaluate(model, device, precision_ctx, cfg.train.micro_batch_size,
+                                       cfg.train.eval_batches, logger=logger, step=state.step)
+            last.update(evaluation)
+            logger.log(state.step, evaluation)
+            log.info("step %d | %s", state.step, " | ".join(  # headline numbers; per-class ones go to TensorBoard
+                f"{k} {v:.4f}" for k, v in evaluation.items() if isinstance(v, float) and k.count("/") == 1))
+            window.started += time.perf_counter() - eval_started  # throughput counts training only
         # Ranks agree on a stop at log steps only, so a signal costs no per-step collective.
         stop_now = state.step % cfg.train.log_every == 0 and stop.agreed()
         if stop_now or (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0):
-            save_checkpoint()
+            save_checkpoint(window)
         if stop_now:
             log.warning("stop requested by signal: checkpointed at step %d, exiting", state.step)
             logger.close()
             return last
 
     if not cfg.train.checkpoint_every or state.step % cfg.train.checkpoint_every:
-        save_checkpoint()
+        save_checkpoint(window)
     logger.hparams(
-        {"model": cfg.model.name, "optim": cfg.optim.name, "lr": cfg.optim.lr, "sync": cfg.sync.name,
-         "precision": cfg.train.precision, "world_size": world, "global_batch": stream.global_batch},
-        {"hparam/" + k.replace("/", "_"): v for k, v in last.items() if k in ("train/loss", "val/loss")},
+        {"task": cfg.task, "model": cfg.model.name, "optim": cfg.optim.name, "lr": cfg.optim.lr, "sync": cfg.sync.name,
+         "precision": cfg.train.precision, "world_size": world, "global_batch": task.stream.global_batch},
+        {"hparam/" + k.replace("/", "_"): v for k, v in last.items() if k in ("train/loss", "val/loss", "val/accuracy")},
     )
     replicas = dist.allgather_object(
         {"rank": rank, "run_dir": str(run_dir), "param_sha256": models.parameter_checksum(model)}, name="replicas"
@@ -281,15 +292,10 @@ def train(cfg, run_dir: Path) -> dict:
         identical = len({r["param_sha256"] for r in replicas}) == 1
         log.info("parameters identical on all %d ranks: %s", world, identical)
         fileio.write_json(run_dir / "summary.json", {
-            "step": state.step, "tokens_seen": state.tokens_seen, "world_size": world,
+            "step": state.step, "tokens_seen": state.tokens_seen, "world_size": world, "task": cfg.task,
             "controller": dist.controller(), "metrics": last, "replicas": replicas, "replicas_identical": identical,
         })
-    if dist.is_main() and cfg.train.sample_tokens > 0:
-        tok = tokenizer.load(checkpoint.run_tokenizer_dir(run_dir))
-        sample = generate_text(model, tok, cfg.train.sample_prompt, cfg.train.sample_tokens,
-                               cfg.train.sample_temperature, cfg.train.sample_top_k, seed=cfg.train.seed)
-        log.info("sample:\n%s", sample)
-        logger.text("sample", sample)
+    task.finish(model, run_dir, logger, log)
     logger.close()
     return last
 

@@ -89,3 +89,21 @@ def tiny_train_args(data_dir: Path, run_dir: Path, *extra) -> list:
         "train.precision=fp32", "train.deterministic=true", "train.peak_tflops=1.0",
         "optim.warmup_steps=2", f"hydra.run.dir={run_dir}", *extra,
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_genre_data(tmp_path_factory) -> Path:
+    """Genre-labelled Shakespeare passages with a 2048-token WordPiece vocabulary."""
+    data_dir = tmp_path_factory.mktemp("data") / "genre2048"
+    run_job(["task=classify", "model=bert_tiny", "data=shakespeare_genre", "data.vocab_size=2048",
+             f"data.dir={data_dir}"], launcher="none", module="app.prepare")
+    return data_dir
+
+
+def tiny_encoder_args(task: str, data_dir: Path, run_dir: Path, *extra) -> list:
+    return [
+        f"task={task}", "model=bert_tiny", "data=shakespeare_genre", "data.vocab_size=2048", f"data.dir={data_dir}",
+        "train.micro_batch_size=8", "train.max_steps=6", "train.log_every=2", "train.eval_every=0",
+        "train.checkpoint_every=0", "train.progress_bar=false", "train.precision=fp32", "train.peak_tflops=1.0",
+        "optim.warmup_steps=2", f"hydra.run.dir={run_dir}", *extra,
+    ]

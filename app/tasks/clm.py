@@ -1,0 +1,71 @@
+"""Causal language modelling on token windows (LLaMA pretraining)."""
+import math
+from pathlib import Path
+
+import torch
+
+from app import checkpoint, data, dist, models, prepare, tokenizer
+from app.generate import generate_text
+
+
+@torch.no_grad()
+def mean_loss(model, windows, batch_size: int, total_windows: int, device, precision_ctx) -> float:
+    """Token-weighted mean loss over the windows, summed over ranks (not a mean of means)."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64)
+    for inputs, targets in data.evaluation_batches(windows, dist.rank(), dist.size(), batch_size, total_windows):
+        with precision_ctx:
+            loss = models.causal_lm_loss(model, inputs.to(device), targets.to(device))
+        totals += torch.tensor([loss.item() * targets.numel(), targets.numel()], dtype=torch.float64)
+    model.train(was_training)
+    totals = dist.sum_over_ranks(totals, name="eval_loss")
+    return (totals[0] / totals[1]).item()
+
+
+class CausalLM:
+    def __init__(self, cfg, rank: int, world: int, split: str = "val"):
+        self.cfg = cfg
+        meta = prepare.read_meta(cfg.data.dir)
+        self.vocab_size = meta["vocab_size"]
+        self.tokenizer_sha256 = meta["tokenizer_sha256"]
+        self.seq_len = cfg.train.seq_len or cfg.model.max_seq_len
+        directory = Path(cfg.data.dir)
+        train = data.TokenWindows(directory / "train.bin", meta["dtype"], self.seq_len, cfg.train.seed)
+        self.eval_windows = data.TokenWindows(directory / f"{split}.bin", meta["dtype"], self.seq_len, cfg.train.seed)
+        self.stream = data.RankStream(train, rank, world, cfg.train.micro_batch_size, cfg.train.grad_accum_steps)
+
+    def build_model(self):
+        return models.build_causal_lm(self.cfg.model, self.vocab_size)
+
+    def flops_per_token(self, model) -> float:
+        return models.flops_per_token(model, self.cfg.model.num_layers, self.cfg.model.hidden_size, self.seq_len)
+
+    def micro_batch(self, samples_before: int, micro_step: int) -> dict:
+        inputs, targets = self.stream.micro_batch_at(samples_before, micro_step)
+        return {"input_ids": inputs, "targets": targets}
+
+    @staticmethod
+    def tokens_in(batch: dict) -> int:
+        return batch["input_ids"].numel()
+
+    @staticmethod
+    def loss(model, batch: dict) -> torch.Tensor:
+        return models.causal_lm_loss(model, batch["input_ids"], batch["targets"])
+
+    def evaluate(self, model, device, precision_ctx, batch_size: int, max_batches: int) -> dict:
+        total = max_batches * batch_size if max_batches else self.eval_windows.windows_per_epoch
+        loss = mean_loss(model, self.eval_windows, batch_size, total, device, precision_ctx)
+        return {"val/loss": loss, "val/perplexity": math.exp(loss),
+                "val/windows": min(total, self.eval_windows.windows_per_epoch)}
+
+    def finish(self, model, run_dir: Path, logger, log) -> None:
+        """A sample from the trained model, printed and logged, on rank 0."""
+        train_cfg = self.cfg.train
+        if not dist.is_main() or train_cfg.sample_tokens <= 0:
+            return
+        tok = tokenizer.load(checkpoint.run_tokenizer_dir(run_dir))
+        sample = generate_text(model, tok, train_cfg.sample_prompt, train_cfg.sample_tokens,
+                               train_cfg.sample_temperature, train_cfg.sample_top_k, seed=train_cfg.seed)
+        log.info("sample:\n%s", sample)
+        logger.text("sample", sample)

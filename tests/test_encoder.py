@@ -1,0 +1,119 @@
+"""BERT on the same machinery: genre passages, masking, exact distributed metrics, MLM then
+fine-tuning, and classification that really learns."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from app import checkpoint, classification_metrics, labelled_data
+from app.tasks.encoder import mask_tokens
+from conftest import last_json_line, read_summary, run_job, tiny_encoder_args
+
+
+def test_genre_passages_are_split_by_play_with_every_genre_held_out(tiny_genre_data):
+    meta = json.loads((tiny_genre_data / "meta.json").read_text())
+    assert meta["labels"] == ["comedies", "histories", "problems", "roman", "romances", "tragedies"]
+    assert set(meta["val_plays"]) == set(meta["labels"]) and all(meta["val_plays"].values())
+    assert set(meta["class_balance"]["val"]) == set(meta["labels"])
+    majority = max(meta["class_balance"]["val"].values()) / sum(meta["class_balance"]["val"].values())
+    assert meta["majority_baseline_accuracy"] <= majority
+    passages = labelled_data.Passages(tiny_genre_data, "val", meta["pad_token_id"])
+    assert len(passages) == sum(meta["class_balance"]["val"].values())
+
+
+def test_passages_hold_spoken_lines_only():
+    markdown = "# Hamlet\n\n## ACT I\n\n**HAMLET**  \nTo be, or not to be:  \n_Exit_\nthat is the question.\n"
+    assert labelled_data.play_passages(markdown, 2) == ["To be, or not to be: that is the question."]
+
+
+def test_masking_follows_bert_80_10_10_and_never_touches_specials_or_padding():
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(10, 1000, (64, 128))
+    input_ids[:, 0], input_ids[:, -1] = 2, 3  # [CLS] ... [SEP]
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[:, 100:] = 0  # padding
+    inputs, labels = mask_tokens(input_ids, attention_mask, torch.tensor([0, 1, 2, 3, 4]), mask_id=4,
+                                 vocab_size=1000, probability=0.15, generator=generator)
+    chosen = labels != -100
+    candidates = attention_mask.bool() & (input_ids > 4)
+    assert not (chosen & ~candidates).any()
+    assert chosen.sum().item() / candidates.sum().item() == pytest.approx(0.15, abs=0.01)
+    assert (labels[chosen] == input_ids[chosen]).all()
+    masked = (inputs == 4) & chosen
+    kept = (inputs == input_ids) & chosen
+    n = chosen.sum().item()
+    assert masked.sum().item() / n == pytest.approx(0.8, abs=0.03)
+    assert kept.sum().item() / n == pytest.approx(0.1 + 0.1 / 1000, abs=0.03)  # kept, or drawn equal by chance
+    assert (inputs[~chosen] == input_ids[~chosen]).all()
+
+
+def test_classification_metrics_from_a_known_confusion_matrix():
+    matrix = classification_metrics.confusion_matrix([0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 2], 3)
+    assert matrix.tolist() == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    result = classification_metrics.summarize(matrix, ["a", "b", "c"])
+    assert result["accuracy"] == pytest.approx(4 / 6)
+    assert result["precision/a"] == 1.0 and result["recall/a"] == pytest.approx(2 / 3)
+    assert result["precision/b"] == 0.5 and result["recall/b"] == 0.5
+    assert result["precision/c"] == 0.5 and result["recall/c"] == 1.0
+    f1 = [2 * 1 * (2 / 3) / (1 + 2 / 3), 0.5, 2 * 0.5 / 1.5]
+    assert result["macro_f1"] == pytest.approx(np.mean(f1))
+    image = classification_metrics.confusion_image(matrix, ["a", "b", "c"])
+    assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
+
+
+def test_evaluation_on_two_ranks_equals_one_rank_exactly_on_an_odd_sized_set(tiny_genre_data, tmp_path):
+    run_dir = tmp_path / "run"
+    run_job(tiny_encoder_args("classify", tiny_genre_data, run_dir), np_=1, launcher="none")
+    for batch_size, batches in ((5, 3), (7, 0)):  # 15 passages; and the whole (odd-split) val set
+        args = [f"checkpoint={run_dir}", f"batch_size={batch_size}", f"max_batches={batches}"]
+        one = last_json_line(run_job(args, launcher="none", module="app.evaluate").stdout)
+        two = last_json_line(run_job(args, np_=2, module="app.evaluate").stdout)
+        assert two["ranks"] == 2
+        assert two["val/confusion_matrix"] == one["val/confusion_matrix"]
+        assert two["val/examples"] == one["val/examples"] == (15 if batches else
+                                                               len(np.load(tiny_genre_data / "val.labels.npy")))
+        assert two["val/accuracy"] == one["val/accuracy"]
+        assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-6)
+
+
+def test_mlm_pretraining_then_fine_tuning_from_its_checkpoint(tiny_genre_data, tmp_path):
+    mlm_dir, start_dir, tuned_dir = tmp_path / "mlm", tmp_path / "start", tmp_path / "tuned"
+    run_job(tiny_encoder_args("mlm", tiny_genre_data, mlm_dir, "train.eval_every=6", "train.eval_batches=2"))
+    mlm = read_summary(mlm_dir)
+    assert mlm["replicas_identical"] and 0 < mlm["metrics"]["val/masked_accuracy"] < 1
+    assert mlm["metrics"]["train/loss"] < np.log(2048)
+
+    run_job(tiny_encoder_args("classify", tiny_genre_data, start_dir, f"model.init_from={mlm_dir}",
+                              "train.max_steps=0"), np_=1, launcher="none")
+    pretrained = load_file(str(checkpoint.latest(mlm_dir) / "model.safetensors"))
+    started = load_file(str(checkpoint.latest(start_dir) / "model.safetensors"))
+    encoder = [k for k in started if k.startswith("bert.encoder.") or k.startswith("bert.embeddings.")]
+    assert encoder and all(torch.equal(started[k], pretrained[k]) for k in encoder)
+
+    run_job(tiny_encoder_args("classify", tiny_genre_data, tuned_dir, f"model.init_from={mlm_dir}",
+                              "train.eval_every=6", "train.eval_batches=4"))
+    tuned = read_summary(tuned_dir)
+    assert tuned["replicas_identical"] and tuned["metrics"]["val/examples"] == 4 * 8
+
+
+def test_classifier_learns_a_local_csv_table_through_horovod(tmp_path):
+    rng = np.random.default_rng(0)
+    war = ["sword", "battle", "siege", "army", "drum", "banner", "soldier", "cannon"]
+    love = ["sweet", "kiss", "heart", "rose", "darling", "sigh", "ring", "wooing"]
+    lines = ["text,label"]
+    for i in range(400):
+        words, label = (war, "war") if i % 2 else (love, "love")
+        lines.append(" ".join(rng.choice(words, 6)) + f" and more words here,{label}")
+    table = tmp_path / "tickets.csv"
+    table.write_text("\n".join(lines) + "\n")
+    run_dir = tmp_path / "run"
+    run_job(["task=classify", "model=bert_tiny", "data=table", f"data.path={table}", f"data.dir={tmp_path / 'prep'}",
+             "data.vocab_size=200", "data.max_tokens=32", "train.micro_batch_size=16", "train.max_steps=40",
+             "train.log_every=10", "train.eval_every=40", "train.eval_batches=0", "train.progress_bar=false",
+             "train.precision=fp32", "train.peak_tflops=1.0", "optim.lr=3e-3", "optim.warmup_steps=5",
+             f"hydra.run.dir={run_dir}"])
+    summary = read_summary(run_dir)
+    assert summary["metrics"]["val/accuracy"] >= 0.95
+    assert summary["metrics"]["val/examples"] == 40
