@@ -10,6 +10,7 @@ for them (optimizer.synchronize), unscale and clip the averaged gradients, and s
 """
 import logging
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -88,7 +89,7 @@ def setup_logging(run_dir: Path) -> None:
 @dataclass
 class Window:
     """What happens between two log steps on this rank; summed over ranks when logged."""
-    loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    loss: torch.Tensor  # summed on the device: reading it back each step would sync a GPU
     steps: int = 0
     tokens: int = 0
     tokens_counted: int = 0  # of `tokens`, how many are already in state.tokens_seen
@@ -183,7 +184,7 @@ def train(cfg, run_dir: Path) -> dict:
 
     # --- the loop ---------------------------------------------------------------------------
     model.train()
-    window, last = Window(), {}
+    window, last = Window(loss=torch.zeros((), device=device)), {}
     while state.step < cfg.train.max_steps:
         lr = optim.lr_at(state.step, cfg.optim, cfg.train.max_steps, world)
         optim.set_lr(optimizer, lr)
@@ -198,7 +199,7 @@ def train(cfg, run_dir: Path) -> dict:
                 loss = task.loss(model, batch)
             scaled = loss / cfg.train.grad_accum_steps
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            window.loss += loss.detach().float().cpu() / cfg.train.grad_accum_steps
+            window.loss += loss.detach().float() / cfg.train.grad_accum_steps
         wait_started = time.perf_counter()
         dist.synchronize_gradients(optimizer)
         window.wait_s += time.perf_counter() - wait_started
@@ -259,7 +260,7 @@ def train(cfg, run_dir: Path) -> dict:
                 state.step, cfg.train.max_steps, mean[0], lr, f"{summed[1].item():,.0f}", 100 * last["mfu"],
                 1000 * last["time/allreduce_wait_s_per_step"],
             )
-            window = Window()
+            window = Window(loss=torch.zeros((), device=device))
         if cfg.train.eval_every and (state.step % cfg.train.eval_every == 0 or state.step == cfg.train.max_steps):
             eval_started = time.perf_counter()
             evaluation = task.evaluate(model, device, precision_ctx, cfg.train.micro_batch_size,
@@ -286,7 +287,9 @@ def train(cfg, run_dir: Path) -> dict:
         {"hparam/" + k.replace("/", "_"): v for k, v in last.items() if k in ("train/loss", "val/loss", "val/accuracy")},
     )
     replicas = dist.allgather_object(
-        {"rank": rank, "run_dir": str(run_dir), "param_sha256": models.parameter_checksum(model)}, name="replicas"
+        {"rank": rank, "host": socket.gethostname(), "run_dir": str(run_dir),
+         "param_sha256": models.parameter_checksum(model)},
+        name="replicas",
     )
     if dist.is_main():
         identical = len({r["param_sha256"] for r in replicas}) == 1
