@@ -1,6 +1,7 @@
 """Real 2-process Horovod training jobs: replicas stay in sync, every sync mode and accumulation
 runs, loss falls, and all ranks share one run directory written by rank 0 alone."""
 import json
+import math
 
 import pytest
 
@@ -9,14 +10,20 @@ from conftest import read_metrics, read_summary, run_job, tiny_train_args
 
 def test_two_rank_gloo_run_keeps_replicas_identical_and_loss_falls(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
-    run_job(tiny_train_args(tiny_data, run_dir, "train.max_steps=12", "optim.lr=3e-3"), launcher="gloo")
+    run_job(tiny_train_args(tiny_data, run_dir, "train.max_steps=12", "optim.lr=3e-3", "train.eval_every=6"),
+            launcher="gloo")
     summary = read_summary(run_dir)
     assert summary["world_size"] == 2 and summary["controller"] == "gloo"
     assert summary["replicas_identical"] is True
-    losses = [row["train/loss"] for row in read_metrics(run_dir)]
+    train_rows = [row for row in read_metrics(run_dir) if "train/loss" in row]
+    losses = [row["train/loss"] for row in train_rows]
     assert len(losses) == 6
     assert losses[-1] < losses[0] - 0.3
-    row = read_metrics(run_dir)[-1]
+    validation = [row for row in read_metrics(run_dir) if "val/loss" in row]
+    assert [row["step"] for row in validation] == [6, 12]
+    assert validation[1]["val/loss"] < validation[0]["val/loss"] < 6.3  # ln(512) = 6.24 untrained
+    assert validation[1]["val/perplexity"] == pytest.approx(math.exp(validation[1]["val/loss"]))
+    row = train_rows[-1]
     for key in ("lr", "grad_norm", "tokens_per_second", "tokens_per_second_per_rank", "mfu",
                 "time/allreduce_wait_s_per_step", "time/compute_s_per_step", "memory/rss_gib_mean"):
         assert row[key] > 0, key

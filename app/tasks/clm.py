@@ -53,7 +53,7 @@ class CausalLM:
     def loss(model, batch: dict) -> torch.Tensor:
         return models.causal_lm_loss(model, batch["input_ids"], batch["targets"])
 
-    def evaluate(self, model, device, precision_ctx, batch_size: int, max_batches: int) -> dict:
+    def evaluate(self, model, device, precision_ctx, batch_size: int, max_batches: int, logger=None, step: int = 0):
         total = max_batches * batch_size if max_batches else self.eval_windows.windows_per_epoch
         loss = mean_loss(model, self.eval_windows, batch_size, total, device, precision_ctx)
         return {"val/loss": loss, "val/perplexity": math.exp(loss),
