@@ -12,7 +12,7 @@ install:
 train: install
 	$(PYTHON) -m app.prepare data=shakespeare $(ARGS)
 	OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
-	  .venv/bin/horovodrun -np $(NP) -H localhost:$(NP) $(PYTHON) -m app.train data=shakespeare $(ARGS)
+	  .venv/bin/horovodrun -np $(NP) -H localhost:$(NP) $(PYTHON) -m app.train experiment=shakespeare $(ARGS)
 
 test: install
 	bash scripts/test.sh

@@ -176,7 +176,7 @@ class BenchPeakConfig:
     """The matmul that measures this machine's peak (metrics.measure_matmul_tflops)."""
     matrix_size: int = 1024
     # The best of several short trials, so a neighbour's burst does not lower the peak.
-    trials: int = 5
+    trials: int = 10
     seconds_per_trial: float = 0.1
 
 
@@ -188,7 +188,7 @@ class BenchThroughputConfig:
     process_counts: Optional[List[int]] = None
     # Steps left out of the measurement (kernel selection, allocator growth), then steps timed.
     warmup_steps: int = 2
-    measure_steps: int = 8
+    measure_steps: int = 10
     # The trainer is compared with DistributedDataParallel at this many processes.
     ddp_processes: int = 2
     # Targets are measured and reported, never asserted: a miss is printed, not an error.

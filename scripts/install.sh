@@ -16,23 +16,14 @@ PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 HOROVOD_VERSION=${HOROVOD_VERSION:-0.28.1}
 HOROVOD_WHEEL_CACHE=${HOROVOD_WHEEL_CACHE:-$HOME/.cache/llama-horovod/wheels}
-PATCH=$ROOT/scripts/horovod-$HOROVOD_VERSION-cxx17.patch
+PATCH=$ROOT/scripts/horovod-$HOROVOD_VERSION.patch
 
 say() { printf '[install] %s\n' "$*"; }
+# shellcheck source=scripts/apt.sh
+source "$ROOT/scripts/apt.sh"
 
 install_system_packages() {
-    local want=(openmpi-bin libopenmpi-dev cmake g++ make patch)
-    local missing=()
-    for pkg in "${want[@]}"; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-    done
-    if ((${#missing[@]})); then
-        say "apt-get install ${missing[*]}"
-        local sudo=""
-        [ "$(id -u)" -eq 0 ] || sudo="sudo"
-        $sudo apt-get update -q
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
-    fi
+    apt_install_missing install openmpi-bin libopenmpi-dev cmake g++ make patch
 }
 
 make_venv() {
@@ -60,7 +51,10 @@ horovod_wheel_dir() {
     py=$("$VENV/bin/python" -c "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')")
     local torch_tag
     torch_tag=$("$VENV/bin/python" -c "import torch; print(torch.__version__.replace('+', '_'))")
-    echo "$HOROVOD_WHEEL_CACHE/horovod-$HOROVOD_VERSION-torch$torch_tag-$py-${HOROVOD_GPU_OPERATIONS:-cpu}"
+    # The patch's hash is in the key: a changed patch must not reuse a wheel built without it.
+    local patch_hash
+    patch_hash=$(sha256sum "$PATCH" | cut -c1-12)
+    echo "$HOROVOD_WHEEL_CACHE/horovod-$HOROVOD_VERSION-torch$torch_tag-$py-${HOROVOD_GPU_OPERATIONS:-cpu}-patch$patch_hash"
 }
 
 build_horovod_wheel() {
@@ -86,12 +80,14 @@ build_horovod_wheel() {
 install_horovod() {
     local dir
     dir=$(horovod_wheel_dir)
-    if ! "$VENV/bin/python" -c "import horovod.torch" 2>/dev/null \
-        || [ "$("$VENV/bin/python" -c 'import horovod; print(horovod.__version__)')" != "$HOROVOD_VERSION" ]; then
+    # The venv records which cached build it holds, so a new patch or torch means a reinstall.
+    local stamp="$VENV/.horovod-build"
+    if ! "$VENV/bin/python" -c "import horovod.torch" 2>/dev/null || [ "$(cat "$stamp" 2>/dev/null)" != "$dir" ]; then
         [ -n "$(ls "$dir"/horovod-*.whl 2>/dev/null)" ] || build_horovod_wheel "$dir"
         say "pip install $(basename "$dir"/horovod-*.whl) (cached in $dir)"
         "$VENV/bin/pip" install -q --no-deps --force-reinstall "$dir"/horovod-*.whl
         "$VENV/bin/pip" install -q numpy cloudpickle psutil pyyaml packaging cffi
+        echo "$dir" > "$stamp"
     fi
     verify_horovod
 }

@@ -29,7 +29,7 @@ while (($#)); do
         --network-interface) [ $# -ge 2 ] || die "--network-interface needs a name"; nic=$2; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
         --) shift; break ;;
-        -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
         -*) die "unknown option '$1' (see --help)" ;;
         *) break ;;  # the first Hydra override
     esac
@@ -42,7 +42,9 @@ case $launcher in gloo | mpi) ;; *) die "--launcher must be gloo or mpi, not '$l
 # Slots per host, in order: from -H, from the hostfile, or np ranks on this host.
 if [ -n "$hostfile" ]; then
     [ -r "$hostfile" ] || die "hostfile '$hostfile' not found"
-    mapfile -t slots < <(awk '!/^[[:space:]]*(#|$)/ { n = 1; for (i = 2; i <= NF; i++) if ($i ~ /^slots=[0-9]+$/) n = substr($i, 7); print n }' "$hostfile")
+    # One number per host line: its slots=N, or 1 as both launchers assume.
+    mapfile -t slots < <(awk '!/^[[:space:]]*(#|$)/ {
+        n = 1; for (i = 2; i <= NF; i++) if ($i ~ /^slots=[0-9]+$/) n = substr($i, 7); print n }' "$hostfile")
     ((${#slots[@]})) || die "hostfile '$hostfile' names no hosts"
 elif [ -n "$hosts" ]; then
     IFS=, read -ra entries <<<"$hosts"
@@ -76,6 +78,8 @@ if [ -n "$hostfile" ]; then placement=(--hostfile "$hostfile"); else placement=(
 
 if [ "$launcher" = gloo ]; then
     # horovodrun copies the whole environment to every rank, remote ones through ssh.
+    # --network-interface reaches Gloo's collectives only with our patched Horovod build
+    # (scripts/horovod-0.28.1.patch); stock 0.28.1 uses the address the host name resolves to.
     command=(horovodrun --gloo -np "$np" "${placement[@]}")
     [ -z "$nic" ] || command+=(--network-interface "$nic")
 else
@@ -83,11 +87,14 @@ else
     # --bind-to none: OpenMPI binds each rank to one core by default for np <= 2, which
     # would leave torch one thread however many cores the rank was given.
     command=(mpirun -np "$np" "${placement[@]}" --bind-to none)
-    for name in $(compgen -e | grep -E '^(PATH|PYTHONPATH|LD_LIBRARY_PATH|VIRTUAL_ENV|OMP_.*|MKL_.*|HOROVOD_.*|NCCL_.*|CUDA_.*|TORCH.*|PYTORCH_.*|HF_.*|TRANSFORMERS_.*|SLURM_JOB_ID|SLURM_ARRAY_.*)$'); do
+    passed='^(PATH|PYTHONPATH|LD_LIBRARY_PATH|VIRTUAL_ENV|OMP_.*|MKL_.*|HOROVOD_.*|NCCL_.*|CUDA_.*'
+    passed+='|TORCH.*|PYTORCH_.*|HF_.*|TRANSFORMERS_.*|SLURM_JOB_ID|SLURM_ARRAY_.*)$'
+    for name in $(compgen -e | grep -E "$passed"); do
         command+=(-x "$name")
     done
     # btl: the ranks' MPI traffic; oob: the daemons' control traffic. NCCL (GPU builds) likewise.
-    [ -z "$nic" ] || command+=(--mca btl_tcp_if_include "$nic" --mca oob_tcp_if_include "$nic" -x "NCCL_SOCKET_IFNAME=$nic")
+    [ -z "$nic" ] || command+=(--mca btl_tcp_if_include "$nic" --mca oob_tcp_if_include "$nic"
+                               -x "NCCL_SOCKET_IFNAME=$nic")
 fi
 command+=("${PYTHON:-python}" -m app.train "$@")
 

@@ -12,6 +12,8 @@
 #
 # Knobs: SLURMCTLD_PORT (16817), SLURMD_PORT (16818), SLURM_CPUS (nproc), START_TIMEOUT_S (60).
 set -euo pipefail
+# shellcheck source=scripts/apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 
 die() { echo "slurm_cluster.sh: $*" >&2; exit 1; }
 
@@ -26,20 +28,12 @@ CPUS=${SLURM_CPUS:-$(nproc)}
 NODE=$(hostname -s)
 
 install_packages() {
-    local missing=()
-    for pkg in slurm-wlm munge; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-    done
-    if ((${#missing[@]})); then
-        echo "[slurm_cluster] apt-get install ${missing[*]}"
-        apt-get update -q >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
-    fi
+    apt_install_missing slurm_cluster slurm-wlm munge
 }
 
 write_config() {
     mkdir -p "$DIR"/{state,spool,log,munge}
-    chmod 700 "$DIR/munge"
+    chmod 755 "$DIR/munge"  # the socket is for every user's srun; the key file itself is 0600
     # munged refuses a key readable by others; 1 KiB of randomness is what mungekey makes.
     [ -f "$DIR/munge/munge.key" ] || (umask 077 && head -c 1024 /dev/urandom >"$DIR/munge/munge.key")
     cat >"$SLURM_CONF" <<EOF
@@ -52,7 +46,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$DIR/munge/munge.socket
+# cred_expire is also how long a requeued job waits before it may start again (default 120 s).
+AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=10
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/slurmctld.pid
@@ -72,11 +67,15 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/builtin
+# Look at pending jobs every 2 s, not 60: a requeued job becomes eligible with no event to
+# wake the scheduler.
+SchedulerParameters=sched_interval=2
 ReturnToService=2
 # Short timers: tests wait on job state changes.
 KillWait=5
 MinJobAge=600
 InactiveLimit=0
+MailProg=/bin/true
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=1000 State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
@@ -112,6 +111,8 @@ start() {
         echo "[slurm_cluster] already running ($SLURM_CONF)"
         return
     fi
+    # A start that fails half-way stops what it started.
+    trap 'stop >/dev/null 2>&1' EXIT
     write_config
     running munged || munged --force --socket="$DIR/munge/munge.socket" --key-file="$DIR/munge/munge.key" \
         --pid-file="$DIR/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/munge.seed" \
@@ -121,12 +122,17 @@ start() {
     slurmd -f "$SLURM_CONF" -N "$NODE" || { show_logs; die "slurmd did not start"; }
     wait_until "slurmctld to answer" scontrol ping
     wait_until "node $NODE to become idle" node_idle
+    trap - EXIT
     echo "[slurm_cluster] up: export SLURM_CONF=$SLURM_CONF"
 }
 
 stop() {
-    # Cancel our jobs first so their slurmstepd processes end with the daemons.
-    running slurmctld && scancel --full --user=root 2>/dev/null || true
+    # Cancel the jobs and wait for them to end while slurmd is still there to kill them:
+    # without it their slurmstepd and ranks would outlive the cluster.
+    if running slurmctld && running slurmd; then
+        scancel --user=root 2>/dev/null || true
+        for _ in $(seq 60); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.5; done
+    fi
     for daemon in slurmd slurmctld munged; do
         running "$daemon" || continue
         local pid

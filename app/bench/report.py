@@ -1,0 +1,132 @@
+"""The benchmark's results as Markdown: a table per section, the targets after throughput."""
+from typing import List
+
+from app.bench.breakdown import PHASES
+
+
+def _table(header: List[str], rows: List[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _size(n_bytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:g} {unit}"
+    return f"{n_bytes} B"
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def machine(results: dict) -> str:
+    m = results["machine"]
+    flags = ", ".join(m["cpu_flags"]) or "none of note"
+    return (f"# Benchmark: {results['config']['model']} on {m['cpu']} ({m['cores']} cores; flags: {flags})\n\n"
+            f"torch {m['torch']}, horovod {m['horovod']}, transformers {m['transformers']}; "
+            f"took {results['elapsed_s']:.0f} s. Results in bench.json; launch logs under work/.")
+
+
+def peak(section: dict) -> str:
+    cores, size = section["cores"], section["matrix_size"]
+    rows = [[precision, f"{p['tflops_1_thread']:.3f}", f"{p['tflops_all_cores']:.3f}",
+             f"{p['all_cores_over_cores_x_1_thread']:.2f}"] for precision, p in section["precisions"].items()]
+    header = ["precision", "1 thread", f"all {cores} cores", f"all cores / ({cores} x 1 thread)"]
+    return f"## Matmul peak (TFLOP/s, {size}x{size} matmul, best of trials)\n\n" + _table(header, rows)
+
+
+def throughput(section: dict) -> str:
+    rows = [[r["method"], r["precision"], r["processes"], f"{r['tokens_per_second']:,.0f}",
+             f"{r['tokens_per_second_per_process']:,.0f}", _percent(r["mfu"]),
+             _percent(r["scaling_efficiency"]) if "scaling_efficiency" in r else ""] for r in section["runs"]]
+    note = (f"{section['model']}: {section['parameters'] / 1e6:.2f}M parameters, "
+            f"{section['flops_per_token'] / 1e6:.1f} MFLOPs/token, {section['tokens_per_step_per_process']:,} tokens "
+            f"per step per process, {section['threads_per_process']} thread(s) per process; "
+            f"{section['measure_steps']} steps timed after {section['warmup_steps']} warm-up steps. "
+            "MFU is against the matmul peak at the same thread count; scaling efficiency is tokens/s at p processes "
+            "over p x tokens/s at 1. trainer: horovodrun --gloo python -m app.train; plain: a PyTorch loop, no "
+            "Horovod; ddp: DistributedDataParallel, Gloo, torchrun.")
+    if section.get("ddp_skipped"):
+        note += f" DDP skipped: {section['ddp_skipped']}."
+    header = ["method", "precision", "processes", "tokens/s", "tokens/s per process", "MFU", "scaling efficiency"]
+    return "## Training throughput\n\n" + note + "\n\n" + _table(header, rows)
+
+
+def targets(section: dict) -> str:
+    rows = [[t["name"], t["precision"], f"{t['value']:.3f}", f">= {t['threshold']:.2f}",
+             "yes" if t["met"] else "**no**"] for t in section["targets"]]
+    header = ["ratio", "precision", "measured", "target", "met"]
+    return "## Targets (measured, not asserted)\n\n" + _table(header, rows)
+
+
+def bandwidth(section: dict) -> str:
+    launchers = list(section["launchers"])
+    by_size = {}
+    for launcher in launchers:
+        for row in section["launchers"][launcher]["rows"]:
+            by_size.setdefault(row["bytes"], {})[launcher] = row
+    header = ["size"]
+    for launcher in launchers:
+        header += [f"{launcher} time (us)", f"{launcher} algbw (GB/s)", f"{launcher} busbw (GB/s)"]
+    rows = []
+    for size, cells in sorted(by_size.items()):
+        row = [_size(size)]
+        for launcher in launchers:
+            r = cells.get(launcher)
+            row += [f"{r['time_s'] * 1e6:,.0f}", f"{r['algbw_gbps']:.3f}", f"{r['busbw_gbps']:.3f}"] if r else [""] * 3
+        rows.append(row)
+    return (f"## Allreduce bandwidth ({section['processes']} processes, float32, through Horovod)\n\n"
+            "algbw = bytes / time; busbw = algbw x 2(n-1)/n, as nccl-tests defines them. "
+            "gloo: horovodrun --gloo; mpi: mpirun. Each message waits for Horovod's next background cycle "
+            "(HOROVOD_CYCLE_TIME), so small sizes show Horovod's latency more than the transport's.\n\n"
+            + _table(header, rows))
+
+
+def fusion(section: dict) -> str:
+    rows = [[_size(r["fusion_threshold_bytes"]) if r["fusion_threshold_bytes"] else "0 (off)",
+             f"{r['cycle_time_ms']:g} ms", f"{r['median_s'] * 1e3:.2f}", f"{r['min_s'] * 1e3:.2f}"]
+            for r in section["rows"]]
+    first = section["rows"][0]
+    header = ["HOROVOD_FUSION_THRESHOLD", "HOROVOD_CYCLE_TIME", "median ms per set", "min ms per set"]
+    return (f"## Gradient-set allreduce vs fusion threshold and cycle time\n\n{section['model']}'s gradients: "
+            f"{first['tensors']} tensors, {_size(first['bytes'])}, one allreduce_async_ each in backward order; "
+            f"{section['launcher']}, {section['processes']} processes, {first['sets']} sets timed.\n\n"
+            + _table(header, rows))
+
+
+def breakdown(section: dict) -> str:
+    seconds = section["seconds_per_step"]
+    rows = [[phase.replace("_", " "), f"{seconds[phase] * 1e3:.1f}", _percent(seconds[phase] / seconds["step"])]
+            for phase in PHASES]
+    rows.append(["step (wall)", f"{seconds['step'] * 1e3:.1f}", "100%"])
+    standalone_ms = section["standalone_allreduce"]["median_s"] * 1e3
+    return (f"## Step-time breakdown ({section['precision']}, {section['processes']} processes, "
+            f"{section['threads']} thread(s) each, {section['tokens_per_second']:,.0f} tokens/s)\n\n"
+            + _table(["phase", "ms per step", "share"], rows)
+            + "\n\nBackward overlaps the allreduce: Horovod's hooks send each gradient as backward produces it, "
+            "so 'backward' includes what the concurrent sends take from compute, and 'allreduce wait' "
+            "(optimizer.synchronize) is the part left exposed, plus any wait for a slower rank's backward. "
+            f"The same gradient set allreduced alone takes {standalone_ms:.1f} ms; about "
+            f"{_percent(section['hidden_fraction'])} of it is hidden behind backward (1 - wait / standalone).")
+
+
+def errors(failed: dict) -> str:
+    lines = [f"- {name}: {message.splitlines()[0]}" for name, message in failed.items()]
+    return "## Sections that failed\n\n" + "\n".join(lines)
+
+
+SECTIONS = {"peak": peak, "throughput": throughput, "bandwidth": bandwidth, "fusion": fusion, "breakdown": breakdown}
+
+
+def markdown(results: dict) -> str:
+    parts = [machine(results)]
+    for name, render in SECTIONS.items():
+        if name in results:
+            parts.append(render(results[name]))
+            if name == "throughput":
+                parts.append(targets(results[name]))
+    if results.get("errors"):
+        parts.append(errors(results["errors"]))
+    return "\n\n".join(parts) + "\n"

@@ -1,0 +1,142 @@
+"""python -m app.bench: the quick preset runs every section for real (horovodrun, mpirun,
+torchrun) and reports numbers that agree with each other and with their definitions."""
+import json
+
+import pytest
+
+from app.bench.bandwidth import bus_bandwidth, message_sizes
+from app.bench.throughput import trainer_tokens_per_second
+from conftest import TINY_VOCAB, read_metrics, run_job
+
+SECTIONS = ("peak", "throughput", "bandwidth", "fusion", "breakdown")
+
+
+@pytest.fixture(scope="module")
+def quick_bench(tiny_data, tmp_path_factory):
+    """One quick benchmark on the tiny dataset; its bench.json, bench.md and stdout."""
+    out = tmp_path_factory.mktemp("bench")
+    overrides = ["train.micro_batch_size=4", f"data.vocab_size={TINY_VOCAB}", f"data.dir={tiny_data}"]
+    result = run_job(["preset=quick", f"out={out}", "train_overrides=[" + ",".join(f"'{o}'" for o in overrides) + "]"],
+                     launcher="none", module="app.bench", timeout=600)
+    return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text(), result.stdout
+
+
+def _run(results, method, processes):
+    return next(r for r in results["throughput"]["runs"] if (r["method"], r["processes"]) == (method, processes))
+
+
+def test_quick_bench_reports_every_section_in_json_and_markdown(quick_bench):
+    results, markdown, stdout = quick_bench
+    assert results["errors"] == {}
+    for section in SECTIONS:
+        assert section in results, section
+    for heading in ("## Matmul peak", "## Training throughput", "## Targets", "## Allreduce bandwidth",
+                    "## Gradient-set allreduce", "## Step-time breakdown"):
+        assert heading in markdown and heading in stdout, heading
+    assert results["max_processes"] == 2 and results["config"]["model"] == "llama_tiny"
+
+
+def test_peak_is_measured_for_fp32_and_bf16_per_thread_and_for_all_cores(quick_bench):
+    peak = quick_bench[0]["peak"]
+    assert set(peak["precisions"]) == {"fp32", "bf16"}
+    for values in peak["precisions"].values():
+        assert values["tflops_1_thread"] > 0 and values["tflops_all_cores"] > 0
+
+
+def test_throughput_runs_trainer_plain_and_ddp_on_the_same_batch(quick_bench):
+    results = quick_bench[0]
+    runs = {(r["method"], r["processes"]) for r in results["throughput"]["runs"]}
+    assert runs == {("plain", 1), ("trainer", 1), ("trainer", 2), ("ddp", 2)}
+    for run in results["throughput"]["runs"]:
+        assert run["tokens_per_second"] > 0 and run["threads_per_process"] == 1
+        assert run["tokens_per_second_per_process"] == pytest.approx(run["tokens_per_second"] / run["processes"])
+
+
+def test_trainer_tokens_per_second_comes_from_its_metrics_after_warmup(quick_bench):
+    results = quick_bench[0]
+    for processes in (1, 2):
+        run = _run(results, "trainer", processes)
+        rows = read_metrics(run["run_dir"])
+        warmup = results["throughput"]["warmup_steps"]
+        assert rows[-1]["step"] == warmup + results["throughput"]["measure_steps"]
+        assert run["tokens_per_second"] == pytest.approx(trainer_tokens_per_second(rows, warmup))
+
+
+def test_efficiency_and_targets_are_ratios_of_the_measured_tokens_per_second(quick_bench):
+    results = quick_bench[0]
+    one, two = _run(results, "trainer", 1), _run(results, "trainer", 2)
+    efficiency = two["tokens_per_second"] / (2 * one["tokens_per_second"])
+    assert two["scaling_efficiency"] == pytest.approx(efficiency)
+    assert results["throughput"]["scaling"]["bf16"][-1]["efficiency"] == pytest.approx(efficiency)
+    targets = {t["name"]: t for t in results["throughput"]["targets"]}
+    plain = targets["trainer / plain PyTorch, 1 process"]
+    assert plain["value"] == pytest.approx(one["tokens_per_second"] / _run(results, "plain", 1)["tokens_per_second"])
+    assert plain["threshold"] == pytest.approx(0.97) and plain["met"] == (plain["value"] >= 0.97)
+    ddp = targets["trainer / DDP (gloo), 2 processes"]
+    assert ddp["value"] == pytest.approx(two["tokens_per_second"] / _run(results, "ddp", 2)["tokens_per_second"])
+    assert targets["scaling efficiency, 2 processes"]["value"] == pytest.approx(efficiency)
+
+
+def test_mfu_divides_achieved_flops_by_the_measured_one_thread_peak(quick_bench):
+    results = quick_bench[0]
+    peak_tflops = results["peak"]["precisions"]["bf16"]["tflops_1_thread"]
+    for run in results["throughput"]["runs"]:
+        achieved = results["throughput"]["flops_per_token"] * run["tokens_per_second_per_process"]
+        assert run["mfu"] == pytest.approx(achieved / (peak_tflops * 1e12))
+
+
+@pytest.mark.parametrize("launcher", ["gloo", "mpi"])
+def test_allreduce_bandwidth_follows_the_nccl_tests_definitions(quick_bench, launcher):
+    section = quick_bench[0]["bandwidth"]["launchers"][launcher]
+    assert section["controller"] == launcher and section["processes"] == 2
+    rows = section["rows"]
+    assert [r["bytes"] for r in rows] == [4096 * 4**k for k in range(6)]  # 4 KiB .. 4 MiB
+    for row in rows:
+        assert row["time_s"] > 0 and row["iterations"] >= 3
+        assert row["algbw_gbps"] == pytest.approx(row["bytes"] / row["time_s"] / 1e9)
+        assert row["busbw_gbps"] == pytest.approx(row["algbw_gbps"])  # 2(n-1)/n = 1 for n = 2
+
+
+def test_fusion_grid_times_the_whole_gradient_set_per_setting(quick_bench):
+    results = quick_bench[0]
+    rows = results["fusion"]["rows"]
+    assert [(r["fusion_threshold_bytes"], r["cycle_time_ms"]) for r in rows] == [
+        (0, 1.0), (0, 5.0), (64 * 2**20, 1.0), (64 * 2**20, 5.0)]
+    for row in rows:
+        assert row["bytes"] == 4 * results["throughput"]["parameters"]  # every parameter's float32 gradient
+        assert row["tensors"] > 10 and row["sets"] == 5
+        assert 0 < row["min_s"] <= row["median_s"]
+
+
+def test_breakdown_phases_fit_inside_the_step(quick_bench):
+    section = quick_bench[0]["breakdown"]
+    seconds = section["seconds_per_step"]
+    phases = ("data", "forward", "backward", "allreduce_wait", "optimizer")
+    for phase in phases:
+        assert seconds[phase] >= 0, phase
+    assert seconds["forward"] > 0 and seconds["backward"] > 0 and seconds["optimizer"] > 0
+    assert 0.9 * seconds["step"] <= sum(seconds[p] for p in phases) <= seconds["step"] * 1.0001
+    assert 0 <= section["hidden_fraction"] <= 1
+    assert section["standalone_allreduce"]["median_s"] > 0 and section["processes"] == 2
+
+
+def test_trainer_rate_leaves_out_warmup_windows_and_weights_by_time():
+    rows = [
+        {"step": 2, "tokens_seen": 200, "tokens_per_second": 1.0},  # warm-up: left out
+        {"step": 4, "tokens_seen": 400, "tokens_per_second": 100.0},  # 2 s
+        {"step": 6, "tokens_seen": 600, "tokens_per_second": 50.0},  # 4 s
+    ]
+    assert trainer_tokens_per_second(rows, warmup_steps=2) == pytest.approx(400 / 6)
+
+
+def test_message_sizes_and_bus_bandwidth_factor():
+    assert message_sizes(4096, 256 * 2**20, 4)[-1] == 256 * 2**20
+    assert len(message_sizes(4096, 256 * 2**20, 4)) == 9
+    assert bus_bandwidth(2.0, 4) == pytest.approx(3.0)  # 2(n-1)/n = 1.5 for n = 4
+
+
+def test_unknown_section_is_one_line_and_exit_2(tmp_path):
+    result = run_job(["sections=[peak,speed]", f"out={tmp_path}"], launcher="none", module="app.bench",
+                     check=False, timeout=120)
+    assert result.returncode == 2
+    assert "sections has 'speed'" in result.stderr and not (tmp_path / "bench.json").exists()
