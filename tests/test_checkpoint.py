@@ -1,6 +1,7 @@
 """Checkpoints lose nothing: kill -9 and resume equals an uninterrupted run, writes are atomic,
 signals stop every rank cleanly, exports load in plain transformers."""
 import json
+import math
 import os
 import random
 import signal
@@ -209,5 +210,6 @@ def test_evaluate_on_two_ranks_equals_one_rank(tiny_data, tmp_path):
     args = [f"checkpoint={run_dir}", "batch_size=5", "max_batches=7"]
     one = last_json_line(run_job(args, launcher="none", module="app.evaluate").stdout)
     two = last_json_line(run_job(args, np_=2, module="app.evaluate").stdout)
-    assert one["windows"] == two["windows"] == 35 and two["ranks"] == 2
-    assert two["loss"] == pytest.approx(one["loss"], rel=1e-9)
+    assert one["val/windows"] == two["val/windows"] == 35 and two["ranks"] == 2
+    assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-9)
+    assert two["val/perplexity"] == pytest.approx(math.exp(two["val/loss"]))
