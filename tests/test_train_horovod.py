@@ -46,7 +46,7 @@ def test_ranks_share_one_run_dir_and_only_rank_0_writes(tiny_data, tmp_path):
     assert {r["run_dir"] for r in summary["replicas"]} == {str(run_dirs[0])}
     assert len(list((run_dirs[0] / "tb").glob("events.out.tfevents.*"))) >= 1
     names = sorted(p.name for p in run_dirs[0].iterdir())
-    assert names == ["checkpoints", "config.yaml", "metrics.jsonl", "summary.json", "tb", "train.log"]
+    assert names == ["checkpoints", "config.yaml", "metrics.jsonl", "summary.json", "tb", "tokenizer", "train.log"]
 
 
 @pytest.mark.parametrize("sync,launcher", [
