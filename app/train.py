@@ -253,6 +253,9 @@ def train(cfg, run_dir: Path) -> dict:
             }
             if grad_norm is not None:
                 last["grad_norm"] = grad_norm.item()
+            if last["mfu"] > 1 and not cfg.train.peak_tflops:
+                log.warning("MFU above 100%%: the start-up peak measurement was disturbed by other load; "
+                            "set train.peak_tflops to this machine's peak (python -m app.bench sections=[peak])")
             logger.log(state.step, last)
             logger.progress(window.steps, {"loss": f"{mean[0]:.3f}", "tok/s": f"{summed[1].item():,.0f}"})
             log.info(
