@@ -35,10 +35,7 @@ def run(main: Callable[[config.Config], None]) -> None:
         config.validate(cfg)
     except (HydraException, OmegaConfBaseException, config.ConfigError) as error:
         fail(" ".join(str(error).split()) or repr(error))
-    try:
-        main(cfg)
-    except (FileNotFoundError, ValueError, KeyError) as error:
-        fail(str(error))
+    call_reporting_bad_input(main, cfg)
 
 
 def parse_tool_args(schema, argv: List[str]):
@@ -54,7 +51,11 @@ def parse_tool_args(schema, argv: List[str]):
 
 
 def run_tool(schema, main: Callable) -> None:
-    cfg = parse_tool_args(schema, sys.argv[1:])
+    call_reporting_bad_input(main, parse_tool_args(schema, sys.argv[1:]))
+
+
+def call_reporting_bad_input(main: Callable, cfg) -> None:
+    """Missing files and bad values become one line and exit status 2, not a traceback."""
     try:
         main(cfg)
     except (FileNotFoundError, ValueError, KeyError) as error:

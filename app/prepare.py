@@ -6,7 +6,6 @@ Writes data.dir/{tokenizer.json (+ transformers files), train.bin, val.bin, meta
 Idempotent: when meta.json records the same recipe, nothing is redone. The directory is
 built aside and renamed into place, so an interrupted run never leaves half a dataset.
 """
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -18,8 +17,18 @@ from app import cli, corpus, fileio, tokenizer as tokenizers_
 RECIPE_KEYS = ("source", "path", "text_field", "tokenizer_path", "tokenizer_kind", "vocab_size", "val_fraction", "seed")
 
 
-def recipe(data_cfg) -> dict:
-    return {key: data_cfg[key] for key in RECIPE_KEYS}
+def recipe(data_cfg, keys) -> dict:
+    """The data config keys that decide a prepared directory's content."""
+    return {key: data_cfg[key] for key in keys}
+
+
+def is_up_to_date(out: Path, wanted: dict, log) -> bool:
+    """True when `out` was prepared from the same recipe, so nothing needs redoing."""
+    meta_path = out / "meta.json"
+    if meta_path.is_file() and json.loads(meta_path.read_text()).get("recipe") == wanted:
+        log(f"prepare: {out} is up to date")
+        return True
+    return False
 
 
 def token_dtype(vocab_size: int):
@@ -45,10 +54,8 @@ def unigram_entropy_nats(tokens: np.ndarray, vocab_size: int) -> float:
 
 def prepare_lm(data_cfg, log=print) -> Path:
     out = Path(data_cfg.dir)
-    meta_path = out / "meta.json"
-    wanted = recipe(data_cfg)
-    if meta_path.is_file() and json.loads(meta_path.read_text()).get("recipe") == wanted:
-        log(f"prepare: {out} is up to date")
+    wanted = recipe(data_cfg, RECIPE_KEYS)
+    if is_up_to_date(out, wanted, log):
         return out
     started = time.perf_counter()
     documents = corpus.load_documents(data_cfg.source, data_cfg.path, data_cfg.text_field)
@@ -79,7 +86,7 @@ def prepare_lm(data_cfg, log=print) -> Path:
             "documents": {"train": [d.name for d in train_docs], "val": [d.name for d in val_docs]},
             "characters": {"train": sum(len(d.text) for d in train_docs), "val": sum(len(d.text) for d in val_docs)},
             "unigram_entropy_nats": entropy,
-            "tokenizer_sha256": hashlib.sha256((staging / "tokenizer.json").read_bytes()).hexdigest()[:16],
+            "tokenizer_sha256": tokenizers_.fingerprint(staging),
             "eos_token_id": tok.eos_token_id,
         }
         fileio.write_json(staging / "meta.json", meta)
