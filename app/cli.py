@@ -19,6 +19,21 @@ def compose_config(overrides: List[str]) -> config.Config:
     return cfg
 
 
+def startup_config(argv: List[str]) -> config.Config:
+    """The config of argv's overrides, for what Horovod must know when it starts, which is
+    before Hydra composes the run's config (ranks first agree on the run directory over
+    Horovod). Hydra's flags and hydra.* overrides are Hydra's own; if the overrides do not
+    compose, this is the schema's defaults and Hydra reports the error when it composes them."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = [arg for arg in argv if "=" in arg and not arg.lstrip("+~").startswith(("-", "hydra.", "hydra/"))]
+    try:
+        return compose_config(overrides)
+    except (HydraException, OmegaConfBaseException):
+        return OmegaConf.structured(config.Config)
+
+
 def fail(message: str) -> "NoReturn":  # noqa: F821
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)

@@ -90,6 +90,19 @@ class SyncConfig:
 
 
 @dataclass
+class HorovodConfig:
+    """Horovod's background thread, read once when Horovod starts. A HOROVOD_* variable already
+    in the environment wins (horovodrun --cycle-time-ms and --fusion-threshold-mb set them)."""
+    # Milliseconds between the background thread's rounds (HOROVOD_CYCLE_TIME). Every round is
+    # a small collective among all ranks, even with nothing to reduce. Horovod's 1 ms suits GPU
+    # steps of milliseconds; on CPU ranks, a thousand rounds a second take cycles from the model:
+    # llama_small on 2 cores trained 1.25x faster at 10 ms (README, "Measured here"). None: 1 ms.
+    cycle_time_ms: Optional[float] = 10.0
+    # Gradients fused into one allreduce, in MiB (HOROVOD_FUSION_THRESHOLD); None: Horovod's 64.
+    fusion_threshold_mb: Optional[int] = None
+
+
+@dataclass
 class TrainConfig:
     micro_batch_size: int = 16
     grad_accum_steps: int = 1
@@ -109,6 +122,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     # None: the cores of this host divided by the ranks on it.
     threads_per_rank: Optional[int] = None
+    # Pin each rank to its own share of the host's cores when no launcher did (app/cores.py).
+    bind_cores: bool = True
     # Ask torch for deterministic kernels (bitwise-repeatable runs; may be slower on GPU).
     deterministic: bool = False
     progress_bar: bool = True
@@ -130,6 +145,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    horovod: HorovodConfig = field(default_factory=HorovodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -188,9 +204,15 @@ class BenchThroughputConfig:
     process_counts: Optional[List[int]] = None
     # Steps left out of the measurement (kernel selection, allocator growth), then steps timed.
     warmup_steps: int = 2
-    measure_steps: int = 10
+    # Single logging windows vary by +-10% on a shared 2-core machine; 16 steps average that down.
+    measure_steps: int = 16
     # The trainer is compared with DistributedDataParallel at this many processes.
     ddp_processes: int = 2
+    # The trainer at bench.max_processes once more with these overrides ("trainer, untuned"):
+    # Horovod's own 1 ms cycle and no core pinning, to show what this project's defaults buy.
+    # []: skip that run.
+    untuned_overrides: List[str] = field(
+        default_factory=lambda: ["horovod.cycle_time_ms=null", "train.bind_cores=false"])
     # Targets are measured and reported, never asserted: a miss is printed, not an error.
     max_overhead_vs_plain: float = 0.03
     min_ratio_vs_ddp: float = 1.0
@@ -219,7 +241,7 @@ class BenchFusionConfig:
     # HOROVOD_FUSION_THRESHOLD; 0 turns tensor fusion off (one allreduce per gradient).
     fusion_thresholds_bytes: List[int] = field(default_factory=lambda: [0, 64 * 1024 * 1024])
     # HOROVOD_CYCLE_TIME: how long Horovod's background thread gathers tensors before a round.
-    cycle_times_ms: List[float] = field(default_factory=lambda: [1.0, 5.0])
+    cycle_times_ms: List[float] = field(default_factory=lambda: [1.0, 10.0])
     warmup_sets: int = 3
     measured_sets: int = 20
 
@@ -298,6 +320,11 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
+    if cfg.horovod.cycle_time_ms is not None and cfg.horovod.cycle_time_ms <= 0:
+        raise ConfigError(f"horovod.cycle_time_ms={cfg.horovod.cycle_time_ms} must be above 0 (null: Horovod's 1 ms)")
+    if cfg.horovod.fusion_threshold_mb is not None and cfg.horovod.fusion_threshold_mb < 0:
+        raise ConfigError(f"horovod.fusion_threshold_mb={cfg.horovod.fusion_threshold_mb} must be 0 (no fusion) "
+                          "or more (null: Horovod's 64)")
     if cfg.train.max_steps < 0:
         raise ConfigError(f"train.max_steps={cfg.train.max_steps} must be 0 (initial checkpoint only) or more")
     if not cfg.sync.gradient_allreduce and cfg.sync.param_average_every < 1:

@@ -8,6 +8,8 @@ from typing import Iterable, Optional
 import horovod.torch as hvd
 import torch
 
+from app import cores
+
 # Launchers that start ranks as one MPI job (mpirun, srun with PMI/PMIx) set these.
 _MPI_LAUNCH_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 
@@ -19,17 +21,32 @@ def launched_by_mpi() -> bool:
     return any(name in os.environ for name in _MPI_LAUNCH_VARS)
 
 
-def init() -> None:
+# The variables Horovod reads at start-up for the knobs in config.HorovodConfig, with the
+# factor from the config's unit to Horovod's.
+_SETTINGS_ENV = {"cycle_time_ms": ("HOROVOD_CYCLE_TIME", 1), "fusion_threshold_mb": ("HOROVOD_FUSION_THRESHOLD", 2**20)}
+
+
+def init(settings=None) -> None:
     """Start Horovod; under an MPI launcher from MPI.COMM_WORLD, so mpi4py and Horovod share one
-    world and MPI sub-communicators can become Horovod process sets."""
+    world and MPI sub-communicators can become Horovod process sets. `settings` (a
+    config.HorovodConfig) fills the HOROVOD_* variables the environment leaves unset."""
     if hvd.is_initialized():
         return
+    for key, (variable, factor) in _SETTINGS_ENV.items():
+        value = getattr(settings, key, None)
+        if value is not None:
+            os.environ.setdefault(variable, f"{value * factor:.12g}")
     if launched_by_mpi() and hvd.mpi_built():
         from mpi4py import MPI
 
         hvd.init(comm=MPI.COMM_WORLD)
     else:
         hvd.init()
+
+
+def settings_in_effect() -> dict:
+    """The HOROVOD_* start-up variables this process ran with (unset: Horovod's default)."""
+    return {variable: os.environ.get(variable, "default") for variable, _ in _SETTINGS_ENV.values()}
 
 
 def rank() -> int:
@@ -52,14 +69,13 @@ def controller() -> str:
     return "mpi" if hvd.mpi_enabled() else "gloo"
 
 
-def threads_per_rank(requested: Optional[int]) -> int:
-    """The cores one rank may use: what a binding launcher gave it, else an equal share."""
-    if requested:
-        return requested
-    available = len(os.sched_getaffinity(0))
-    if available < (os.cpu_count() or available):
-        return available  # mpirun/srun already bound this rank to its own cores
-    return max(1, available // hvd.local_size())
+def place_rank(requested: Optional[int], bind: bool) -> int:
+    """Pin this rank to its share of its host's cores (see app/cores.py); return torch's thread
+    count. Ranks compare core masks with the others on their host (same cross rank) to tell a
+    binding launcher's distinct masks from one shared mask."""
+    masks = allgather_object((hvd.cross_rank(), cores.affinity()), name="core_masks")
+    on_host = [mask for node, mask in masks if node == hvd.cross_rank()]
+    return cores.place(hvd.local_rank(), hvd.local_size(), on_host, requested, bind)
 
 
 def run_stamp() -> str:

@@ -21,7 +21,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from app import checkpoint, config, dist, fileio, metrics, models, optim, prepare, runtime, tasks, tokenizer
+from app import checkpoint, cli, config, cores, dist, fileio, metrics, models, optim, prepare, runtime, tasks, tokenizer
 
 log = logging.getLogger("app.train")
 
@@ -103,7 +103,7 @@ def train(cfg, run_dir: Path) -> dict:
     # --- ranks, threads, seeds --------------------------------------------------------------
     rank, world = dist.rank(), dist.size()
     device = runtime.pick_device(cfg.train.device, dist.local_rank())
-    threads = dist.threads_per_rank(cfg.train.threads_per_rank)
+    threads = dist.place_rank(cfg.train.threads_per_rank, cfg.train.bind_cores)
     torch.set_num_threads(threads)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -115,6 +115,7 @@ def train(cfg, run_dir: Path) -> dict:
         "run dir %s | task %s | %d ranks (%s), %d threads each, device %s, precision %s",
         run_dir, cfg.task, world, dist.controller(), threads, device, cfg.train.precision,
     )
+    log.info("Horovod start-up settings: %s", ", ".join(f"{k}={v}" for k, v in dist.settings_in_effect().items()))
 
     # --- data --------------------------------------------------------------------------------
     if dist.is_main():
@@ -290,7 +291,7 @@ def train(cfg, run_dir: Path) -> dict:
         {"hparam/" + k.replace("/", "_"): v for k, v in last.items() if k in ("train/loss", "val/loss", "val/accuracy")},
     )
     replicas = dist.allgather_object(
-        {"rank": rank, "host": socket.gethostname(), "run_dir": str(run_dir),
+        {"rank": rank, "host": socket.gethostname(), "cores": cores.affinity(), "run_dir": str(run_dir),
          "param_sha256": models.parameter_checksum(model)},
         name="replicas",
     )
@@ -299,7 +300,8 @@ def train(cfg, run_dir: Path) -> dict:
         log.info("parameters identical on all %d ranks: %s", world, identical)
         fileio.write_json(run_dir / "summary.json", {
             "step": state.step, "tokens_seen": state.tokens_seen, "world_size": world, "task": cfg.task,
-            "controller": dist.controller(), "metrics": last, "replicas": replicas, "replicas_identical": identical,
+            "controller": dist.controller(), "horovod": dist.settings_in_effect(), "metrics": last,
+            "replicas": replicas, "replicas_identical": identical,
         })
     task.finish(model, run_dir, logger, log)
     logger.close()
@@ -317,7 +319,7 @@ def hydra_main(cfg) -> None:
 
 
 def main() -> None:
-    dist.init()
+    dist.init(cli.startup_config(sys.argv[1:]).horovod)
     stamp = dist.run_stamp()
     OmegaConf.register_new_resolver("run_stamp", lambda: stamp, replace=True)
     config.register()

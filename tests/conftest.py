@@ -14,8 +14,9 @@ BIN = Path(sys.executable).parent
 TINY_VOCAB = 512
 
 
-def job_env() -> dict:
-    env = dict(os.environ)
+def job_env(extra=None) -> dict:
+    # Horovod's start-up variables come from the config unless a test sets them.
+    env = {k: v for k, v in os.environ.items() if k not in ("HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD")}
     env.update({
         "PYTHONPATH": str(ROOT),
         "PATH": f"{BIN}:{env.get('PATH', '')}",
@@ -24,6 +25,7 @@ def job_env() -> dict:
         "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
         "OMPI_MCA_rmaps_base_oversubscribe": "1",
         "PYTHONUNBUFFERED": "1",
+        **(extra or {}),
     })
     return env
 
@@ -38,10 +40,11 @@ def launcher_command(np_: int, launcher: str) -> list:
     raise ValueError(launcher)
 
 
-def run_job(args, np_=2, launcher="gloo", cwd=ROOT, timeout=600, check=True, module="app.train"):
-    """Run `python -m module args` under a real launcher; return the CompletedProcess."""
+def run_job(args, np_=2, launcher="gloo", cwd=ROOT, timeout=600, check=True, module="app.train", env=None):
+    """Run `python -m module args` under a real launcher (with env's variables added); return
+    the CompletedProcess."""
     command = launcher_command(np_, launcher) + [sys.executable, "-m", module, *args]
-    result = subprocess.run(command, cwd=cwd, env=job_env(), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=cwd, env=job_env(env), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(command)} exited {result.returncode}\n--- stdout ---\n{result.stdout[-6000:]}"

@@ -2,18 +2,26 @@
 runs, loss falls, and all ranks share one run directory written by rank 0 alone."""
 import json
 import math
+import os
 
 import pytest
 
+from app import cores
 from conftest import read_metrics, read_summary, run_job, tiny_train_args
 
 
 def test_two_rank_gloo_run_keeps_replicas_identical_and_loss_falls(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
-    run_job(tiny_train_args(tiny_data, run_dir, "train.max_steps=12", "optim.lr=3e-3", "train.eval_every=6"),
-            launcher="gloo")
+    run_job(tiny_train_args(tiny_data, run_dir, "train.max_steps=12", "optim.lr=3e-3", "train.eval_every=6",
+                            "horovod.cycle_time_ms=7", "horovod.fusion_threshold_mb=8"), launcher="gloo")
     summary = read_summary(run_dir)
     assert summary["world_size"] == 2 and summary["controller"] == "gloo"
+    # The config reached Horovod, which reads these before Hydra composes the run's config.
+    assert summary["horovod"] == {"HOROVOD_CYCLE_TIME": "7", "HOROVOD_FUSION_THRESHOLD": str(8 * 2**20)}
+    # horovodrun does not bind; each rank pinned itself to its own half of the cores.
+    all_cores = sorted(os.sched_getaffinity(0))
+    half = len(all_cores) // 2
+    assert [r["cores"] for r in summary["replicas"]] == [all_cores[:half], all_cores[half:2 * half]]
     assert summary["replicas_identical"] is True
     train_rows = [row for row in read_metrics(run_dir) if "train/loss" in row]
     losses = [row["train/loss"] for row in train_rows]
@@ -30,19 +38,33 @@ def test_two_rank_gloo_run_keeps_replicas_identical_and_loss_falls(tiny_data, tm
     assert row["tokens_per_second"] == pytest.approx(2 * row["tokens_per_second_per_rank"], rel=0.5)
 
 
+def test_ranks_a_launcher_bound_keep_their_own_cores():
+    mask = cores.affinity()
+    bound_elsewhere = [core + len(mask) for core in mask]  # what mpirun --bind-to core gives a neighbour
+    assert cores.place(0, 2, [mask, bound_elsewhere], None, bind=True) == len(mask)
+    assert cores.affinity() == mask
+
+
 def test_mpirun_initialises_horovod_from_mpi_comm_world(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
-    run_job(tiny_train_args(tiny_data, run_dir), launcher="mpi")
+    # mpirun passes only -x variables to ranks; the config's cycle time needs no forwarding.
+    run_job(tiny_train_args(tiny_data, run_dir, "horovod.cycle_time_ms=7"), launcher="mpi")
     summary = read_summary(run_dir)
     assert summary["controller"] == "mpi" and summary["replicas_identical"] is True
+    assert summary["horovod"] == {"HOROVOD_CYCLE_TIME": "7", "HOROVOD_FUSION_THRESHOLD": "default"}
 
 
 def test_ranks_share_one_run_dir_and_only_rank_0_writes(tiny_data, tmp_path):
-    args = [a for a in tiny_train_args(tiny_data, tmp_path / "unused") if not a.startswith("hydra.run.dir")]
-    run_job(args, cwd=tmp_path, launcher="gloo")
+    args = [a for a in tiny_train_args(tiny_data, tmp_path / "unused", "train.bind_cores=false")
+            if not a.startswith("hydra.run.dir")]
+    # A variable the user set (horovodrun --cycle-time-ms sets it) wins over the config's 10 ms.
+    run_job(args, cwd=tmp_path, launcher="gloo", env={"HOROVOD_CYCLE_TIME": "3"})
     run_dirs = list((tmp_path / "runs").iterdir())
     assert len(run_dirs) == 1, run_dirs
     summary = read_summary(run_dirs[0])
+    assert summary["horovod"]["HOROVOD_CYCLE_TIME"] == "3"
+    all_cores = sorted(os.sched_getaffinity(0))
+    assert [r["cores"] for r in summary["replicas"]] == [all_cores, all_cores]  # train.bind_cores=false
     assert {r["run_dir"] for r in summary["replicas"]} == {str(run_dirs[0])}
     assert len(list((run_dirs[0] / "tb").glob("events.out.tfevents.*"))) >= 1
     names = sorted(p.name for p in run_dirs[0].iterdir())

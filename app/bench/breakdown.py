@@ -27,10 +27,10 @@ PHASES = ("data", "forward", "backward", "allreduce_wait", "optimizer")
 
 def main() -> None:
     spec = launch.read_spec()
-    dist.init()
     cfg = cli.compose_config(spec["overrides"])
     OmegaConf.resolve(cfg)
-    torch.set_num_threads(spec["threads"])
+    dist.init(cfg.horovod)
+    torch.set_num_threads(dist.place_rank(spec["threads"], cfg.train.bind_cores))
     device = runtime.pick_device(cfg.train.device, dist.local_rank())
     task = tasks.build(cfg, dist.rank(), dist.size())
     torch.manual_seed(cfg.train.seed)

@@ -17,7 +17,7 @@ import torch.distributed as torch_dist
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from app import cli, data, fileio, models, prepare, runtime
+from app import cli, cores, data, fileio, models, prepare, runtime
 from app.bench import launch
 
 
@@ -30,7 +30,10 @@ def main() -> None:
     if distributed:
         torch_dist.init_process_group("gloo")
     rank, world = (torch_dist.get_rank(), torch_dist.get_world_size()) if distributed else (0, 1)
-    torch.set_num_threads(spec["threads"])
+    # The trainer's placement rule, so every method runs on the same cores (torchrun never binds).
+    local_rank, local_size = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(cores.place(local_rank, local_size, [cores.affinity()], spec["threads"],
+                                      cfg.train.bind_cores))
 
     meta = prepare.read_meta(cfg.data.dir)
     seq_len = cfg.train.seq_len or cfg.model.max_seq_len
