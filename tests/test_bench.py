@@ -1,12 +1,13 @@
 """python -m app.bench: the quick preset runs every section for real (horovodrun, mpirun,
 torchrun) and reports numbers that agree with each other and with their definitions."""
 import json
+import os
 
 import pytest
 
 from app.bench.bandwidth import bus_bandwidth, message_sizes
 from app.bench.throughput import trainer_tokens_per_second
-from conftest import TINY_VOCAB, read_metrics, run_job
+from conftest import TINY_VOCAB, read_metrics, read_summary, run_job
 
 SECTIONS = ("peak", "throughput", "bandwidth", "fusion", "breakdown")
 
@@ -46,10 +47,20 @@ def test_peak_is_measured_for_fp32_and_bf16_per_thread_and_for_all_cores(quick_b
 def test_throughput_runs_trainer_plain_and_ddp_on_the_same_batch(quick_bench):
     results = quick_bench[0]
     runs = {(r["method"], r["processes"]) for r in results["throughput"]["runs"]}
-    assert runs == {("plain", 1), ("trainer", 1), ("trainer", 2), ("ddp", 2)}
+    assert runs == {("plain", 1), ("trainer", 1), ("trainer", 2), ("ddp", 2), ("trainer_untuned", 2)}
     for run in results["throughput"]["runs"]:
         assert run["tokens_per_second"] > 0 and run["threads_per_process"] == 1
         assert run["tokens_per_second_per_process"] == pytest.approx(run["tokens_per_second"] / run["processes"])
+
+
+def test_untuned_trainer_runs_with_horovods_defaults_and_unpinned(quick_bench):
+    results = quick_bench[0]
+    tuned = read_summary(_run(results, "trainer", 2)["run_dir"])
+    untuned = read_summary(_run(results, "trainer_untuned", 2)["run_dir"])
+    assert tuned["horovod"]["HOROVOD_CYCLE_TIME"] == "10" and untuned["horovod"]["HOROVOD_CYCLE_TIME"] == "default"
+    all_cores = sorted(os.sched_getaffinity(0))
+    assert [r["cores"] for r in tuned["replicas"]] == [[all_cores[0]], [all_cores[1]]]
+    assert [r["cores"] for r in untuned["replicas"]] == [all_cores, all_cores]
 
 
 def test_trainer_tokens_per_second_comes_from_its_metrics_after_warmup(quick_bench):
@@ -101,7 +112,7 @@ def test_fusion_grid_times_the_whole_gradient_set_per_setting(quick_bench):
     results = quick_bench[0]
     rows = results["fusion"]["rows"]
     assert [(r["fusion_threshold_bytes"], r["cycle_time_ms"]) for r in rows] == [
-        (0, 1.0), (0, 5.0), (64 * 2**20, 1.0), (64 * 2**20, 5.0)]
+        (0, 1.0), (0, 10.0), (64 * 2**20, 1.0), (64 * 2**20, 10.0)]
     for row in rows:
         assert row["bytes"] == 4 * results["throughput"]["parameters"]  # every parameter's float32 gradient
         assert row["tensors"] > 10 and row["sets"] == 5

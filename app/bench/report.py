@@ -47,7 +47,10 @@ def throughput(section: dict) -> str:
             f"{section['measure_steps']} steps timed after {section['warmup_steps']} warm-up steps. "
             "MFU is against the matmul peak at the same thread count; scaling efficiency is tokens/s at p processes "
             "over p x tokens/s at 1. trainer: horovodrun --gloo python -m app.train; plain: a PyTorch loop, no "
-            "Horovod; ddp: DistributedDataParallel, Gloo, torchrun.")
+            "Horovod; ddp: DistributedDataParallel, Gloo, torchrun, its ranks pinned to cores as the trainer pins "
+            "its own (train.bind_cores).")
+    if section.get("untuned_overrides"):
+        note += f" trainer_untuned: the trainer with {' '.join(section['untuned_overrides'])}."
     if section.get("ddp_skipped"):
         note += f" DDP skipped: {section['ddp_skipped']}."
     header = ["method", "precision", "processes", "tokens/s", "tokens/s per process", "MFU", "scaling efficiency"]

@@ -30,9 +30,10 @@ def trainer_tokens_per_second(rows: List[dict], warmup_steps: int) -> float:
     return tokens / seconds
 
 
-def run_trainer(ctx: Context, precision: str, processes: int) -> dict:
+def run_trainer(ctx: Context, precision: str, processes: int, method: str = "trainer",
+                extra_overrides: List[str] = ()) -> dict:
     tp = ctx.bench.throughput
-    run_dir = ctx.work_dir / f"trainer-{precision}-{processes}p"
+    run_dir = ctx.work_dir / f"{method}-{precision}-{processes}p"
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends; a stale one would mix runs
     # Windows that end exactly at the warm-up's last step, so none straddles it.
     log_every = math.gcd(tp.warmup_steps, tp.measure_steps)
@@ -42,14 +43,14 @@ def run_trainer(ctx: Context, precision: str, processes: int) -> dict:
         f"train.max_steps={tp.warmup_steps + tp.measure_steps}", f"train.log_every={log_every}",
         "train.eval_every=0", "train.checkpoint_every=0", "train.sample_tokens=0", "train.progress_bar=false",
         "train.resume=never", f"train.peak_tflops={ctx.peaks.tflops(precision, ctx.threads_per_process)}",
-        f"hydra.run.dir={run_dir}",
+        f"hydra.run.dir={run_dir}", *extra_overrides,
     ]
     cmd = launch.command("gloo", processes, "app.train", args, [], list(ctx.bench.mpirun_args))
     launch.run(cmd, ctx.work_dir / f"{run_dir.name}.log", ctx.bench.launch_timeout_s)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     if not ctx.bench.keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    return {"method": "trainer", "processes": processes, "measured_steps": tp.measure_steps, "run_dir": str(run_dir),
+    return {"method": method, "processes": processes, "measured_steps": tp.measure_steps, "run_dir": str(run_dir),
             "tokens_per_second": trainer_tokens_per_second(rows, tp.warmup_steps)}
 
 
@@ -84,6 +85,8 @@ def _plan(ctx: Context):
 def _measured_run(ctx: Context, method: str, precision: str, processes: int) -> dict:
     if method == "trainer":
         run = run_trainer(ctx, precision, processes)
+    elif method == "trainer_untuned":
+        run = run_trainer(ctx, precision, processes, method, ctx.bench.throughput.untuned_overrides)
     else:
         run = run_reference(ctx, precision, processes, method)
     per_process = run["tokens_per_second"] / processes
@@ -98,6 +101,8 @@ def measure(ctx: Context, log=print) -> dict:
     runs = []
     for precision in tp.precisions:
         plan = [("plain", 1)] + [("trainer", p) for p in counts] + ([("ddp", ddp_processes)] if ddp_processes else [])
+        if tp.untuned_overrides and counts[-1] > 1:
+            plan.append(("trainer_untuned", counts[-1]))
         for method, processes in plan:
             log(f"bench: throughput {method} {precision} {processes} process(es)")
             runs.append(_measured_run(ctx, method, precision, processes))
@@ -109,7 +114,7 @@ def measure(ctx: Context, log=print) -> dict:
         scaling[precision] = [{"processes": p, "tokens_per_second": trainer[p],
                                "efficiency": trainer[p] / (p * trainer[1])} for p in counts]
         for run in runs:
-            if run["method"] == "trainer" and run["precision"] == precision:
+            if run["method"].startswith("trainer") and run["precision"] == precision:
                 run["scaling_efficiency"] = trainer[run["processes"]] / (run["processes"] * trainer[1])
         targets.append(_target("trainer / plain PyTorch, 1 process", precision,
                                trainer[1] / _tokens_per_second(runs, "plain", precision, 1),
@@ -125,7 +130,8 @@ def measure(ctx: Context, log=print) -> dict:
         "model": ctx.bench.model, "parameters": ctx.n_parameters, "flops_per_token": ctx.flops_per_token,
         "seq_len": ctx.seq_len, "tokens_per_step_per_process": ctx.tokens_per_step_per_process,
         "threads_per_process": ctx.threads_per_process, "warmup_steps": tp.warmup_steps,
-        "measure_steps": tp.measure_steps, "runs": runs, "scaling": scaling, "targets": targets,
+        "measure_steps": tp.measure_steps, "untuned_overrides": list(tp.untuned_overrides), "runs": runs,
+        "scaling": scaling, "targets": targets,
         "ddp_skipped": None if ddp_processes else (
             f"needs {tp.ddp_processes} processes, max_processes is {ctx.max_processes}"),
     }
