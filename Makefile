@@ -18,7 +18,7 @@ test: install
 	bash scripts/test.sh
 
 bench: install
-	$(PYTHON) -m app.bench $(ARGS)
+	OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 $(PYTHON) -m app.bench $(ARGS)
 
 doctor: install
 	$(PYTHON) -m app.doctor

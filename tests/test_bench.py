@@ -61,6 +61,8 @@ def test_untuned_trainer_runs_with_horovods_defaults_and_unpinned(quick_bench):
     all_cores = sorted(os.sched_getaffinity(0))
     assert [r["cores"] for r in tuned["replicas"]] == [[all_cores[0]], [all_cores[1]]]
     assert [r["cores"] for r in untuned["replicas"]] == [all_cores, all_cores]
+    run, one = _run(results, "trainer_untuned", 2), _run(results, "trainer", 1)
+    assert run["scaling_efficiency"] == pytest.approx(run["tokens_per_second"] / (2 * one["tokens_per_second"]))
 
 
 def test_trainer_tokens_per_second_comes_from_its_metrics_after_warmup(quick_bench):

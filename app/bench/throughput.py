@@ -115,7 +115,7 @@ def measure(ctx: Context, log=print) -> dict:
                                "efficiency": trainer[p] / (p * trainer[1])} for p in counts]
         for run in runs:
             if run["method"].startswith("trainer") and run["precision"] == precision:
-                run["scaling_efficiency"] = trainer[run["processes"]] / (run["processes"] * trainer[1])
+                run["scaling_efficiency"] = run["tokens_per_second"] / (run["processes"] * trainer[1])
         targets.append(_target("trainer / plain PyTorch, 1 process", precision,
                                trainer[1] / _tokens_per_second(runs, "plain", precision, 1),
                                1 - tp.max_overhead_vs_plain))
