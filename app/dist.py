@@ -21,21 +21,26 @@ def launched_by_mpi() -> bool:
     return any(name in os.environ for name in _MPI_LAUNCH_VARS)
 
 
-# The variables Horovod reads at start-up for the knobs in config.HorovodConfig, with the
-# factor from the config's unit to Horovod's.
-_SETTINGS_ENV = {"cycle_time_ms": ("HOROVOD_CYCLE_TIME", 1), "fusion_threshold_mb": ("HOROVOD_FUSION_THRESHOLD", 2**20)}
+# The start-up variables for the knobs in config.HorovodConfig, with each value's spelling:
+# Horovod's own (read by hvd.init) and an OpenMPI MCA parameter (read at MPI_Init, which
+# hvd.init or mpi4py's import performs).
+_SETTINGS_ENV = {
+    "cycle_time_ms": ("HOROVOD_CYCLE_TIME", lambda ms: f"{ms:g}"),
+    "fusion_threshold_mb": ("HOROVOD_FUSION_THRESHOLD", lambda mb: str(mb * 2**20)),
+    "mpi_yield_when_idle": ("OMPI_MCA_mpi_yield_when_idle", lambda on: "1" if on else "0"),
+}
 
 
 def init(settings=None) -> None:
     """Start Horovod; under an MPI launcher from MPI.COMM_WORLD, so mpi4py and Horovod share one
     world and MPI sub-communicators can become Horovod process sets. `settings` (a
-    config.HorovodConfig) fills the HOROVOD_* variables the environment leaves unset."""
+    config.HorovodConfig) fills the start-up variables the environment leaves unset."""
     if hvd.is_initialized():
         return
-    for key, (variable, factor) in _SETTINGS_ENV.items():
+    for key, (variable, spell) in _SETTINGS_ENV.items():
         value = getattr(settings, key, None)
         if value is not None:
-            os.environ.setdefault(variable, f"{value * factor:.12g}")
+            os.environ.setdefault(variable, spell(value))
     if launched_by_mpi() and hvd.mpi_built():
         from mpi4py import MPI
 
@@ -45,7 +50,7 @@ def init(settings=None) -> None:
 
 
 def settings_in_effect() -> dict:
-    """The HOROVOD_* start-up variables this process ran with (unset: Horovod's default)."""
+    """The start-up variables this process ran with (unset: the library's default)."""
     return {variable: os.environ.get(variable, "default") for variable, _ in _SETTINGS_ENV.values()}
 
 

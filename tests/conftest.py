@@ -15,8 +15,9 @@ TINY_VOCAB = 512
 
 
 def job_env(extra=None) -> dict:
-    # Horovod's start-up variables come from the config unless a test sets them.
-    env = {k: v for k, v in os.environ.items() if k not in ("HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD")}
+    # Horovod's and MPI's start-up variables come from the config unless a test sets them.
+    settings = ("HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD", "OMPI_MCA_mpi_yield_when_idle")
+    env = {k: v for k, v in os.environ.items() if k not in settings}
     env.update({
         "PYTHONPATH": str(ROOT),
         "PATH": f"{BIN}:{env.get('PATH', '')}",

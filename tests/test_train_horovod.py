@@ -17,7 +17,8 @@ def test_two_rank_gloo_run_keeps_replicas_identical_and_loss_falls(tiny_data, tm
     summary = read_summary(run_dir)
     assert summary["world_size"] == 2 and summary["controller"] == "gloo"
     # The config reached Horovod, which reads these before Hydra composes the run's config.
-    assert summary["horovod"] == {"HOROVOD_CYCLE_TIME": "7", "HOROVOD_FUSION_THRESHOLD": str(8 * 2**20)}
+    assert summary["horovod"] == {"HOROVOD_CYCLE_TIME": "7", "HOROVOD_FUSION_THRESHOLD": str(8 * 2**20),
+                                  "OMPI_MCA_mpi_yield_when_idle": "1"}
     # horovodrun does not bind; each rank pinned itself to its own half of the cores.
     all_cores = sorted(os.sched_getaffinity(0))
     half = len(all_cores) // 2
@@ -48,10 +49,12 @@ def test_ranks_a_launcher_bound_keep_their_own_cores():
 def test_mpirun_initialises_horovod_from_mpi_comm_world(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     # mpirun passes only -x variables to ranks; the config's cycle time needs no forwarding.
-    run_job(tiny_train_args(tiny_data, run_dir, "horovod.cycle_time_ms=7"), launcher="mpi")
+    run_job(tiny_train_args(tiny_data, run_dir, "horovod.cycle_time_ms=7", "horovod.mpi_yield_when_idle=false"),
+            launcher="mpi")
     summary = read_summary(run_dir)
     assert summary["controller"] == "mpi" and summary["replicas_identical"] is True
-    assert summary["horovod"] == {"HOROVOD_CYCLE_TIME": "7", "HOROVOD_FUSION_THRESHOLD": "default"}
+    assert summary["horovod"] == {"HOROVOD_CYCLE_TIME": "7", "HOROVOD_FUSION_THRESHOLD": "default",
+                                  "OMPI_MCA_mpi_yield_when_idle": "0"}
 
 
 def test_ranks_share_one_run_dir_and_only_rank_0_writes(tiny_data, tmp_path):
