@@ -99,12 +99,14 @@ class HorovodConfig:
     # steps of milliseconds; on CPU ranks, a thousand rounds a second take cycles from the model
     # (README, "Measured here"). None: 1 ms.
     cycle_time_ms: Optional[float] = 10.0
-    # Gradients fused into one allreduce, in MiB (HOROVOD_FUSION_THRESHOLD); None: Horovod's 64.
+    # Gradients fused into one allreduce, in MiB (HOROVOD_FUSION_THRESHOLD); None: Horovod's 64,
+    # which suits NCCL on GPUs. CPU ranks under MPI did better with 4 (README, "Measured here").
     fusion_threshold_mb: Optional[int] = None
     # Under OpenMPI, a rank waiting in a collective yields its core instead of spinning
     # (OMPI_MCA_mpi_yield_when_idle). A CPU rank shares its core with its own compute thread:
-    # 2 llama_small ranks under mpirun ran 14% faster yielding (README).
-    mpi_yield_when_idle: bool = True
+    # 2 llama_small ranks under mpirun ran 14% faster yielding (README). None: OpenMPI's own
+    # choice, which spins unless the host is oversubscribed.
+    mpi_yield_when_idle: Optional[bool] = True
 
 
 @dataclass
@@ -214,10 +216,11 @@ class BenchThroughputConfig:
     # The trainer is compared with DistributedDataParallel at this many processes.
     ddp_processes: int = 2
     # The trainer at bench.max_processes once more with these overrides ("trainer, untuned"):
-    # Horovod's own 1 ms cycle and no core pinning, to show what this project's defaults buy.
-    # []: skip that run.
+    # Horovod's own 1 ms cycle, no core pinning and OpenMPI's busy polling, to show what this
+    # project's defaults buy. []: skip that run.
     untuned_overrides: List[str] = field(
-        default_factory=lambda: ["horovod.cycle_time_ms=null", "train.bind_cores=false"])
+        default_factory=lambda: ["horovod.cycle_time_ms=null", "train.bind_cores=false",
+                                 "horovod.mpi_yield_when_idle=null"])
     # Targets are measured and reported, never asserted: a miss is printed, not an error.
     max_overhead_vs_plain: float = 0.03
     min_ratio_vs_ddp: float = 1.0
@@ -242,9 +245,9 @@ class BenchBandwidthConfig:
 @dataclass
 class BenchFusionConfig:
     """Time to allreduce the model's gradient set under Horovod's fusion and cycle settings."""
-    launcher: str = "gloo"
     # HOROVOD_FUSION_THRESHOLD; 0 turns tensor fusion off (one allreduce per gradient).
-    fusion_thresholds_bytes: List[int] = field(default_factory=lambda: [0, 64 * 1024 * 1024])
+    # 4 MiB: under MPI the buffer stays in cache; 2 llama_small ranks ran 4-6% faster in fp32 (README).
+    fusion_thresholds_bytes: List[int] = field(default_factory=lambda: [0, 4 * 1024 * 1024, 64 * 1024 * 1024])
     # HOROVOD_CYCLE_TIME: how long Horovod's background thread gathers tensors before a round.
     cycle_times_ms: List[float] = field(default_factory=lambda: [1.0, 10.0])
     warmup_sets: int = 3
@@ -276,6 +279,10 @@ class BenchConfig:
     # same threads as each of N (what scaling efficiency compares).
     threads_per_process: Optional[int] = None
     sections: List[str] = field(default_factory=lambda: ["peak", "throughput", "bandwidth", "fusion", "breakdown"])
+    # How the trainer, the fusion grid and the breakdown start, and so which Horovod controller
+    # runs their allreduces: mpi (mpirun; what horovodrun and srun give when Horovod has MPI,
+    # as make train does) or gloo (horovodrun --gloo). The bandwidth section runs both.
+    launcher: str = "mpi"
     # Arguments for mpirun besides -np; binding off, as horovodrun leaves it, so the two compare.
     mpirun_args: List[str] = field(default_factory=lambda: ["--bind-to", "none"])
     # Keep the trainer's final checkpoints in the work directory (about 12 bytes per parameter each).
@@ -366,7 +373,7 @@ def validate_bench(cfg: BenchConfig) -> None:
         ("throughput.precisions", cfg.throughput.precisions, precisions),
         ("breakdown.precision", [cfg.breakdown.precision], precisions),
         ("bandwidth.launchers", cfg.bandwidth.launchers, ("gloo", "mpi")),
-        ("fusion.launcher", [cfg.fusion.launcher], ("gloo", "mpi")),
+        ("launcher", [cfg.launcher], ("gloo", "mpi")),
     ):
         for value in values:
             if value not in allowed:

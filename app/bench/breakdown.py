@@ -2,7 +2,7 @@
 An instrumented copy of the trainer's step, built from the same pieces (the clm task's data
 stream, model and loss; optim; dist.wrap_optimizer, i.e. hvd.DistributedOptimizer).
 
-    horovodrun -np 2 -H localhost:2 --gloo python -m app.bench.breakdown SPEC.json
+    mpirun -np 2 python -m app.bench.breakdown SPEC.json   # or horovodrun --gloo
 
 Backward and allreduce overlap: DistributedOptimizer's hooks start each gradient's allreduce
 as soon as backward produces it, and Horovod's background thread sends it while backward goes
@@ -89,7 +89,7 @@ def main() -> None:
     if dist.is_main():
         seconds = dict(zip(PHASES + ("step",), per_step.tolist()))
         fileio.write_json(spec["result"], {
-            "processes": dist.size(), "threads": torch.get_num_threads(), "precision": cfg.train.precision,
+            "processes": dist.size(), "controller": dist.controller(), "threads": torch.get_num_threads(), "precision": cfg.train.precision,
             "measured_steps": measured, "seconds_per_step": seconds,
             "tokens_per_second": dist.size() * task.stream.per_rank * task.seq_len / seconds["step"],
             "standalone_allreduce": standalone,
@@ -102,8 +102,8 @@ def measure(ctx, log=print) -> dict:
     spec = {"overrides": ctx.overrides(bc.precision), "threads": ctx.threads_per_process,
             "warmup_steps": bc.warmup_steps, "measure_steps": bc.measure_steps, "standalone_sets": bc.standalone_sets}
     log(f"bench: step-time breakdown, {bc.precision}, {ctx.max_processes} processes")
-    return launch.run_worker("app.bench.breakdown", spec, ctx.work_dir / "breakdown", "gloo", ctx.max_processes,
-                             ctx.bench)
+    return launch.run_worker("app.bench.breakdown", spec, ctx.work_dir / "breakdown", ctx.bench.launcher,
+                             ctx.max_processes, ctx.bench)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@ from typing import List
 
 from app.bench.breakdown import PHASES
 
+# How each bench.launcher starts a Horovod job, and so which controller runs the allreduces.
+_LAUNCHED_BY = {"mpi": "mpirun (Horovod's MPI controller)", "gloo": "horovodrun --gloo (Gloo controller)"}
+
 
 def _table(header: List[str], rows: List[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -46,7 +49,8 @@ def throughput(section: dict) -> str:
             f"per step per process, {section['threads_per_process']} thread(s) per process; "
             f"{section['measure_steps']} steps timed after {section['warmup_steps']} warm-up steps. "
             "MFU is against the matmul peak at the same thread count; scaling efficiency is tokens/s at p processes "
-            "over p x tokens/s at 1. trainer: horovodrun --gloo python -m app.train; plain: a PyTorch loop, no "
+            f"over p x tokens/s at 1. trainer: python -m app.train under {_LAUNCHED_BY[section['launcher']]}; "
+            "plain: a PyTorch loop, no "
             "Horovod; ddp: DistributedDataParallel, Gloo, torchrun, its ranks pinned to cores as the trainer pins "
             "its own (train.bind_cores).")
     if section.get("untuned_overrides"):
@@ -82,7 +86,7 @@ def bandwidth(section: dict) -> str:
         rows.append(row)
     return (f"## Allreduce bandwidth ({section['processes']} processes, float32, through Horovod)\n\n"
             "algbw = bytes / time; busbw = algbw x 2(n-1)/n, as nccl-tests defines them. "
-            "gloo: horovodrun --gloo; mpi: mpirun. Each message waits for Horovod's next background cycle "
+            f"gloo: {_LAUNCHED_BY['gloo']}; mpi: {_LAUNCHED_BY['mpi']}. Each message waits for Horovod's next background cycle "
             "(HOROVOD_CYCLE_TIME), so small sizes show Horovod's latency more than the transport's.\n\n"
             + _table(header, rows))
 
@@ -95,7 +99,7 @@ def fusion(section: dict) -> str:
     header = ["HOROVOD_FUSION_THRESHOLD", "HOROVOD_CYCLE_TIME", "median ms per set", "min ms per set"]
     return (f"## Gradient-set allreduce vs fusion threshold and cycle time\n\n{section['model']}'s gradients: "
             f"{first['tensors']} tensors, {_size(first['bytes'])}, one allreduce_async_ each in backward order; "
-            f"{section['launcher']}, {section['processes']} processes, {first['sets']} sets timed.\n\n"
+            f"{_LAUNCHED_BY[section['launcher']]}, {section['processes']} processes, {first['sets']} sets timed.\n\n"
             + _table(header, rows))
 
 
@@ -105,7 +109,8 @@ def breakdown(section: dict) -> str:
             for phase in PHASES]
     rows.append(["step (wall)", f"{seconds['step'] * 1e3:.1f}", "100%"])
     standalone_ms = section["standalone_allreduce"]["median_s"] * 1e3
-    return (f"## Step-time breakdown ({section['precision']}, {section['processes']} processes, "
+    return (f"## Step-time breakdown ({section['precision']}, {section['processes']} processes over "
+            f"{section['controller'].upper()}, "
             f"{section['threads']} thread(s) each, {section['tokens_per_second']:,.0f} tokens/s)\n\n"
             + _table(["phase", "ms per step", "share"], rows)
             + "\n\nBackward overlaps the allreduce: Horovod's hooks send each gradient as backward produces it, "

@@ -2,8 +2,8 @@
 with the same model, batch, precision and threads per process; MFU, scaling efficiency and
 the ratios the trainer is held to.
 
-The trainer runs as users run it (horovodrun --gloo python -m app.train); its tokens/s comes
-from its own metrics.jsonl, leaving out the logging windows that cover the warm-up steps."""
+The trainer runs as users run it (mpirun or horovodrun --gloo, bench.launcher, then
+python -m app.train); its tokens/s comes from its own metrics.jsonl, leaving out the logging windows that cover the warm-up steps."""
 import json
 import math
 import shutil
@@ -45,12 +45,13 @@ def run_trainer(ctx: Context, precision: str, processes: int, method: str = "tra
         "train.resume=never", f"train.peak_tflops={ctx.peaks.tflops(precision, ctx.threads_per_process)}",
         f"hydra.run.dir={run_dir}", *extra_overrides,
     ]
-    cmd = launch.command("gloo", processes, "app.train", args, [], list(ctx.bench.mpirun_args))
+    cmd = launch.command(ctx.bench.launcher, processes, "app.train", args, [], list(ctx.bench.mpirun_args))
     launch.run(cmd, ctx.work_dir / f"{run_dir.name}.log", ctx.bench.launch_timeout_s)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     if not ctx.bench.keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return {"method": method, "processes": processes, "measured_steps": tp.measure_steps, "run_dir": str(run_dir),
+            "controller": json.loads((run_dir / "summary.json").read_text())["controller"],
             "tokens_per_second": trainer_tokens_per_second(rows, tp.warmup_steps)}
 
 
@@ -129,7 +130,7 @@ def measure(ctx: Context, log=print) -> dict:
     return {
         "model": ctx.bench.model, "parameters": ctx.n_parameters, "flops_per_token": ctx.flops_per_token,
         "seq_len": ctx.seq_len, "tokens_per_step_per_process": ctx.tokens_per_step_per_process,
-        "threads_per_process": ctx.threads_per_process, "warmup_steps": tp.warmup_steps,
+        "threads_per_process": ctx.threads_per_process, "launcher": ctx.bench.launcher, "warmup_steps": tp.warmup_steps,
         "measure_steps": tp.measure_steps, "untuned_overrides": list(tp.untuned_overrides), "runs": runs,
         "scaling": scaling, "targets": targets,
         "ddp_skipped": None if ddp_processes else (
