@@ -58,11 +58,23 @@ def test_untuned_trainer_runs_with_horovods_defaults_and_unpinned(quick_bench):
     tuned = read_summary(_run(results, "trainer", 2)["run_dir"])
     untuned = read_summary(_run(results, "trainer_untuned", 2)["run_dir"])
     assert tuned["horovod"]["HOROVOD_CYCLE_TIME"] == "10" and untuned["horovod"]["HOROVOD_CYCLE_TIME"] == "default"
+    yield_variable = "OMPI_MCA_mpi_yield_when_idle"
+    assert tuned["horovod"][yield_variable] == "1" and untuned["horovod"][yield_variable] == "default"
     all_cores = sorted(os.sched_getaffinity(0))
     assert [r["cores"] for r in tuned["replicas"]] == [[all_cores[0]], [all_cores[1]]]
     assert [r["cores"] for r in untuned["replicas"]] == [all_cores, all_cores]
     run, one = _run(results, "trainer_untuned", 2), _run(results, "trainer", 1)
     assert run["scaling_efficiency"] == pytest.approx(run["tokens_per_second"] / (2 * one["tokens_per_second"]))
+
+
+def test_trainer_fusion_grid_and_breakdown_run_under_the_configured_controller(quick_bench):
+    results = quick_bench[0]
+    assert results["config"]["launcher"] == results["throughput"]["launcher"] == "mpi"
+    for run in results["throughput"]["runs"]:
+        if run["method"].startswith("trainer"):
+            assert run["controller"] == read_summary(run["run_dir"])["controller"] == "mpi"
+    assert {row["controller"] for row in results["fusion"]["rows"]} == {"mpi"}
+    assert results["breakdown"]["controller"] == "mpi"
 
 
 def test_trainer_tokens_per_second_comes_from_its_metrics_after_warmup(quick_bench):
@@ -114,7 +126,7 @@ def test_fusion_grid_times_the_whole_gradient_set_per_setting(quick_bench):
     results = quick_bench[0]
     rows = results["fusion"]["rows"]
     assert [(r["fusion_threshold_bytes"], r["cycle_time_ms"]) for r in rows] == [
-        (0, 1.0), (0, 10.0), (64 * 2**20, 1.0), (64 * 2**20, 10.0)]
+        (0, 1.0), (0, 10.0), (4 * 2**20, 1.0), (4 * 2**20, 10.0), (64 * 2**20, 1.0), (64 * 2**20, 10.0)]
     for row in rows:
         assert row["bytes"] == 4 * results["throughput"]["parameters"]  # every parameter's float32 gradient
         assert row["tensors"] > 10 and row["sets"] == 5
@@ -148,8 +160,12 @@ def test_message_sizes_and_bus_bandwidth_factor():
     assert bus_bandwidth(2.0, 4) == pytest.approx(3.0)  # 2(n-1)/n = 1.5 for n = 4
 
 
-def test_unknown_section_is_one_line_and_exit_2(tmp_path):
-    result = run_job(["sections=[peak,speed]", f"out={tmp_path}"], launcher="none", module="app.bench",
-                     check=False, timeout=120)
+@pytest.mark.parametrize("override,message", [
+    ("sections=[peak,speed]", "sections has 'speed', not one of peak, throughput"),
+    ("launcher=srun", "launcher has 'srun', not one of gloo, mpi"),
+])
+def test_bad_bench_config_is_one_line_and_exit_2(tmp_path, override, message):
+    result = run_job([override, f"out={tmp_path}"], launcher="none", module="app.bench", check=False, timeout=120)
     assert result.returncode == 2
-    assert "sections has 'speed'" in result.stderr and not (tmp_path / "bench.json").exists()
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bench.json").exists()
