@@ -89,7 +89,8 @@ def main() -> None:
     if dist.is_main():
         seconds = dict(zip(PHASES + ("step",), per_step.tolist()))
         fileio.write_json(spec["result"], {
-            "processes": dist.size(), "controller": dist.controller(), "threads": torch.get_num_threads(), "precision": cfg.train.precision,
+            "processes": dist.size(), "controller": dist.controller(), "threads": torch.get_num_threads(),
+            "precision": cfg.train.precision,
             "measured_steps": measured, "seconds_per_step": seconds,
             "tokens_per_second": dist.size() * task.stream.per_rank * task.seq_len / seconds["step"],
             "standalone_allreduce": standalone,

@@ -50,8 +50,7 @@ def throughput(section: dict) -> str:
             f"{section['measure_steps']} steps timed after {section['warmup_steps']} warm-up steps. "
             "MFU is against the matmul peak at the same thread count; scaling efficiency is tokens/s at p processes "
             f"over p x tokens/s at 1. trainer: python -m app.train under {_LAUNCHED_BY[section['launcher']]}; "
-            "plain: a PyTorch loop, no "
-            "Horovod; ddp: DistributedDataParallel, Gloo, torchrun, its ranks pinned to cores as the trainer pins "
+            "plain: a PyTorch loop, no Horovod; ddp: DistributedDataParallel, Gloo, torchrun, its ranks pinned to cores as the trainer pins "
             "its own (train.bind_cores).")
     if section.get("untuned_overrides"):
         note += f" trainer_untuned: the trainer with {' '.join(section['untuned_overrides'])}."
@@ -86,8 +85,8 @@ def bandwidth(section: dict) -> str:
         rows.append(row)
     return (f"## Allreduce bandwidth ({section['processes']} processes, float32, through Horovod)\n\n"
             "algbw = bytes / time; busbw = algbw x 2(n-1)/n, as nccl-tests defines them. "
-            f"gloo: {_LAUNCHED_BY['gloo']}; mpi: {_LAUNCHED_BY['mpi']}. Each message waits for Horovod's next background cycle "
-            "(HOROVOD_CYCLE_TIME), so small sizes show Horovod's latency more than the transport's.\n\n"
+            f"gloo: {_LAUNCHED_BY['gloo']}; mpi: {_LAUNCHED_BY['mpi']}. Each message waits for Horovod's next "
+            "background cycle (HOROVOD_CYCLE_TIME), so small sizes show Horovod's latency more than the transport's.\n\n"
             + _table(header, rows))
 
 

@@ -2,8 +2,9 @@
 with the same model, batch, precision and threads per process; MFU, scaling efficiency and
 the ratios the trainer is held to.
 
-The trainer runs as users run it (mpirun or horovodrun --gloo, bench.launcher, then
-python -m app.train); its tokens/s comes from its own metrics.jsonl, leaving out the logging windows that cover the warm-up steps."""
+The trainer runs as users run it (python -m app.train under mpirun or horovodrun --gloo, as
+bench.launcher says); its tokens/s comes from its own metrics.jsonl, leaving out the logging
+windows that cover the warm-up steps."""
 import json
 import math
 import shutil
