@@ -1,9 +1,9 @@
-"""Everything Horovod: start-up, ranks, threads, the optimizer wrapper, parameter averaging
-and collectives for metrics. The model, data and loop code never import horovod directly."""
-import contextlib
+"""Horovod start-up, ranks, threads and the small collectives the loop needs (metrics, agreeing
+on rank 0's decisions). How gradients and parameters move lives in app/parallel; the model,
+data and task code never import horovod."""
 import os
 import time
-from typing import Iterable, Optional
+from typing import Callable, Optional
 
 import horovod.torch as hvd
 import torch
@@ -31,6 +31,11 @@ _SETTINGS_ENV = {
 }
 
 
+# Measured on CPU ranks (README, "Measured here"); a GPU rank keeps Horovod's own 1 ms, which
+# suits steps of milliseconds.
+CPU_CYCLE_TIME_MS = 10.0
+
+
 def init(settings=None) -> None:
     """Start Horovod; under an MPI launcher from MPI.COMM_WORLD, so mpi4py and Horovod share one
     world and MPI sub-communicators can become Horovod process sets. `settings` (a
@@ -39,6 +44,8 @@ def init(settings=None) -> None:
         return
     for key, (variable, spell) in _SETTINGS_ENV.items():
         value = getattr(settings, key, None)
+        if key == "cycle_time_ms" and value is None and not torch.cuda.is_available():
+            value = CPU_CYCLE_TIME_MS
         if value is not None:
             os.environ.setdefault(variable, spell(value))
     if launched_by_mpi() and hvd.mpi_built():
@@ -97,80 +104,6 @@ def run_stamp() -> str:
     return hvd.broadcast_object(stamp, root_rank=0, name="run_stamp")
 
 
-def wrap_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, sync_cfg, accum_steps: int):
-    """hvd.DistributedOptimizer for gradient averaging; the plain optimizer for local SGD."""
-    if not sync_cfg.gradient_allreduce:
-        return optimizer
-    compression = hvd.Compression.fp16 if sync_cfg.compression == "fp16" else hvd.Compression.none
-    op = hvd.Adasum if sync_cfg.op == "adasum" else hvd.Average
-    return hvd.DistributedOptimizer(
-        optimizer,
-        named_parameters=model.named_parameters(),
-        compression=compression,
-        op=op,
-        # Hooks count backward passes and allreduce once per optimizer step, not per micro-batch.
-        backward_passes_per_step=accum_steps,
-    )
-
-
-def _is_distributed(optimizer) -> bool:
-    """True for the averaging wrapper. Adasum's wrapper (marked by its _starting_models) steps
-    locally and combines the parameter deltas inside step(), so it has no separate sync phase:
-    clipping then applies to each rank's own gradients."""
-    return hasattr(optimizer, "skip_synchronize") and not hasattr(optimizer, "_starting_models")
-
-
-def synchronize_gradients(optimizer) -> None:
-    """Wait for the gradient allreduce, so clipping and unscaling see averaged gradients."""
-    if _is_distributed(optimizer):
-        optimizer.synchronize()
-
-
-def step_without_sync(optimizer):
-    """Context for optimizer.step() after synchronize_gradients (Horovod's documented pattern)."""
-    return optimizer.skip_synchronize() if _is_distributed(optimizer) else contextlib.nullcontext()
-
-
-def broadcast_model_and_optimizer(model: torch.nn.Module, optimizer, resumed: bool) -> None:
-    """Make every rank start from rank 0's parameters and, when resuming, its optimizer state.
-
-    A fresh optimizer has no state on any rank, so only parameters need to travel then; we
-    avoid hvd.broadcast_optimizer_state there because it initialises state by taking a step
-    with zero gradients, which moves Adam's step count and applies weight decay once."""
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    if resumed:
-        state = hvd.broadcast_object(optimizer.state_dict() if is_main() else None, root_rank=0, name="optim_state")
-        optimizer.load_state_dict(state)
-
-
-def average_parameters(parameters: Iterable[torch.nn.Parameter], backend: str) -> None:
-    """Replace every rank's parameters by their mean across ranks, in place."""
-    tensors = [p.data for p in parameters]
-    if backend == "horovod":
-        hvd.grouped_allreduce_(tensors, op=hvd.Average, name="param_average")
-        return
-    from mpi4py import MPI
-
-    flat = torch.cat([t.reshape(-1).float() for t in tensors]).cpu()
-    MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
-    flat /= hvd.size()
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
-def check_mpi_world() -> None:
-    """MPI collectives need every rank in one MPI job, which horovodrun --gloo does not make."""
-    from mpi4py import MPI
-
-    if MPI.COMM_WORLD.Get_size() != hvd.size():
-        raise ValueError(
-            "sync.param_average_backend=mpi needs an MPI launch (mpirun, srun or horovodrun --mpi); "
-            "launch that way, or use sync.param_average_backend=horovod"
-        )
-
-
 def sum_over_ranks(tensor: torch.Tensor, name: str) -> torch.Tensor:
     return hvd.allreduce(tensor, op=hvd.Sum, name=name)
 
@@ -185,3 +118,24 @@ def allgather_object(obj, name: str):
 
 def barrier() -> None:
     hvd.barrier()
+
+
+# The errors of bad input (a missing file, a bad value): on rank 0 they are reported to every
+# rank, so all exit with the same one line instead of a Horovod shutdown traceback.
+BAD_INPUT = (ValueError, FileNotFoundError, KeyError)
+
+
+def run_on_main(work: Callable, name: str, share: bool = True):
+    """Run `work` on rank 0 alone and return its result on every rank (on rank 0 only if not
+    `share`, for results too large to send); a bad-input error is raised on every rank."""
+    outcome, result = None, None
+    if is_main():
+        try:
+            result = work()
+            outcome = {"result": result if share else None}
+        except BAD_INPUT as error:
+            outcome = {"error": str(error).strip("'\"")}
+    outcome = broadcast_object(outcome, name=name)
+    if "error" in outcome:
+        raise ValueError(outcome["error"])
+    return outcome["result"] if share else result

@@ -9,23 +9,30 @@ import psutil
 import torch
 
 
+def _seconds_for(a: torch.Tensor, b: torch.Tensor, iterations: int) -> float:
+    """Wall time of `iterations` matmuls. A GPU runs them asynchronously: one synchronize after
+    the batch times their completion without a host round trip between them."""
+    started = time.perf_counter()
+    for _ in range(iterations):
+        torch.matmul(a, b)
+    if a.device.type == "cuda":
+        torch.cuda.synchronize(a.device)
+    return time.perf_counter() - started
+
+
 def measure_matmul_tflops(dtype: torch.dtype, device: torch.device, size: int = 1024, trials: int = 5,
                           seconds_per_trial: float = 0.1) -> float:
     """Achieved TFLOP/s of a square matmul on this rank's threads: the peak MFU is measured
-    against. The best of several short trials, so a neighbour's start-up burst does not lower it."""
+    against. The best of several short trials, so a neighbour's start-up burst does not lower it;
+    each trial runs a batch of matmuls sized (by doubling) to last about seconds_per_trial."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    torch.matmul(a, b)  # warm-up: first call selects kernels
+    iterations = 1
+    while _seconds_for(a, b, iterations) < seconds_per_trial / 2:  # also the warm-up: kernel selection
+        iterations *= 2
     best = 0.0
     for _ in range(trials):
-        iterations = 0
-        started = time.perf_counter()
-        while time.perf_counter() - started < seconds_per_trial:
-            torch.matmul(a, b)
-            iterations += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        best = max(best, 2 * size**3 * iterations / (time.perf_counter() - started) / 1e12)
+        best = max(best, 2 * size**3 * iterations / _seconds_for(a, b, iterations) / 1e12)
     return best
 
 

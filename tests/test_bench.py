@@ -57,7 +57,7 @@ def test_untuned_trainer_runs_with_horovods_defaults_and_unpinned(quick_bench):
     results = quick_bench[0]
     tuned = read_summary(_run(results, "trainer", 2)["run_dir"])
     untuned = read_summary(_run(results, "trainer_untuned", 2)["run_dir"])
-    assert tuned["horovod"]["HOROVOD_CYCLE_TIME"] == "10" and untuned["horovod"]["HOROVOD_CYCLE_TIME"] == "default"
+    assert tuned["horovod"]["HOROVOD_CYCLE_TIME"] == "10" and untuned["horovod"]["HOROVOD_CYCLE_TIME"] == "1"
     yield_variable = "OMPI_MCA_mpi_yield_when_idle"
     assert tuned["horovod"][yield_variable] == "1" and untuned["horovod"][yield_variable] == "default"
     all_cores = sorted(os.sched_getaffinity(0))

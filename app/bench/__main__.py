@@ -23,25 +23,26 @@ from omegaconf import OmegaConf
 
 from app import cli, config, fileio
 from app.bench import bandwidth, breakdown, context, fusion, launch, peak, report, throughput
+from app.bench import config as bench_config
 
 CONF_DIR = str(Path(cli.CONF_DIR) / "bench")
 # The instruction-set features that decide the matmul peak on a CPU.
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
-def load_config(argv) -> config.BenchConfig:
+def load_config(argv) -> bench_config.BenchConfig:
     """BenchConfig from conf/bench/ and key=value arguments; bad input is one line and exit 2."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    config.register_bench()
+    bench_config.register()
     try:
         # conf/bench/ is its own config root: `model=...` here is a plain key, not the training
         # config's model group.
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(config_name="config", overrides=list(argv))
         OmegaConf.resolve(cfg)
-        config.validate_bench(cfg)
+        bench_config.validate(cfg)
     except (HydraException, OmegaConfBaseException, config.ConfigError) as error:
         cli.fail(" ".join(str(error).split()))
     return cfg
@@ -77,7 +78,7 @@ def run_sections(cfg, ctx: context.Context) -> dict:
         "breakdown": lambda: breakdown.measure(ctx, log),
     }
     results, failed = {}, {}
-    for name in config.BENCH_SECTIONS:  # a fixed order: the peak first, while the machine is quiet
+    for name in bench_config.BENCH_SECTIONS:  # a fixed order: the peak first, while the machine is quiet
         if name not in cfg.sections:
             continue
         log(f"bench: {name}")

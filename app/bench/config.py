@@ -1,0 +1,151 @@
+"""The benchmark's typed schema (python -m app.bench), registered in Hydra's ConfigStore beside
+the training schema it launches with."""
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from app.config import ConfigError
+
+
+@dataclass
+class BenchPeakConfig:
+    """The matmul that measures this machine's peak (metrics.measure_matmul_tflops)."""
+    matrix_size: int = 1024
+    # The best of several short trials, so a neighbour's burst does not lower the peak.
+    trials: int = 10
+    seconds_per_trial: float = 0.1
+
+
+@dataclass
+class BenchThroughputConfig:
+    """Tokens/s of the trainer against a plain PyTorch loop and DDP, and its scaling."""
+    precisions: List[str] = field(default_factory=lambda: ["bf16", "fp32"])
+    # Process counts for the trainer; None: 1, 2, ..., bench.max_processes.
+    process_counts: Optional[List[int]] = None
+    # Steps left out of the measurement (kernel selection, allocator growth), then steps timed.
+    warmup_steps: int = 2
+    # Single logging windows vary by +-10% on a shared 2-core machine; 16 steps average that down.
+    measure_steps: int = 16
+    # The trainer is compared with DistributedDataParallel at this many processes.
+    ddp_processes: int = 2
+    # The trainer at bench.max_processes once more with these overrides ("trainer, untuned"):
+    # Horovod's own 1 ms cycle, no core pinning and OpenMPI's busy polling, to show what this
+    # project's defaults buy. []: skip that run.
+    untuned_overrides: List[str] = field(
+        default_factory=lambda: ["horovod.cycle_time_ms=1", "train.bind_cores=false",
+                                 "horovod.mpi_yield_when_idle=null"])
+    # Targets are measured and reported, never asserted: a miss is printed, not an error.
+    max_overhead_vs_plain: float = 0.03
+    min_ratio_vs_ddp: float = 1.0
+    min_scaling_efficiency: float = 0.90
+
+
+@dataclass
+class BenchBandwidthConfig:
+    """Allreduce bus bandwidth over message sizes, as nccl-tests defines it."""
+    launchers: List[str] = field(default_factory=lambda: ["gloo", "mpi"])
+    min_bytes: int = 4 * 1024
+    max_bytes: int = 256 * 1024 * 1024
+    # Sizes are min_bytes, min_bytes * factor, ... up to max_bytes.
+    size_factor: int = 4
+    warmup_iterations: int = 2
+    # Each size runs for about seconds_per_size, within these bounds.
+    min_iterations: int = 3
+    max_iterations: int = 1000
+    seconds_per_size: float = 0.5
+
+
+@dataclass
+class BenchFusionConfig:
+    """Time to allreduce the model's gradient set under Horovod's fusion and cycle settings."""
+    # HOROVOD_FUSION_THRESHOLD; 0 turns tensor fusion off (one allreduce per gradient).
+    # 4 MiB: under MPI the buffer stays in cache; 2 llama_small ranks ran 4-6% faster in fp32 (README).
+    fusion_thresholds_bytes: List[int] = field(default_factory=lambda: [0, 4 * 1024 * 1024, 64 * 1024 * 1024])
+    # HOROVOD_CYCLE_TIME: how long Horovod's background thread gathers tensors before a round.
+    cycle_times_ms: List[float] = field(default_factory=lambda: [1.0, 10.0])
+    warmup_sets: int = 3
+    measured_sets: int = 20
+
+
+@dataclass
+class BenchBreakdownConfig:
+    """Where one training step's time goes: data, forward, backward, allreduce wait, optimizer."""
+    precision: str = "bf16"
+    warmup_steps: int = 2
+    measure_steps: int = 6
+    # The same gradient set allreduced with nothing to hide behind: the cost backward overlaps.
+    standalone_sets: int = 10
+
+
+@dataclass
+class BenchConfig:
+    """python -m app.bench [preset=quick] [out=DIR] [model=PRESET] [throughput.precisions=[bf16]] ..."""
+    out: str = "runs/bench/${now:%Y-%m-%d_%H-%M-%S}"
+    # A preset from conf/model/, for the trainer and every reference loop alike.
+    model: str = "llama_small"
+    # More overrides of the training config (e.g. train.micro_batch_size=4), applied to the
+    # trainer, the plain and DDP loops and the breakdown, so all run the same model and batch.
+    train_overrides: List[str] = field(default_factory=list)
+    # None: the cores this process may run on.
+    max_processes: Optional[int] = None
+    # None: cores // max_processes, so max_processes fill the machine and 1 process gets the
+    # same threads as each of N (what scaling efficiency compares).
+    threads_per_process: Optional[int] = None
+    sections: List[str] = field(default_factory=lambda: ["peak", "throughput", "bandwidth", "fusion", "breakdown"])
+    # How the trainer, the fusion grid and the breakdown start, and so which Horovod controller
+    # runs their allreduces: mpi (mpirun; what horovodrun and srun give when Horovod has MPI,
+    # as make train does) or gloo (horovodrun --gloo). The bandwidth section runs both.
+    launcher: str = "mpi"
+    # Arguments for mpirun besides -np; binding off, as horovodrun leaves it, so the two compare.
+    mpirun_args: List[str] = field(default_factory=lambda: ["--bind-to", "none"])
+    # Keep the trainer's final checkpoints in the work directory (about 12 bytes per parameter each).
+    keep_checkpoints: bool = False
+    launch_timeout_s: int = 600
+    peak: BenchPeakConfig = field(default_factory=BenchPeakConfig)
+    throughput: BenchThroughputConfig = field(default_factory=BenchThroughputConfig)
+    bandwidth: BenchBandwidthConfig = field(default_factory=BenchBandwidthConfig)
+    fusion: BenchFusionConfig = field(default_factory=BenchFusionConfig)
+    breakdown: BenchBreakdownConfig = field(default_factory=BenchBreakdownConfig)
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
+
+
+BENCH_SECTIONS = ("peak", "throughput", "bandwidth", "fusion", "breakdown")
+
+
+def validate(cfg: BenchConfig) -> None:
+    precisions = ("fp32", "bf16")
+    for key, values, allowed in (
+        ("sections", cfg.sections, BENCH_SECTIONS),
+        ("throughput.precisions", cfg.throughput.precisions, precisions),
+        ("breakdown.precision", [cfg.breakdown.precision], precisions),
+        ("bandwidth.launchers", cfg.bandwidth.launchers, ("gloo", "mpi")),
+        ("launcher", [cfg.launcher], ("gloo", "mpi")),
+    ):
+        for value in values:
+            if value not in allowed:
+                raise ConfigError(f"{key} has {value!r}, not one of {', '.join(allowed)}")
+    positive = {
+        "throughput.measure_steps": cfg.throughput.measure_steps,
+        "throughput.ddp_processes": cfg.throughput.ddp_processes,
+        "bandwidth.min_bytes": cfg.bandwidth.min_bytes,
+        "bandwidth.min_iterations": cfg.bandwidth.min_iterations,
+        "fusion.measured_sets": cfg.fusion.measured_sets,
+        "breakdown.measure_steps": cfg.breakdown.measure_steps,
+        "breakdown.standalone_sets": cfg.breakdown.standalone_sets,
+        "peak.trials": cfg.peak.trials,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1")
+    if cfg.bandwidth.size_factor < 2:
+        raise ConfigError(f"bandwidth.size_factor={cfg.bandwidth.size_factor} must be at least 2")
+    if cfg.bandwidth.max_bytes < cfg.bandwidth.min_bytes:
+        raise ConfigError("bandwidth.max_bytes must be at least bandwidth.min_bytes")
+    if cfg.bandwidth.min_bytes % 4:
+        raise ConfigError(f"bandwidth.min_bytes={cfg.bandwidth.min_bytes} must be a multiple of 4 (float32 elements)")
+    if cfg.bandwidth.max_iterations < cfg.bandwidth.min_iterations:
+        raise ConfigError("bandwidth.max_iterations must be at least bandwidth.min_iterations")
