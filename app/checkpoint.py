@@ -17,10 +17,10 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file
 
 from app import fileio
 
@@ -37,6 +37,17 @@ class TrainState:
     tokenizer_sha256: str = ""
     grad_scaler: Optional[dict] = None
     config: dict = field(default_factory=dict)
+
+
+@dataclass
+class SavedState:
+    """What a checkpoint holds of the model and optimizer, independent of the layout that
+    wrote it: the full model's state dict and its optimizer's state dict, plus whatever one
+    layout alone needs to resume exactly (local SGD's per-rank replicas)."""
+    model: Dict[str, torch.Tensor]
+    optimizer: dict
+    extra: Dict[str, object] = field(default_factory=dict)
+    world_size: int = 1
 
 
 def model_signature(model: torch.nn.Module) -> dict:
@@ -69,7 +80,20 @@ def complete_checkpoints(root: Path) -> List[Path]:
     return sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "state.json").is_file())
 
 
-def save(run_dir: Path, model, optimizer, state: TrainState, rng_states: list, keep_last: int) -> Path:
+def one_name_per_storage(weights: dict) -> dict:
+    """Tied weights (an LM head sharing the embedding) stored once, under their first name, as
+    Hugging Face saves them; safetensors refuses tensors that share memory."""
+    seen, unique = set(), {}
+    for name, tensor in weights.items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            unique[name] = tensor.detach().contiguous().cpu()
+    return unique
+
+
+def save(run_dir: Path, model, saved: SavedState, state: TrainState, rng_states: list, keep_last: int) -> Path:
+    """`model` gives the Hugging Face config; `saved` the weights and optimizer state to write."""
     root = checkpoints_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     # Leftovers of a save that was killed half-way.
@@ -77,11 +101,13 @@ def save(run_dir: Path, model, optimizer, state: TrainState, rng_states: list, k
         shutil.rmtree(stale, ignore_errors=True)
     final = root / step_dir_name(state.step)
     with fileio.staged_directory(final) as staging:
-        save_model(model, str(staging / "model.safetensors"))
+        save_file(one_name_per_storage(saved.model), str(staging / "model.safetensors"))
         # The Hugging Face config (with the class name) rebuilds the model with no project config.
         model.config.architectures = [type(model).__name__]
         model.config.to_json_file(staging / "config.json")
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(saved.optimizer, staging / "optimizer.pt")
+        for name, extra in saved.extra.items():
+            torch.save(extra, staging / f"{name}.pt")
         torch.save(rng_states, staging / "rng.pt")
         fileio.write_json(staging / "state.json", asdict(state))
     fileio.write_text(root / "latest", final.name + "\n")
@@ -124,6 +150,25 @@ def load_rng_states(checkpoint_dir: Path) -> list:
     return torch.load(Path(checkpoint_dir) / "rng.pt", weights_only=True)
 
 
+@dataclass
+class Loaded:
+    """A checkpoint as rank 0 reads it to resume."""
+    saved: SavedState
+    state: TrainState
+    rng_states: list
+
+
+def read(checkpoint_dir: Path, model, tokenizer_sha256: str) -> Loaded:
+    """Everything a resume needs, after checking the checkpoint fits `model` and the tokenizer."""
+    state = read_state(checkpoint_dir)
+    check_compatible(state, model, tokenizer_sha256, checkpoint_dir)
+    extras = {path.stem: torch.load(path, weights_only=True) for path in sorted(Path(checkpoint_dir).glob("*.pt"))
+              if path.stem not in ("optimizer", "rng")}
+    saved = SavedState(model=load_file(str(Path(checkpoint_dir) / "model.safetensors")),
+                       optimizer=load_optimizer_state(checkpoint_dir), extra=extras, world_size=state.world_size)
+    return Loaded(saved=saved, state=state, rng_states=load_rng_states(checkpoint_dir))
+
+
 def find(path: str) -> Path:
     """A checkpoint directory, or a run directory meaning its latest checkpoint."""
     candidate = Path(path)
@@ -157,7 +202,15 @@ def load_trained_model(checkpoint_dir: Path, device: str = "cpu"):
     return model.to(device).eval()
 
 
-def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
+def capture_rng_state(device) -> dict:
+    return {"cpu": torch.get_rng_state()}
+
+
+def restore_rng_state(saved, device) -> None:
+    torch.set_rng_state(saved["cpu"] if isinstance(saved, dict) else saved)
+
+
+def resolve_resume(resume: str, run_dir: Path, warn=print) -> Optional[Path]:
     """train.resume: auto (the run dir's latest, if any), never, or a checkpoint directory."""
     if resume == "never":
         return None

@@ -128,13 +128,39 @@ def test_sigusr1_on_one_rank_checkpoints_all_ranks_exits_0_and_the_rerun_finishe
 
 
 def test_resume_on_a_different_number_of_ranks_continues_the_sample_stream(tiny_data, tmp_path):
-    run_dir = tmp_path / "run"
-    run_job(tiny_train_args(tiny_data, run_dir, "train.max_steps=4"), np_=2)
-    result = run_job(tiny_train_args(tiny_data, run_dir, "train.max_steps=8"), np_=1, launcher="none")
+    """4 steps on 2 ranks x 4 samples, then 4 on 1 rank x 8: the same global batches, so the same
+    weights as 8 steps on 1 rank x 8, within float32 rounding (test_equivalence.py's bound). A
+    resume that lost or repeated its place in the stream would train on other samples."""
+    resumed, whole = tmp_path / "resumed", tmp_path / "whole"
+    args = ["optim=sgd_momentum", "optim.decay=constant"]
+    run_job(tiny_train_args(tiny_data, resumed, *args, "train.max_steps=4"), np_=2)
+    result = run_job(tiny_train_args(tiny_data, resumed, *args, "train.max_steps=8", "train.micro_batch_size=8"),
+                     np_=1, launcher="none")
     assert "resuming a 2-rank checkpoint on 1 ranks" in result.stdout + result.stderr
-    summary = read_summary(run_dir)
+    run_job(tiny_train_args(tiny_data, whole, *args, "train.max_steps=8", "train.micro_batch_size=8"), np_=1,
+            launcher="none")
+    summary = read_summary(resumed)
     assert summary["step"] == 8 and summary["world_size"] == 1
-    assert summary["tokens_seen"] == (4 * 2 + 4 * 1) * 4 * 64
+    assert summary["tokens_seen"] == read_summary(whole)["tokens_seen"] == 8 * 8 * 64
+    expected, got = final_weights(whole), final_weights(resumed)
+    assert max((expected[k] - got[k]).abs().max().item() for k in expected) < 2e-6
+
+
+def test_a_signal_during_start_up_still_ends_in_a_checkpoint(tiny_data, tmp_path):
+    """SIGUSR1 as soon as a rank logs its first line (before data, model and the peak
+    measurement): the handler is already there, so the run checkpoints at its first log step."""
+    run_dir = tmp_path / "run"
+    job = start_job(long_args(tiny_data, run_dir, "train.checkpoint_every=0", "train.peak_tflops=null"))
+    for line in job.stdout:
+        if "run dir" in line:
+            break
+    ranks = [p for p in psutil.Process(job.pid).children(recursive=True)
+             if p.name().startswith("python") and "app.train" in p.cmdline()]
+    ranks[-1].send_signal(signal.SIGUSR1)
+    output, _ = job.communicate(timeout=180)
+    assert job.returncode == 0, output[-3000:]
+    assert "stop requested by signal" in output
+    assert latest_step(run_dir) == 2  # the first log step (train.log_every=2)
 
 
 def test_a_checkpoint_of_another_model_shape_is_refused_with_the_reason(tiny_data, tmp_path):

@@ -3,11 +3,18 @@ runs, loss falls, and all ranks share one run directory written by rank 0 alone.
 import json
 import math
 import os
+import re
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from app import cores
-from conftest import read_metrics, read_summary, run_job, tiny_train_args
+from app import checkpoint, cores
+from conftest import last_json_line, read_metrics, read_summary, run_job, run_worker, tiny_train_args
+
+
+def latest_weights(run_dir):
+    return checkpoint.latest(run_dir) / "model.safetensors"
 
 
 def test_two_rank_gloo_run_keeps_replicas_identical_and_loss_falls(tiny_data, tmp_path):
@@ -85,18 +92,57 @@ def test_each_sync_mode_trains_with_replicas_in_sync(tiny_data, tmp_path, sync, 
     extra = [f"sync={sync}", "sync.param_average_every=3"] if sync == "param_average" else [f"sync={sync}"]
     if sync == "param_average" and launcher == "mpi":
         extra.append("sync.param_average_backend=mpi")
-    run_job(tiny_train_args(tiny_data, run_dir, *extra), launcher=launcher)
+    run_job(tiny_train_args(tiny_data, run_dir, "train.max_steps=12", "optim.lr=3e-3", *extra), launcher=launcher)
     summary = read_summary(run_dir)
-    assert summary["replicas_identical"] is True
-    assert summary["metrics"]["train/loss"] < 6.3  # ln(512) = 6.24 is where an untrained model starts
+    assert summary["replicas_identical"] is True and summary["layout"]["mode"] == sync
+    losses = [row["train/loss"] for row in read_metrics(run_dir) if "train/loss" in row]
+    assert losses[-1] < losses[0] - 0.3, losses  # it learned: a sync mode that drops updates stays at ln 512
 
 
-def test_local_sgd_replicas_drift_between_averages_and_meet_at_them(tiny_data, tmp_path):
-    met, apart = tmp_path / "met", tmp_path / "apart"
-    run_job(tiny_train_args(tiny_data, met, "sync=local_sgd", "sync.param_average_every=3"))  # 6 steps: meets at 6
-    run_job(tiny_train_args(tiny_data, apart, "sync=local_sgd", "sync.param_average_every=4"))  # last met at 4
-    assert read_summary(met)["replicas_identical"] is True
-    assert read_summary(apart)["replicas_identical"] is False
+def test_adasum_clips_each_ranks_gradients_before_its_update(tiny_data, tmp_path):
+    """With sgd at lr 0.1 and gradients clipped to norm 1e-3, each rank's update has norm at most
+    1e-4 and Adasum's combination of two at most twice that: 6 steps move the weights by at most
+    1.2e-3 in norm. Unclipped (the clip applied after Horovod's wrapper has stepped), the
+    gradients of norm ~1 move them by ~0.1 a step."""
+    initial, clipped = tmp_path / "init", tmp_path / "clipped"
+    args = ["optim=sgd", "optim.lr=0.1", "optim.warmup_steps=1", "optim.decay=constant", "sync=adasum"]
+    run_job(tiny_train_args(tiny_data, initial, *args, "train.max_steps=0"), np_=1, launcher="none")
+    run_job(tiny_train_args(tiny_data, clipped, *args, "train.grad_clip=1e-3"), launcher="mpi")
+    assert read_summary(clipped)["replicas_identical"] is True
+    before, after = load_file(str(latest_weights(initial))), load_file(str(latest_weights(clipped)))
+    moved = math.sqrt(sum((after[k] - before[k]).double().square().sum().item() for k in before))
+    assert 0 < moved <= 6 * 2 * 0.1 * 1e-3 * (1 + 1e-4), moved
+
+
+def test_local_sgd_ends_with_a_meeting_whatever_max_steps_is(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    run_job(tiny_train_args(tiny_data, run_dir, "sync=local_sgd", "sync.param_average_every=4"))  # met at 4, ends at 6
+    assert read_summary(run_dir)["replicas_identical"] is True
+
+
+def test_local_sgd_resumed_between_meetings_equals_an_uninterrupted_run(tiny_data, tmp_path):
+    """A checkpoint between meetings holds every rank's replica and optimizer state."""
+    args = ["sync=local_sgd", "sync.param_average_every=4", "optim.decay=constant", "train.checkpoint_every=3"]
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    run_job(tiny_train_args(tiny_data, whole, *args, "train.max_steps=9"))
+    run_job(tiny_train_args(tiny_data, halves, *args, "train.max_steps=6"))  # stops at 6, between meetings 4 and 8
+    assert (checkpoint.latest(halves) / "replicas.pt").is_file()
+    run_job(tiny_train_args(tiny_data, halves, *args, "train.max_steps=9"))
+    expected, got = load_file(str(latest_weights(whole))), load_file(str(latest_weights(halves)))
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    assert read_summary(halves)["replicas_identical"] is True
+
+
+def test_an_error_in_rank_0s_data_preparation_reaches_every_rank_as_one_line(tiny_data, tmp_path):
+    args = [a for a in tiny_train_args(tiny_data, tmp_path / "run") if not a.startswith("data.dir")]
+    result = run_job([*args, "data=text", f"data.path={tmp_path / 'missing'}", f"data.dir={tmp_path / 'prepared'}"],
+                     check=False, timeout=180)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    for rank in (0, 1):
+        assert re.search(rf"\[{rank}\]<std(out|err)>:.*data.path=.*missing does not exist", output), output[-3000:]
+    assert "Traceback" not in output and "HorovodInternalError" not in output
 
 
 def test_gradient_accumulation_runs_without_per_micro_batch_allreduce(tiny_data, tmp_path):
@@ -113,3 +159,16 @@ def test_mpi_param_average_backend_refuses_a_gloo_launch(tiny_data, tmp_path):
                      launcher="gloo", check=False, timeout=180)
     assert result.returncode != 0
     assert "needs an MPI launch" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("backend,launcher", [("horovod", "gloo"), ("horovod", "mpi"), ("mpi", "mpi")])
+def test_local_sgd_replicas_differ_before_a_meeting_and_equal_their_mean_after(backend, launcher):
+    result = last_json_line(run_worker("local_sgd_meeting.py", [backend], launcher=launcher).stdout)
+    assert result["ranks"] == 2 and result["controller"] == launcher
+    for row in result["steps"]:
+        assert row["spread_before"] > 1e-4, row  # ranks stepped on their own data
+        if row["step"] % 3 == 0:  # a meeting: every replica is now the mean of all
+            assert row["spread_after"] == 0.0 and row["after_minus_mean"] < 1e-7, row
+            assert row["moved_by_meeting"] > 1e-5, row
+        else:  # no meeting: nothing moved
+            assert row["spread_after"] == row["spread_before"] and row["moved_by_meeting"] == 0.0, row

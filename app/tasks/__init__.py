@@ -1,13 +1,45 @@
 """What is trained: each task owns its data stream, model, loss and evaluation, so the loop
 in app/train.py is the same for a LLaMA decoder and a BERT encoder."""
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from app.data import RankStream
+from app.tasks.clm import CausalLM
+from app.tasks.encoder import Classify, MaskedLM
 
 
-def build(cfg, rank: int, world: int, split: str = "val"):
+class Task(Protocol):
+    stream: RankStream  # this rank's slice of the global sample stream
+    tokenizer_sha256: str  # checkpoints refuse to resume with another tokenizer
+
+    def build_model(self) -> torch.nn.Module:
+        """A plain Hugging Face model; parallelism is applied from outside (app/parallel)."""
+
+    def flops_per_token(self, model: torch.nn.Module) -> float:
+        """Training FLOPs per token, for MFU."""
+
+    def micro_batch(self, samples_before: int, micro_step: int) -> dict:
+        """Tensors of micro-batch `micro_step` of the step whose global batch starts at `samples_before`."""
+
+    def tokens_in(self, batch: dict) -> int:
+        """Real (unpadded) tokens in a micro-batch, for throughput."""
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """The micro-batch's loss; its mean over ranks and micro-batches is the global batch's loss."""
+
+    def evaluate(self, model, device, precision_ctx, batch_size: int, max_batches: int, logger=None,
+                 step: int = 0) -> dict:
+        """Validation metrics over every rank's share of the split (a collective)."""
+
+    def finish(self, model, run_dir: Path, logger, log) -> None:
+        """Anything the task does once training ends (a generated sample)."""
+
+
+TASKS = {"clm": CausalLM, "classify": Classify, "mlm": MaskedLM}
+
+
+def build(cfg, rank: int, world: int, split: str = "val") -> Task:
     """The task of cfg.task, evaluating on `split` of the prepared data."""
-    if cfg.task == "clm":
-        from app.tasks.clm import CausalLM
-
-        return CausalLM(cfg, rank, world, split)
-    from app.tasks.encoder import Classify, MaskedLM
-
-    return {"classify": Classify, "mlm": MaskedLM}[cfg.task](cfg, rank, world, split)
+    return TASKS[cfg.task](cfg, rank, world, split)

@@ -20,5 +20,6 @@ while True:
     with torch.no_grad():
         next(model.parameters()).fill_(float(step))  # each checkpoint's content names its step
     state = checkpoint.TrainState(step=step, model_signature=checkpoint.model_signature(model))
-    checkpoint.save(run_dir, model, optimizer, state, [torch.get_rng_state()], keep_last=2)
+    saved = checkpoint.SavedState(model=model.state_dict(), optimizer=optimizer.state_dict())
+    checkpoint.save(run_dir, model, saved, state, [torch.get_rng_state()], keep_last=2)
     print(step, flush=True)

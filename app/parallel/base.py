@@ -1,0 +1,90 @@
+"""The one object the training loop talks to about other ranks.
+
+A `Parallelism` owns how gradients and parameters move between ranks: it wraps the optimizer,
+runs a step's forward and backward passes (a pipeline replaces only that part), waits for the
+gradients, clips by the true global norm, steps, averages parameters, and gives and takes the
+model and optimizer state that checkpoints hold. The loop (app/train.py), the step
+(app/step.py) and the benchmark call only this interface; data parallelism (app/parallel/data.py)
+is its first implementation, sharded, tensor, pipeline and elastic layouts are further ones.
+"""
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from app import dist
+from app.checkpoint import SavedState
+
+
+class Parallelism:
+    """Defaults shared by every layout; each implementation overrides what it changes."""
+
+    name = "none"
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+
+    # --- set-up ------------------------------------------------------------------------------
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        self.optimizer = optimizer
+        return optimizer
+
+    def start(self, saved: Optional[SavedState]) -> None:
+        """Bring every rank to the same starting point: rank 0's fresh weights, or `saved`
+        (present on rank 0 only) when resuming."""
+        raise NotImplementedError
+
+    # --- one step ----------------------------------------------------------------------------
+    def forward_backward(self, loss_of: Callable, batches: List[dict], precision_ctx, scaler, timer) -> torch.Tensor:
+        """Forward and backward over this rank's micro-batches; returns their mean loss (on the
+        device, not read back). Gradients are accumulated as the mean over micro-batches."""
+        total = torch.zeros((), device=batches[0]["input_ids"].device)
+        for batch in batches:
+            with timer.phase("forward"), precision_ctx:
+                loss = loss_of(self.model, batch)
+            with timer.phase("backward"):
+                scaled = loss / len(batches)
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            total += loss.detach().float()
+        return total / len(batches)
+
+    def sync_gradients(self) -> None:
+        """Wait until this rank's gradients are the ones the optimizer must apply."""
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def optimizer_step(self, scaler) -> None:
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def after_step(self, step: int) -> None:
+        """Called once optimizer step `step` (1-based) is done on every rank."""
+
+    # --- checkpoints and the end ---------------------------------------------------------------
+    def saved_state(self) -> Optional[SavedState]:
+        """Collective: every rank calls it; rank 0 gets what a checkpoint holds, the others None."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Called once after the last step, before the final checkpoint."""
+
+    def layout(self) -> dict:
+        """Who does what, for the run's summary."""
+        return {"mode": self.name, "world_size": dist.size()}
+
+
+def load_model_state(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Load a full state dict whose tied weights may be stored once (safetensors keeps one name
+    per storage): a key may be missing only if it shares its storage with one that is present."""
+    own = model.state_dict()
+    result = model.load_state_dict(state, strict=False)
+    present = {own[k].data_ptr() for k in state if k in own}
+    missing = [k for k in result.missing_keys if own[k].data_ptr() not in present]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"saved weights do not fit the model (missing {missing[:3]}, unexpected "
+                         f"{result.unexpected_keys[:3]}); use the model config they were trained with")

@@ -1,0 +1,111 @@
+"""One training step, and what it needs, built the same way for the trainer and the benchmark.
+
+    training = build_training(cfg, device)        # task, model, optimizer, parallelism
+    output = train_step(training, samples_before, step, timer)
+
+A step: this rank's micro-batches of the global batch, forward and backward (the layout may
+replace that part, as a pipeline does), wait for the gradients, unscale and clip them by their
+global norm, step, then whatever the layout does between steps (parameter averaging). The
+timer records each phase, which is all app.bench.breakdown adds to what training runs.
+"""
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+from app import dist, optim, parallel, runtime, tasks
+from app.parallel.base import Parallelism
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase, summed until taken. GPU kernels run asynchronously, so on a
+    GPU the clock is read only after the device has finished the phase's work: honest phases
+    at the cost of a little CPU/GPU overlap at each boundary."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: Dict[str, float] = defaultdict(float)
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    @contextmanager
+    def phase(self, name: str):
+        started = self.now()
+        try:
+            yield
+        finally:
+            self.seconds[name] += self.now() - started
+
+    def take(self) -> Dict[str, float]:
+        """The seconds so far, and start again from zero."""
+        seconds, self.seconds = dict(self.seconds), defaultdict(float)
+        return seconds
+
+
+@dataclass
+class Training:
+    """Everything a step needs."""
+    task: tasks.Task
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    parallel: Parallelism
+    device: torch.device
+    precision_ctx: object
+    scaler: Optional[torch.amp.GradScaler]
+    grad_accum_steps: int
+    grad_clip: float
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # this rank's mean loss, on the device: reading it back would sync a GPU
+    grad_norm: Optional[torch.Tensor]
+    tokens: int  # this rank's tokens (padding excluded)
+
+
+def build_training(cfg, device: torch.device) -> Training:
+    """The task, a plain model, its optimizer and the layout that parallelizes them (not yet
+    synchronised: Parallelism.start does that, after any resume)."""
+    task = tasks.build(cfg, dist.rank(), dist.size())
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    model = task.build_model().to(device)
+    torch.manual_seed(cfg.train.seed + dist.rank())  # dropout noise differs per rank
+    layout = parallel.build(cfg, model)
+    optimizer = layout.wrap_optimizer(
+        optim.build_optimizer(model, cfg.optim, optim.lr_at(0, cfg.optim, cfg.train.max_steps, dist.size())))
+    return Training(
+        task=task, model=model, optimizer=optimizer, parallel=layout, device=device,
+        precision_ctx=runtime.autocast_context(cfg.train.precision, device),
+        scaler=torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None,
+        grad_accum_steps=cfg.train.grad_accum_steps, grad_clip=cfg.train.grad_clip,
+    )
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+
+
+def train_step(training: Training, samples_before: int, step: int, timer: PhaseTimer) -> StepOutput:
+    """Optimizer step `step` (0-based), whose global batch starts at sample `samples_before`."""
+    run = training
+    with timer.phase("data"):
+        batches: List[dict] = [run.task.micro_batch(samples_before, i) for i in range(run.grad_accum_steps)]
+        tokens = sum(run.task.tokens_in(batch) for batch in batches)
+        batches = [_to_device(batch, run.device) for batch in batches]
+    loss = run.parallel.forward_backward(run.task.loss, batches, run.precision_ctx, run.scaler, timer)
+    with timer.phase("allreduce_wait"):
+        run.parallel.sync_gradients()
+    with timer.phase("optimizer"):
+        if run.scaler is not None:
+            run.scaler.unscale_(run.optimizer)
+        grad_norm = run.parallel.clip_grad_norm(run.grad_clip) if run.grad_clip > 0 else None
+        run.parallel.optimizer_step(run.scaler)
+    with timer.phase("parameter_average"):
+        run.parallel.after_step(step + 1)
+    return StepOutput(loss=loss, grad_norm=grad_norm, tokens=tokens)
