@@ -110,6 +110,15 @@ class HorovodConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the model is split across ranks besides data parallelism (app/parallel/mesh.py)."""
+    # Ranks per tensor-parallel group (consecutive ranks: one node's); 1: off.
+    tensor: int = 1
+    # Pipeline stages; 1: off.
+    pipeline: int = 1
+
+
+@dataclass
 class TrainConfig:
     micro_batch_size: int = 16
     grad_accum_steps: int = 1
@@ -153,6 +162,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     horovod: HorovodConfig = field(default_factory=HorovodConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -252,6 +262,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"data.max_tokens={cfg.data.max_tokens} exceeds model.max_seq_len={cfg.model.max_seq_len}; lower data.max_tokens"
         )
+    for key in ("tensor", "pipeline"):
+        if cfg.parallel[key] > 1:
+            raise ConfigError(f"parallel.{key}={cfg.parallel[key]}: {key} parallelism is not available in this "
+                              f"version; use parallel.{key}=1")
     if cfg.model.hidden_size % cfg.model.num_heads:
         raise ConfigError(
             f"model.hidden_size={cfg.model.hidden_size} is not divisible by model.num_heads={cfg.model.num_heads}"

@@ -3,12 +3,13 @@ on rank 0's decisions). How gradients and parameters move lives in app/parallel;
 data and task code never import horovod."""
 import os
 import time
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import horovod.torch as hvd
 import torch
 
 from app import cores
+from app.parallel.mesh import DIMENSIONS, Mesh
 
 # Launchers that start ranks as one MPI job (mpirun, srun with PMI/PMIx) set these.
 _MPI_LAUNCH_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
@@ -36,10 +37,19 @@ _SETTINGS_ENV = {
 CPU_CYCLE_TIME_MS = 10.0
 
 
-def init(settings=None) -> None:
+# The layout's process sets, made once at start-up (Horovod's static process sets): this
+# rank's set along each mesh dimension, and under an MPI launch the matching MPI communicator.
+_mesh: Optional[Mesh] = None
+_process_sets: Dict[str, "hvd.ProcessSet"] = {}
+_communicators: Dict[str, object] = {}
+
+
+def init(settings=None, layout=None) -> None:
     """Start Horovod; under an MPI launcher from MPI.COMM_WORLD, so mpi4py and Horovod share one
-    world and MPI sub-communicators can become Horovod process sets. `settings` (a
-    config.HorovodConfig) fills the start-up variables the environment leaves unset."""
+    world and MPI sub-communicators become Horovod process sets. `settings` (a
+    config.HorovodConfig) fills the start-up variables the environment leaves unset; `layout`
+    (a config.ParallelConfig) asks for tensor/pipeline groups, whose process sets are made here."""
+    global _mesh
     if hvd.is_initialized():
         return
     for key, (variable, spell) in _SETTINGS_ENV.items():
@@ -48,12 +58,70 @@ def init(settings=None) -> None:
             value = CPU_CYCLE_TIME_MS
         if value is not None:
             os.environ.setdefault(variable, spell(value))
+    tensor, pipeline = getattr(layout, "tensor", 1), getattr(layout, "pipeline", 1)
     if launched_by_mpi() and hvd.mpi_built():
-        from mpi4py import MPI
+        from mpi4py import MPI  # only under an MPI launch: importing it initialises MPI
 
-        hvd.init(comm=MPI.COMM_WORLD)
+        _mesh = Mesh(MPI.COMM_WORLD.Get_size(), tensor, pipeline)
+        sets = _mpi_process_sets(MPI.COMM_WORLD, _mesh)
+        hvd.init(comm=MPI.COMM_WORLD, process_sets=sets)
     else:
-        hvd.init()
+        _mesh = Mesh(int(os.environ.get("HOROVOD_SIZE", "1")), tensor, pipeline)
+        sets = _rank_list_process_sets(int(os.environ.get("HOROVOD_RANK", "0")), _mesh)
+        hvd.init(process_sets=sets)
+
+
+def _needs_sets(mesh: Mesh) -> bool:
+    # Every process set adds work to each round of Horovod's background thread: none for plain
+    # data parallelism, whose only group is the world.
+    return mesh.tensor > 1 or mesh.pipeline > 1
+
+
+def _mpi_process_sets(world_comm, mesh: Mesh) -> list:
+    """This rank's group along each dimension as an MPI sub-communicator and a process set on it."""
+    rank, sets, by_group = world_comm.Get_rank(), [], {}
+    for dimension in DIMENSIONS if _needs_sets(mesh) else ():
+        group = tuple(mesh.group(rank, dimension))
+        # Every rank calls Split for every dimension, in the same order, as MPI requires.
+        comm = world_comm.Split(color=group[0], key=rank)
+        _communicators[dimension] = comm
+        if len(group) == mesh.world:
+            _process_sets[dimension] = hvd.global_process_set
+        elif group in by_group:
+            _process_sets[dimension] = by_group[group]
+        else:
+            by_group[group] = _process_sets[dimension] = hvd.ProcessSet(comm)
+            sets.append(by_group[group])
+    return sets
+
+
+def _rank_list_process_sets(rank: int, mesh: Mesh) -> list:
+    """Under Gloo every rank registers every group, identically and in the same order."""
+    sets, by_group = [], {}
+    for dimension in DIMENSIONS if _needs_sets(mesh) else ():
+        for group in map(tuple, mesh.groups(dimension)):
+            if len(group) < mesh.world and group not in by_group:
+                by_group[group] = hvd.ProcessSet(list(group))
+                sets.append(by_group[group])
+        mine = tuple(mesh.group(rank, dimension))
+        _process_sets[dimension] = by_group.get(mine, hvd.global_process_set)
+    return sets
+
+
+def mesh() -> Mesh:
+    return _mesh
+
+
+def process_set(dimension: str):
+    """This rank's Horovod process set along a mesh dimension (the global set for plain data
+    parallelism)."""
+    return _process_sets.get(dimension, hvd.global_process_set)
+
+
+def mpi_communicator(dimension: str):
+    """This rank's MPI communicator along a mesh dimension; None unless launched by MPI with a
+    tensor or pipeline layout."""
+    return _communicators.get(dimension)
 
 
 def settings_in_effect() -> dict:
@@ -104,8 +172,8 @@ def run_stamp() -> str:
     return hvd.broadcast_object(stamp, root_rank=0, name="run_stamp")
 
 
-def sum_over_ranks(tensor: torch.Tensor, name: str) -> torch.Tensor:
-    return hvd.allreduce(tensor, op=hvd.Sum, name=name)
+def sum_over_ranks(tensor: torch.Tensor, name: str, process_set=None) -> torch.Tensor:
+    return hvd.allreduce(tensor, op=hvd.Sum, name=name, process_set=process_set or hvd.global_process_set)
 
 
 def broadcast_object(obj, name: str):

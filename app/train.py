@@ -262,7 +262,11 @@ def hydra_main(cfg) -> None:
 
 def main() -> None:
     stop.install()  # first: a signal during start-up still ends in a checkpoint
-    dist.init(cli.startup_config(sys.argv[1:]).horovod)
+    startup = cli.startup_config(sys.argv[1:])
+    try:
+        dist.init(startup.horovod, startup.parallel)
+    except ValueError as error:  # a layout the world size cannot take: one line on every rank
+        cli.fail(str(error))
     stamp = dist.run_stamp()
     OmegaConf.register_new_resolver("run_stamp", lambda: stamp, replace=True)
     config.register()

@@ -142,7 +142,8 @@ def test_an_error_in_rank_0s_data_preparation_reaches_every_rank_as_one_line(tin
     assert result.returncode != 0
     for rank in (0, 1):
         assert re.search(rf"\[{rank}\]<std(out|err)>:.*data.path=.*missing does not exist", output), output[-3000:]
-    assert "Traceback" not in output and "HorovodInternalError" not in output
+    # horovodrun reports the non-zero exit with its own traceback; the ranks print none.
+    assert not re.search(r"\[\d+\]<std\w+>:Traceback", output) and "HorovodInternalError" not in output
 
 
 def test_gradient_accumulation_runs_without_per_micro_batch_allreduce(tiny_data, tmp_path):

@@ -23,10 +23,13 @@ def _compression(sync_cfg):
 
 
 class DataParallel(Parallelism):
-    def __init__(self, model: torch.nn.Module, sync_cfg, accum_steps: int):
+    def __init__(self, model: torch.nn.Module, sync_cfg, accum_steps: int, process_set=None):
         super().__init__(model)
         self.sync = sync_cfg
         self.accum_steps = accum_steps
+        # The ranks that hold replicas of the same parameters: the world, or under tensor or
+        # pipeline parallelism this rank's data-parallel group (dist.process_set("data")).
+        self.process_set = process_set or hvd.global_process_set
         if sync_cfg.param_average_every and sync_cfg.param_average_backend == "mpi":
             check_mpi_world()
 
@@ -38,6 +41,7 @@ class DataParallel(Parallelism):
             op=hvd.Average,
             # Hooks count backward passes and allreduce once per optimizer step, not per micro-batch.
             backward_passes_per_step=self.accum_steps,
+            process_set=self.process_set,
         )
         return self.optimizer
 
