@@ -1,7 +1,7 @@
 """python -m app.bench: how fast this machine trains, and where the time goes.
 
-    python -m app.bench                    # every section, about ten minutes on 2 cores
-    python -m app.bench preset=quick       # every section in under two minutes
+    python -m app.bench                    # every section, about 8.5 minutes on a quiet 2-core machine
+    python -m app.bench preset=quick       # every section in about 1.5 minutes
     python -m app.bench sections=[throughput] throughput.precisions=[bf16] out=runs/bench/tp
 
 Sections: the matmul peak (fp32, bf16; 1 thread and all cores); tokens/s and MFU of the trainer
