@@ -3,28 +3,52 @@
     run_dir/checkpoints/step-000100/
         model.safetensors   weights (safetensors: loading runs no code)
         optimizer.pt        optimizer state, read back with torch.load(weights_only=True)
-        rng.pt              every rank's torch RNG state, gathered to rank 0
+        rng.pt              every rank's torch RNG states (CPU, and CUDA on a GPU), gathered to rank 0
         state.json          step, samples and tokens seen, world size, model signature,
                             tokenizer hash, scaler state, the resolved config
     run_dir/checkpoints/latest   the name of the newest complete checkpoint
 
 A checkpoint is built in a temporary directory, fsynced and renamed into place before
 `latest` is (atomically) pointed at it, and older ones are pruned only after that. A kill at
-any moment leaves `latest` naming a complete checkpoint.
+any moment leaves `latest` naming a complete checkpoint. What a kill cannot do (a full disk, a
+copy cut short, bit rot) a reader meets as a CheckpointError naming the file, never a traceback,
+and `train.resume=auto` falls back to the newest checkpoint that still verifies.
 """
 import json
+import pickle
 import re
 import shutil
+import struct
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file
 
 from app import fileio
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+WEIGHTS, OPTIMIZER, RNG, STATE, HF_CONFIG = "model.safetensors", "optimizer.pt", "rng.pt", "state.json", "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, cut short or not what we wrote. A ValueError, so the
+    command-line tools report it as one line and exit 2."""
+
+
+def damaged(path: Path, why: str) -> CheckpointError:
+    why = " ".join(str(why).split()) or "unreadable"
+    if len(why) > 300:
+        why = why[:300] + "..."
+    error = CheckpointError(
+        f"checkpoint file {path} is damaged ({why}); use another checkpoint "
+        f"(earlier ones are kept in {Path(path).parent.parent}), or train.resume=never to start over"
+    )
+    error.path, error.why = Path(path), why
+    return error
 
 
 @dataclass
@@ -72,12 +96,20 @@ def latest(run_dir: Path) -> Optional[Path]:
     pointer = checkpoints_root(run_dir) / "latest"
     if not pointer.is_file():
         return None
-    path = checkpoints_root(run_dir) / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
+    # A damaged pointer names nothing (and must not name a path outside checkpoints/).
+    name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
+    path = checkpoints_root(run_dir) / name
+    return path if STEP_DIR.match(name) and (path / STATE).is_file() else None
+
+
+def step_of(checkpoint_dir: Path) -> int:
+    return int(STEP_DIR.match(Path(checkpoint_dir).name).group(1))
 
 
 def complete_checkpoints(root: Path) -> List[Path]:
-    return sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "state.json").is_file())
+    """Oldest first, by step (the names stop sorting by step past six digits)."""
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / STATE).is_file()]
+    return sorted(found, key=step_of)
 
 
 def one_name_per_storage(weights: dict) -> dict:
@@ -117,8 +149,22 @@ def save(run_dir: Path, model, saved: SavedState, state: TrainState, rng_states:
     return final
 
 
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise damaged(path, "missing") from None
+    except (OSError, ValueError) as error:  # ValueError: bad JSON or bad UTF-8
+        raise damaged(path, f"not valid JSON: {error}") from None
+
+
 def read_state(checkpoint_dir: Path) -> TrainState:
-    return TrainState(**json.loads((Path(checkpoint_dir) / "state.json").read_text()))
+    path = Path(checkpoint_dir) / STATE
+    fields = read_json(path)
+    try:
+        return TrainState(**fields)
+    except TypeError as error:  # not an object, or fields of something else
+        raise damaged(path, f"not a train state: {error}") from None
 
 
 def check_compatible(state: TrainState, model, tokenizer_sha256: str, checkpoint_dir: Path) -> None:
@@ -138,16 +184,117 @@ def check_compatible(state: TrainState, model, tokenizer_sha256: str, checkpoint
         )
 
 
+def check_safetensors(path: Path) -> None:
+    """The header parses and the file is exactly as long as its tensors' data offsets say: this
+    catches a file cut short (or padded) without reading the weights."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
+            if header_len is None or header_len > size - 8:
+                raise damaged(path, f"{size} bytes, too short for its safetensors header")
+            header = json.loads(handle.read(header_len))
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+        data_end = max(ends, default=0)
+    except FileNotFoundError:
+        raise damaged(path, "missing") from None
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
+        raise damaged(path, f"unreadable safetensors header: {error}") from None
+    if 8 + header_len + data_end != size:
+        raise damaged(path, f"{size} bytes where its header promises {8 + header_len + data_end}")
+
+
+def reading_safetensors(path: Path, read: Callable[[str], object]):
+    """read(path) after the header check, with safetensors' errors as a CheckpointError."""
+    check_safetensors(path)
+    try:
+        return read(str(path))
+    except SafetensorError as error:
+        raise damaged(path, error) from None
+
+
 def load_weights(checkpoint_dir: Path, model) -> None:
-    load_model(model, str(Path(checkpoint_dir) / "model.safetensors"))
+    reading_safetensors(Path(checkpoint_dir) / WEIGHTS, lambda path: load_model(model, path))
 
 
-def load_optimizer_state(checkpoint_dir: Path) -> dict:
-    return torch.load(Path(checkpoint_dir) / "optimizer.pt", weights_only=True)
+def read_weights(checkpoint_dir: Path) -> Dict[str, torch.Tensor]:
+    return reading_safetensors(Path(checkpoint_dir) / WEIGHTS, load_file)
+
+
+def load_tensor_file(path: Path, mmap: bool = False):
+    """torch.load(weights_only=True), with damage reported as a CheckpointError naming the file."""
+    if not path.is_file():
+        raise damaged(path, "missing")
+    # torch.save writes a zip archive; one cut short has lost its central directory at the end.
+    if not zipfile.is_zipfile(path):
+        raise damaged(path, "not a zip archive as torch.save writes: cut short, or written by something else")
+    try:
+        return torch.load(path, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"GLOBAL (\S+)", str(error))
+        raise damaged(path, "not a plain tensor file: torch.load(weights_only=True) refuses to unpickle "
+                      + (refused.group(1) if refused else "its objects")) from None
+    except Exception as error:  # a damaged archive surfaces as RuntimeError, EOFError, ValueError, ...
+        first_sentence = str(error).split(". ")[0]
+        raise damaged(path, f"{type(error).__name__}: {first_sentence}") from None
+
+
+def load_optimizer_state(checkpoint_dir: Path, mmap: bool = False) -> dict:
+    path = Path(checkpoint_dir) / OPTIMIZER
+    loaded = load_tensor_file(path, mmap)
+    if not (isinstance(loaded, dict) and "state" in loaded and "param_groups" in loaded):
+        raise damaged(path, f"a {type(loaded).__name__}, not an optimizer state dict")
+    return loaded
+
+
+def load_extras(checkpoint_dir: Path, mmap: bool = False) -> Dict[str, object]:
+    """The *.pt files one layout alone writes (SavedState.extra), by name."""
+    paths = sorted(Path(checkpoint_dir).glob("*.pt"))
+    return {path.stem: load_tensor_file(path, mmap) for path in paths if path.name not in (OPTIMIZER, RNG)}
 
 
 def load_rng_states(checkpoint_dir: Path) -> list:
-    return torch.load(Path(checkpoint_dir) / "rng.pt", weights_only=True)
+    """One entry per rank: a capture_rng_state dict, or a bare CPU state from older checkpoints."""
+    path = Path(checkpoint_dir) / RNG
+    loaded = load_tensor_file(path)
+    if not (isinstance(loaded, list) and all(isinstance(entry, (torch.Tensor, dict)) for entry in loaded)):
+        raise damaged(path, f"a {type(loaded).__name__}, not a list of per-rank RNG states")
+    return loaded
+
+
+def capture_rng_state(device: torch.device) -> dict:
+    """This rank's RNG states: CPU always, and the device's own generator on a GPU (dropout on
+    the GPU draws from it, so a resume without it would differ from an uninterrupted run)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(saved, device: torch.device) -> None:
+    """Undo capture_rng_state; a bare tensor is the CPU state that older checkpoints held alone."""
+    if isinstance(saved, torch.Tensor):
+        torch.set_rng_state(saved)
+        return
+    torch.set_rng_state(saved["cpu"])
+    # A CPU checkpoint resumed on a GPU (or the reverse) has no device state to carry over.
+    if device.type == "cuda" and "cuda" in saved:
+        torch.cuda.set_rng_state(saved["cuda"], device)
+
+
+def verify(checkpoint_dir: Path) -> None:
+    """Cheap integrity check of every file, without building the model: raises CheckpointError.
+    The optimizer state is memory-mapped, so its tensors are checked for presence, not read."""
+    checkpoint_dir = Path(checkpoint_dir)
+    state = read_state(checkpoint_dir)
+    read_json(checkpoint_dir / HF_CONFIG)
+    check_safetensors(checkpoint_dir / WEIGHTS)
+    load_optimizer_state(checkpoint_dir, mmap=True)
+    load_extras(checkpoint_dir, mmap=True)
+    rng_states = load_rng_states(checkpoint_dir)
+    if len(rng_states) != state.world_size:
+        raise damaged(checkpoint_dir / RNG, f"{len(rng_states)} ranks' states for a {state.world_size}-rank run")
 
 
 @dataclass
@@ -162,10 +309,8 @@ def read(checkpoint_dir: Path, model, tokenizer_sha256: str) -> Loaded:
     """Everything a resume needs, after checking the checkpoint fits `model` and the tokenizer."""
     state = read_state(checkpoint_dir)
     check_compatible(state, model, tokenizer_sha256, checkpoint_dir)
-    extras = {path.stem: torch.load(path, weights_only=True) for path in sorted(Path(checkpoint_dir).glob("*.pt"))
-              if path.stem not in ("optimizer", "rng")}
-    saved = SavedState(model=load_file(str(Path(checkpoint_dir) / "model.safetensors")),
-                       optimizer=load_optimizer_state(checkpoint_dir), extra=extras, world_size=state.world_size)
+    saved = SavedState(model=read_weights(checkpoint_dir), optimizer=load_optimizer_state(checkpoint_dir),
+                       extra=load_extras(checkpoint_dir), world_size=state.world_size)
     return Loaded(saved=saved, state=state, rng_states=load_rng_states(checkpoint_dir))
 
 
@@ -177,7 +322,7 @@ def find(path: str) -> Path:
         if found is None:
             raise FileNotFoundError(f"run directory {candidate} has no complete checkpoint yet")
         return found
-    if not (candidate / "state.json").is_file():
+    if not (candidate / STATE).is_file():
         raise FileNotFoundError(f"{candidate} is neither a checkpoint (no state.json) nor a run directory")
     return candidate
 
@@ -195,25 +340,52 @@ def load_trained_model(checkpoint_dir: Path, device: str = "cpu"):
     """The trained model, rebuilt from the checkpoint's own config.json and weights."""
     import transformers
 
+    config_path = Path(checkpoint_dir) / HF_CONFIG
+    read_json(config_path)  # transformers reports a bad file as an OSError with a traceback
     config = transformers.AutoConfig.from_pretrained(checkpoint_dir)
-    model_class = getattr(transformers, config.architectures[0])
+    model_class = getattr(transformers, (config.architectures or [""])[0], None)
+    if model_class is None:
+        raise damaged(config_path, f"architectures={config.architectures} names no transformers model class")
     model = model_class(config)
     load_weights(checkpoint_dir, model)
     return model.to(device).eval()
 
 
-def capture_rng_state(device) -> dict:
-    return {"cpu": torch.get_rng_state()}
-
-
-def restore_rng_state(saved, device) -> None:
-    torch.set_rng_state(saved["cpu"] if isinstance(saved, dict) else saved)
-
-
-def resolve_resume(resume: str, run_dir: Path, warn=print) -> Optional[Path]:
-    """train.resume: auto (the run dir's latest, if any), never, or a checkpoint directory."""
+def resolve_resume(resume: str, run_dir: Path, warn: Callable[[str], None] = print) -> Optional[Path]:
+    """train.resume: auto (the run dir's newest checkpoint that verifies, if any), never, or a
+    checkpoint or run directory, which must verify. Raises CheckpointError, never resumes from
+    nothing over a run whose checkpoints are all damaged."""
     if resume == "never":
         return None
-    if resume == "auto":
-        return latest(run_dir)
-    return find(resume)
+    if resume != "auto":
+        found = find(resume)
+        verify(found)
+        return found
+    candidates = resume_candidates(run_dir)
+    newest_error = None
+    for candidate in candidates:
+        try:
+            verify(candidate)
+            return candidate
+        except CheckpointError as error:
+            warn(f"skipping damaged checkpoint {candidate} ({error.path.name}: {error.why})")
+            newest_error = newest_error or error
+    if newest_error is not None:
+        raise CheckpointError(
+            f"no checkpoint in {checkpoints_root(run_dir)} is intact (the newest's {newest_error.path.name}: "
+            f"{newest_error.why}); resume from a good copy with train.resume=DIR, or train.resume=never to start over"
+        )
+    return None
+
+
+def resume_candidates(run_dir: Path) -> List[Path]:
+    """Newest first, from the one `latest` names back; keep_last leaves the earlier ones as fallbacks."""
+    root = checkpoints_root(run_dir)
+    if not root.is_dir():
+        return []
+    newest = latest(run_dir)
+    candidates = complete_checkpoints(root)
+    if newest is not None:
+        # `latest` names the newest save that finished; a newer directory's save was killed first.
+        candidates = [p for p in candidates if step_of(p) <= step_of(newest)]
+    return candidates[::-1]
