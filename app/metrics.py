@@ -8,6 +8,8 @@ from typing import Dict, Optional
 import psutil
 import torch
 
+from app import fileio
+
 
 def _seconds_for(a: torch.Tensor, b: torch.Tensor, iterations: int) -> float:
     """Wall time of `iterations` matmuls. A GPU runs them asynchronously: one synchronize after
@@ -69,13 +71,38 @@ class NullLogger:
         pass
 
 
+def drop_rows_after(jsonl_path: Path, last_step: int) -> None:
+    """Rewrite metrics.jsonl (atomically) without rows past last_step: a resumed run logs those
+    steps again, and its logs must read as one run. A torn last line, from a crash mid-write,
+    goes too. Rows at last_step were logged before that step's checkpoint was saved: they stay."""
+    if not jsonl_path.is_file():
+        return
+    lines = jsonl_path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    kept = [line for line in lines if (step := row_step(line)) is not None and step <= last_step]
+    if len(kept) != len(lines):
+        fileio.write_text(jsonl_path, "".join(line if line.endswith("\n") else line + "\n" for line in kept))
+
+
+def row_step(line: str) -> Optional[int]:
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
 class RunLogger(NullLogger):
-    """Rank 0's TensorBoard writer, metrics.jsonl and tqdm bar, all in the run directory."""
+    """Rank 0's TensorBoard writer, metrics.jsonl and tqdm bar, all in the run directory.
+    initial_step is the step a run resumes at (0 when fresh): what earlier attempts logged after
+    it is dropped from metrics.jsonl and purged from TensorBoard, since this run logs it again."""
 
     def __init__(self, run_dir: Path, total_steps: int, initial_step: int, progress_bar: bool):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+        run_dir = Path(run_dir)
+        # TensorBoard hides events at steps >= purge_step that were written before this writer.
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=initial_step + 1)
+        drop_rows_after(run_dir / "metrics.jsonl", initial_step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self.bar = None
         if progress_bar:

@@ -1,5 +1,5 @@
 """Damaged checkpoints give one clear line, never a traceback; train.resume=auto falls back to the
-newest good one; RNG states round-trip."""
+newest good one; RNG states round-trip; a resumed run's metrics read as one run."""
 import argparse
 import json
 import pickle
@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from app import checkpoint, config, models, optim
+from app import checkpoint, config, metrics, models, optim
 from conftest import ROOT, run_job
 
 
@@ -217,3 +217,40 @@ def test_rng_state_on_a_gpu_carries_that_device_generator(monkeypatch):
     generators[1] = torch.tensor([0], dtype=torch.uint8)
     checkpoint.restore_rng_state(saved, gpu)
     assert generators[1].tolist() == [7]
+
+
+def jsonl_rows(run_dir: Path) -> list:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def tensorboard_scalars(run_dir: Path, tag: str) -> list:
+    """(step, value) in the order TensorBoard shows them, after it applies purges."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def test_a_resumed_run_logs_each_step_once_in_jsonl_and_tensorboard(tmp_path):
+    crashed = metrics.RunLogger(tmp_path, total_steps=10, initial_step=0, progress_bar=False)
+    for step in (2, 4, 6, 8):
+        crashed.log(step, {"train/loss": float(step)})
+    crashed.close()
+    with open(tmp_path / "metrics.jsonl", "a") as jsonl:
+        jsonl.write('{"step": 10, "train/lo')  # torn by the crash
+
+    resumed = metrics.RunLogger(tmp_path, total_steps=10, initial_step=4, progress_bar=False)
+    for step in (6, 8, 10):
+        resumed.log(step, {"train/loss": step + 0.5})
+    resumed.close()
+
+    expected = {2: 2.0, 4: 4.0, 6: 6.5, 8: 8.5, 10: 10.5}
+    assert [(row["step"], row["train/loss"]) for row in jsonl_rows(tmp_path)] == list(expected.items())
+    assert tensorboard_scalars(tmp_path, "train/loss") == list(expected.items())
+
+
+def test_a_fresh_run_keeps_rows_at_step_0(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "note": 1}\n')
+    metrics.RunLogger(tmp_path, total_steps=10, initial_step=0, progress_bar=False).close()
+    assert jsonl_rows(tmp_path) == [{"step": 0, "note": 1}]
