@@ -191,15 +191,19 @@ def check_safetensors(path: Path) -> None:
         size = path.stat().st_size
         with open(path, "rb") as handle:
             prefix = handle.read(8)
-            header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
-            if header_len is None or header_len > size - 8:
-                raise damaged(path, f"{size} bytes, too short for its safetensors header")
-            header = json.loads(handle.read(header_len))
-        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
-        data_end = max(ends, default=0)
+            header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else size
+            header_bytes = handle.read(header_len) if header_len <= size - 8 else None
     except FileNotFoundError:
         raise damaged(path, "missing") from None
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
+    except OSError as error:
+        raise damaged(path, error) from None
+    if header_bytes is None:
+        raise damaged(path, f"{size} bytes, too short for its safetensors header")
+    try:
+        header = json.loads(header_bytes)
+        data_end = max([entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"],
+                       default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
         raise damaged(path, f"unreadable safetensors header: {error}") from None
     if 8 + header_len + data_end != size:
         raise damaged(path, f"{size} bytes where its header promises {8 + header_len + data_end}")

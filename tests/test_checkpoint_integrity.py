@@ -50,6 +50,12 @@ def truncate_weights(checkpoint_dir: Path) -> Path:
     return path
 
 
+def cut_weights_inside_their_header(checkpoint_dir: Path) -> Path:
+    path = checkpoint_dir / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    return path
+
+
 def pickle_an_object_as_optimizer_state(checkpoint_dir: Path) -> Path:
     # What a careless tool or a hostile file would hold: arbitrary objects, which must not load.
     path = checkpoint_dir / "optimizer.pt"
@@ -88,8 +94,9 @@ def truncate_a_layout_extra(checkpoint_dir: Path) -> Path:
     return path
 
 
-DAMAGES = [truncate_weights, pickle_an_object_as_optimizer_state, plain_pickle_as_optimizer_state, garbage_state,
-           truncate_rng, rng_of_another_world_size, truncate_a_layout_extra]
+DAMAGES = [truncate_weights, cut_weights_inside_their_header, pickle_an_object_as_optimizer_state,
+           plain_pickle_as_optimizer_state, garbage_state, truncate_rng, rng_of_another_world_size,
+           truncate_a_layout_extra]
 
 
 def test_a_checkpoint_just_saved_verifies_and_loads(run_dir):
@@ -109,7 +116,7 @@ def test_verify_names_the_damaged_file_and_the_fix(run_dir, damage):
         checkpoint.verify(step_dir(run_dir, 6))
     message = str(caught.value)
     assert f"checkpoint file {damaged_file} is damaged" in message and "train.resume=never" in message
-    assert "\n" not in message
+    assert "\n" not in message and message.count("checkpoint file") == 1
     checkpoint.verify(step_dir(run_dir, 4))  # the others are untouched
 
 
@@ -118,7 +125,7 @@ def test_auto_resume_falls_back_to_the_previous_good_checkpoint_with_a_warning(r
     damaged_file = damage(step_dir(run_dir, 6))
     warnings = []
     assert checkpoint.resolve_resume("auto", run_dir, warn=warnings.append) == step_dir(run_dir, 4)
-    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert len(warnings) == 1 and "\n" not in warnings[0] and "checkpoint file" not in warnings[0]
     assert f"skipping damaged checkpoint {step_dir(run_dir, 6)} ({damaged_file.name}: " in warnings[0]
 
 
