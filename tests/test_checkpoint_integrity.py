@@ -44,16 +44,17 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return checkpoint.checkpoints_root(run_dir) / checkpoint.step_dir_name(step)
 
 
-def truncate_weights(checkpoint_dir: Path) -> Path:
-    path = checkpoint_dir / "model.safetensors"
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+def cut(path: Path, keep_bytes: int) -> Path:
+    path.write_bytes(path.read_bytes()[:keep_bytes])
     return path
+
+
+def truncate_weights(checkpoint_dir: Path) -> Path:
+    return cut(checkpoint_dir / "model.safetensors", (checkpoint_dir / "model.safetensors").stat().st_size // 2)
 
 
 def cut_weights_inside_their_header(checkpoint_dir: Path) -> Path:
-    path = checkpoint_dir / "model.safetensors"
-    path.write_bytes(path.read_bytes()[:1000])
-    return path
+    return cut(checkpoint_dir / "model.safetensors", 1000)
 
 
 def pickle_an_object_as_optimizer_state(checkpoint_dir: Path) -> Path:
@@ -76,9 +77,7 @@ def garbage_state(checkpoint_dir: Path) -> Path:
 
 
 def truncate_rng(checkpoint_dir: Path) -> Path:
-    path = checkpoint_dir / "rng.pt"
-    path.write_bytes(path.read_bytes()[:100])
-    return path
+    return cut(checkpoint_dir / "rng.pt", 100)
 
 
 def rng_of_another_world_size(checkpoint_dir: Path) -> Path:
@@ -90,8 +89,7 @@ def rng_of_another_world_size(checkpoint_dir: Path) -> Path:
 def truncate_a_layout_extra(checkpoint_dir: Path) -> Path:
     path = checkpoint_dir / "replicas.pt"  # what local SGD writes beside the averaged weights
     torch.save([torch.ones(1000)], path)
-    path.write_bytes(path.read_bytes()[:-200])
-    return path
+    return cut(path, path.stat().st_size - 200)
 
 
 DAMAGES = [truncate_weights, cut_weights_inside_their_header, pickle_an_object_as_optimizer_state,
