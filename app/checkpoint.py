@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
+import transformers
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file
 
@@ -342,7 +343,6 @@ def tokenizer_dir(checkpoint_dir: Path) -> Path:
 
 def load_trained_model(checkpoint_dir: Path, device: str = "cpu"):
     """The trained model, rebuilt from the checkpoint's own config.json and weights."""
-    import transformers
 
     config_path = Path(checkpoint_dir) / HF_CONFIG
     read_json(config_path)  # transformers reports a bad file as an OSError with a traceback

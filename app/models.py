@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
+from app import checkpoint
+
 
 def llama_config(model_cfg, vocab_size: int) -> LlamaConfig:
     return LlamaConfig(
@@ -41,11 +43,11 @@ def resolve_vocab_size(model_cfg, tokenizer_vocab: int) -> int:
 
 def init_source(init_from: str) -> str:
     """model.init_from: one of our run or checkpoint directories, or any local HF model directory."""
-    from app import checkpoint
-
     path = Path(init_from)
     if (path / "checkpoints").is_dir() or (path / "state.json").is_file():
-        return str(checkpoint.find(init_from))
+        found = checkpoint.find(init_from)
+        checkpoint.verify(found)  # a damaged file is one line naming it, not a loader's traceback
+        return str(found)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.init_from={init_from} is not a run, a checkpoint or a Hugging Face model directory")
     return str(path)
