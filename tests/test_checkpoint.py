@@ -83,6 +83,10 @@ def test_kill_9_mid_run_then_rerun_equals_an_uninterrupted_run_bitwise(tiny_data
     reference_curve = {row["step"]: row["train/loss"] for row in read_metrics(reference)}
     resumed_curve = {row["step"]: row["train/loss"] for row in read_metrics(interrupted)}
     assert resumed_curve == reference_curve
+    # The resumed run's log reads as one run: the steps logged after the checkpoint and before the
+    # kill were superseded, not repeated.
+    logged_steps = [row["step"] for row in read_metrics(interrupted) if "train/loss" in row]
+    assert logged_steps == sorted(set(logged_steps)) == list(range(2, 41, 2))
 
 
 def test_killing_during_checkpoint_writes_never_leaves_a_broken_latest(tmp_path):
