@@ -238,7 +238,8 @@ def validate(cfg: Config) -> None:
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
     if cfg.horovod.cycle_time_ms is not None and cfg.horovod.cycle_time_ms <= 0:
-        raise ConfigError(f"horovod.cycle_time_ms={cfg.horovod.cycle_time_ms} must be above 0 (null: 10 ms on CPU ranks, Horovod's 1 ms on GPU ranks)")
+        raise ConfigError(f"horovod.cycle_time_ms={cfg.horovod.cycle_time_ms} must be above 0 "
+                          "(null: 10 ms on CPU ranks, Horovod's 1 ms on GPU ranks)")
     if cfg.horovod.fusion_threshold_mb is not None and cfg.horovod.fusion_threshold_mb < 0:
         raise ConfigError(f"horovod.fusion_threshold_mb={cfg.horovod.fusion_threshold_mb} must be 0 (no fusion) "
                           "or more (null: Horovod's 64)")

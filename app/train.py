@@ -118,7 +118,8 @@ def window_metrics(window: Window, seconds: dict, state, lr: float, output: Step
     per_step = [seconds.get(p, 0.0) / window.steps for p in ("data", "forward", "backward", "optimizer",
                                                                "allreduce_wait", "parameter_average")]
     summed = dist.sum_over_ranks(torch.tensor([
-        window.loss.item() / window.steps, rank_tokens_per_s, *per_step, float(metrics.process_memory_bytes(window.device)),
+        window.loss.item() / window.steps, rank_tokens_per_s, *per_step,
+        float(metrics.process_memory_bytes(window.device)),
     ], dtype=torch.float64), name="log_metrics")
     mean = (summed / dist.size()).tolist()
     window.count_tokens(state)
@@ -168,9 +169,11 @@ def save_checkpoint(cfg, run_dir: Path, training: Training, state, window: Windo
 def finish_run(cfg, run_dir: Path, training: Training, state, last: dict, logger) -> None:
     """Hyperparameters, the run summary (layout, replicas' agreement) and the task's own ending."""
     logger.hparams(
-        {"task": cfg.task, "model": cfg.model.name, "optim": cfg.optim.name, "lr": cfg.optim.lr, "sync": cfg.sync.name,
-         "precision": cfg.train.precision, "world_size": dist.size(), "global_batch": training.task.stream.global_batch},
-        {"hparam/" + k.replace("/", "_"): v for k, v in last.items() if k in ("train/loss", "val/loss", "val/accuracy")},
+        {"task": cfg.task, "model": cfg.model.name, "optim": cfg.optim.name, "lr": cfg.optim.lr,
+         "sync": cfg.sync.name, "precision": cfg.train.precision, "world_size": dist.size(),
+         "global_batch": training.task.stream.global_batch},
+        {"hparam/" + k.replace("/", "_"): v for k, v in last.items()
+         if k in ("train/loss", "val/loss", "val/accuracy")},
     )
     replicas = dist.allgather_object(
         {"rank": dist.rank(), "host": socket.gethostname(), "cores": cores.affinity(), "run_dir": str(run_dir),
