@@ -42,8 +42,9 @@ class _Step:
     inbox: Inbox
     kept: Dict[int, tuple] = field(default_factory=dict)  # micro-batch -> (stage input, output or loss)
     losses: List[torch.Tensor] = field(default_factory=list)
-    timeline: List[tuple] = field(default_factory=list)  # (action, micro-batch, start s, end s)
-    started: float = field(default_factory=time.perf_counter)
+    # (action, micro-batch, start, end) on time.perf_counter's clock, which the processes of one
+    # host share, so stages' timelines line up (app/bench/pipeline.py draws them).
+    timeline: List[tuple] = field(default_factory=list)
 
 
 class PipelineParallel(DataParallel):
@@ -116,7 +117,7 @@ class PipelineParallel(DataParallel):
             output = self.model(inputs)
             if self.last:
                 output = models.next_token_loss(output, batch["targets"])
-        run.timeline.append((FORWARD, i, started - run.started, time.perf_counter() - run.started))
+        run.timeline.append((FORWARD, i, started, time.perf_counter()))
         if self.last:
             run.losses.append(output.detach())
         else:
@@ -136,7 +137,7 @@ class PipelineParallel(DataParallel):
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             else:
                 torch.autograd.backward(output, grad.to(output.device, output.dtype))
-        run.timeline.append((BACKWARD, i, started - run.started, time.perf_counter() - run.started))
+        run.timeline.append((BACKWARD, i, started, time.perf_counter()))
         if not self.first:
             run.link.send(inputs.grad, self.stage_index - 1, GRADIENT, i)
 
