@@ -114,8 +114,12 @@ class ParallelConfig:
     """How the model is split across ranks besides data parallelism (app/parallel/mesh.py)."""
     # Ranks per tensor-parallel group (consecutive ranks: one node's); 1: off.
     tensor: int = 1
-    # Pipeline stages; 1: off.
+    # Pipeline stages (app/parallel/pipeline.py); 1: off. Needs an MPI launch; a step's
+    # train.grad_accum_steps micro-batches flow through the stages (use several times P).
     pipeline: int = 1
+    # The pipeline's order of forwards and backwards: gpipe (all forwards, then all backwards)
+    # or 1f1b (the same bubble, at most P micro-batches' activations held per stage).
+    schedule: str = "1f1b"
 
 
 @dataclass
@@ -263,11 +267,37 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"data.max_tokens={cfg.data.max_tokens} exceeds model.max_seq_len={cfg.model.max_seq_len}; lower data.max_tokens"
         )
-    for key in ("tensor", "pipeline"):
-        if cfg.parallel[key] > 1:
-            raise ConfigError(f"parallel.{key}={cfg.parallel[key]}: {key} parallelism is not available in this "
-                              f"version; use parallel.{key}=1")
+    if cfg.parallel.tensor > 1:
+        raise ConfigError(f"parallel.tensor={cfg.parallel.tensor}: tensor parallelism is not available in this "
+                          "version; use parallel.tensor=1")
+    validate_pipeline(cfg)
     if cfg.model.hidden_size % cfg.model.num_heads:
         raise ConfigError(
             f"model.hidden_size={cfg.model.hidden_size} is not divisible by model.num_heads={cfg.model.num_heads}"
         )
+
+
+def validate_pipeline(cfg: Config) -> None:
+    """What a pipeline of decoder stages can train (app/parallel/pipeline.py)."""
+    stages, schedules = cfg.parallel.pipeline, ("gpipe", "1f1b")
+    if cfg.parallel.schedule not in schedules:
+        raise ConfigError(f"parallel.schedule={cfg.parallel.schedule!r} is not one of {', '.join(schedules)}")
+    if stages < 1:
+        raise ConfigError(f"parallel.pipeline={stages} must be at least 1")
+    if stages == 1:
+        return
+    refusals = [
+        (cfg.task != "clm", f"trains decoder stages (task=clm), not task={cfg.task}"),
+        (cfg.model.num_layers < stages, f"needs at least one decoder layer per stage; model.num_layers="
+                                        f"{cfg.model.num_layers}"),
+        (cfg.model.tie_embeddings, "keeps the embedding on the first stage and the LM head on the last, so they "
+                                   "cannot be tied; use model.tie_embeddings=false"),
+        (cfg.train.precision == "fp16", "cannot use fp16's loss scaler (stages could skip different steps); use "
+                                        "train.precision=bf16 or fp32"),
+        (not cfg.sync.gradient_allreduce or cfg.sync.op != "average" or cfg.sync.param_average_every,
+         f"averages gradients over each stage's data-parallel ranks; use sync=allreduce or sync=fp16_compression, "
+         f"not sync={cfg.sync.name}"),
+    ]
+    for refused, why in refusals:
+        if refused:
+            raise ConfigError(f"parallel.pipeline={stages} {why}")

@@ -3,7 +3,7 @@ on rank 0's decisions). How gradients and parameters move lives in app/parallel;
 data and task code never import horovod."""
 import os
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import horovod.torch as hvd
 import torch
@@ -65,6 +65,13 @@ def init(settings=None, layout=None) -> None:
         _mesh = Mesh(MPI.COMM_WORLD.Get_size(), tensor, pipeline)
         sets = _mpi_process_sets(MPI.COMM_WORLD, _mesh)
         hvd.init(comm=MPI.COMM_WORLD, process_sets=sets)
+        if pipeline > 1 and not hvd.mpi_threads_supported():
+            raise ValueError(f"parallel.pipeline={pipeline} sends with mpi4py beside Horovod's MPI thread, which "
+                             "needs an MPI built with MPI_THREAD_MULTIPLE; rebuild MPI with thread support")
+    elif pipeline > 1:
+        # Refused before hvd.init, so every rank exits at once instead of waiting on the others.
+        raise ValueError(f"parallel.pipeline={pipeline} sends activations over MPI point-to-point, which needs "
+                         "an MPI launch (mpirun, srun or horovodrun --mpi); this is horovodrun --gloo or no launcher")
     else:
         _mesh = Mesh(int(os.environ.get("HOROVOD_SIZE", "1")), tensor, pipeline)
         sets = _rank_list_process_sets(int(os.environ.get("HOROVOD_RANK", "0")), _mesh)
@@ -122,6 +129,27 @@ def mpi_communicator(dimension: str):
     """This rank's MPI communicator along a mesh dimension; None unless launched by MPI with a
     tensor or pipeline layout."""
     return _communicators.get(dimension)
+
+
+def mpi_world():
+    """MPI.COMM_WORLD, for layouts that launched by MPI (pipelines); Horovod uses its own copy."""
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+def mpi_in_place():
+    from mpi4py import MPI
+
+    return MPI.IN_PLACE
+
+
+def data_position() -> Tuple[int, int]:
+    """This rank's index among the data-parallel replicas, and how many there are: the ranks of
+    one pipeline (or tensor group) train on the same samples."""
+    if _mesh is None or _mesh.world != size():
+        return rank(), size()
+    return _mesh.coordinates(rank())["data"], _mesh.data
 
 
 def settings_in_effect() -> dict:

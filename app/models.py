@@ -93,7 +93,11 @@ def build_encoder(model_cfg, vocab_size: int, pad_token_id: int, task: str, num_
 
 def causal_lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy; targets are the inputs shifted by one (data.py)."""
-    logits = model(input_ids=inputs).logits
+    return next_token_loss(model(input_ids=inputs).logits, targets)
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The loss of causal_lm_loss from the logits, for a pipeline's last stage that has only them."""
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
 

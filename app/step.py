@@ -66,19 +66,21 @@ class Training:
 class StepOutput:
     loss: torch.Tensor  # this rank's mean loss, on the device: reading it back would sync a GPU
     grad_norm: Optional[torch.Tensor]
-    tokens: int  # this rank's tokens (padding excluded)
+    tokens: int  # this rank's tokens (padding excluded); 0 where another rank of its pipeline counts them
 
 
 def build_training(cfg, device: torch.device) -> Training:
     """The task, a plain model, its optimizer and the layout that parallelizes them (not yet
     synchronised: Parallelism.start does that, after any resume)."""
-    task = tasks.build(cfg, dist.rank(), dist.size())
+    data_rank, data_replicas = dist.data_position()
+    task = tasks.build(cfg, data_rank, data_replicas)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = task.build_model().to(device)
     torch.manual_seed(cfg.train.seed + dist.rank())  # dropout noise differs per rank
     layout = parallel.build(cfg, model)
+    # The optimizer holds what this rank trains (a pipeline stage's layers, or the whole model).
     optimizer = layout.wrap_optimizer(
-        optim.build_optimizer(model, cfg.optim, optim.lr_at(0, cfg.optim, cfg.train.max_steps, dist.size())))
+        optim.build_optimizer(layout.model, cfg.optim, optim.lr_at(0, cfg.optim, cfg.train.max_steps, data_replicas)))
     return Training(
         task=task, model=model, optimizer=optimizer, parallel=layout, device=device,
         precision_ctx=runtime.autocast_context(cfg.train.precision, device),
@@ -96,7 +98,7 @@ def train_step(training: Training, samples_before: int, step: int, timer: PhaseT
     run = training
     with timer.phase("data"):
         batches: List[dict] = [run.task.micro_batch(samples_before, i) for i in range(run.grad_accum_steps)]
-        tokens = sum(run.task.tokens_in(batch) for batch in batches)
+        tokens = sum(run.task.tokens_in(batch) for batch in batches) if run.parallel.counts_tokens() else 0
         batches = [_to_device(batch, run.device) for batch in batches]
     loss = run.parallel.forward_backward(run.task.loss, batches, run.precision_ctx, run.scaler, timer)
     with timer.phase("allreduce_wait"):

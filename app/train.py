@@ -116,7 +116,7 @@ def window_metrics(window: Window, seconds: dict, state, lr: float, output: Step
     """The window's metrics as means over ranks (throughput summed); a collective."""
     rank_tokens_per_s = window.tokens / (time.perf_counter() - window.started)
     per_step = [seconds.get(p, 0.0) / window.steps for p in ("data", "forward", "backward", "optimizer",
-                                                               "allreduce_wait", "parameter_average")]
+                                                               "allreduce_wait", "parameter_average", "pipeline_wait")]
     summed = dist.sum_over_ranks(torch.tensor([
         window.loss.item() / window.steps, rank_tokens_per_s, *per_step,
         float(metrics.process_memory_bytes(window.device)),
@@ -127,7 +127,8 @@ def window_metrics(window: Window, seconds: dict, state, lr: float, output: Step
         "train/loss": mean[0], "lr": lr, "tokens_per_second": summed[1].item(),
         "tokens_per_second_per_rank": rank_tokens_per_s, "mfu": metrics.mfu(flops_per_token, mean[1], peak_tflops),
         "time/data_s_per_step": mean[2], "time/compute_s_per_step": mean[3] + mean[4] + mean[5],
-        "time/allreduce_wait_s_per_step": mean[6] + mean[7], "memory/rss_gib_mean": mean[8] / 2**30,
+        "time/allreduce_wait_s_per_step": mean[6] + mean[7], "time/pipeline_wait_s_per_step": mean[8],
+        "memory/rss_gib_mean": mean[9] / 2**30,
         "tokens_seen": state.tokens_seen,
     }
     if output.grad_norm is not None:
@@ -147,8 +148,9 @@ def log_window(row: dict, state, cfg, logger, window: Window) -> None:
 
 
 def evaluate(cfg, training: Training, state, logger) -> dict:
-    result = training.task.evaluate(training.model, training.device, training.precision_ctx,
-                                    cfg.train.micro_batch_size, cfg.train.eval_batches, logger=logger, step=state.step)
+    with training.parallel.full_model() as model:
+        result = training.task.evaluate(model, training.device, training.precision_ctx, cfg.train.micro_batch_size,
+                                        cfg.train.eval_batches, logger=logger, step=state.step)
     logger.log(state.step, result)
     log.info("step %d | %s", state.step, " | ".join(  # headline numbers; per-class ones go to TensorBoard
         f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float) and k.count("/") == 1))
@@ -177,19 +179,23 @@ def finish_run(cfg, run_dir: Path, training: Training, state, last: dict, logger
     )
     replicas = dist.allgather_object(
         {"rank": dist.rank(), "host": socket.gethostname(), "cores": cores.affinity(), "run_dir": str(run_dir),
-         "param_sha256": models.parameter_checksum(training.model)},
+         "param_sha256": models.parameter_checksum(training.parallel.model),
+         "replica_group": training.parallel.replica_group()},
         name="replicas",
     )
     if dist.is_main():
-        identical = len({r["param_sha256"] for r in replicas}) == 1
-        log.info("parameters identical on all %d ranks: %s", dist.size(), identical)
+        # Ranks that hold the same parameters (all of them, or one pipeline stage's) must agree.
+        identical = all(len({r["param_sha256"] for r in replicas if r["replica_group"] == group}) == 1
+                        for group in {r["replica_group"] for r in replicas})
+        log.info("parameters identical on all %d ranks holding the same part: %s", dist.size(), identical)
         fileio.write_json(run_dir / "summary.json", {
             "step": state.step, "tokens_seen": state.tokens_seen, "world_size": dist.size(), "task": cfg.task,
             "controller": dist.controller(), "horovod": dist.settings_in_effect(),
             "layout": training.parallel.layout(), "metrics": last, "replicas": replicas,
             "replicas_identical": identical,
         })
-    training.task.finish(training.model, run_dir, logger, log)
+    with training.parallel.full_model() as model:
+        training.task.finish(model, run_dir, logger, log)
 
 
 def measure_peak(cfg, device: torch.device) -> float:
@@ -220,7 +226,7 @@ def train(cfg, run_dir: Path) -> dict:
     training.model.train()
     timer, window, last = PhaseTimer(device), Window(device), {}
     while state.step < cfg.train.max_steps:
-        lr = optim.lr_at(state.step, cfg.optim, cfg.train.max_steps, dist.size())
+        lr = optim.lr_at(state.step, cfg.optim, cfg.train.max_steps, dist.data_position()[1])
         optim.set_lr(training.optimizer, lr)
         output = train_step(training, state.samples_seen, state.step, timer)
         state.step += 1

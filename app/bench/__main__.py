@@ -7,7 +7,8 @@
 Sections: the matmul peak (fp32, bf16; 1 thread and all cores); tokens/s and MFU of the trainer
 at 1..N processes against a plain PyTorch loop and DDP, with scaling efficiency; allreduce bus
 bandwidth under Gloo and MPI; the gradient-set allreduce under Horovod's fusion and cycle
-settings; a step-time breakdown. Writes <out>/bench.md (also printed) and <out>/bench.json.
+settings; a step-time breakdown; on request (sections=[pipeline]), a pipeline against data
+parallelism. Writes <out>/bench.md (also printed) and <out>/bench.json.
 Targets are measured and reported; a miss does not fail the command, a failed section does.
 """
 import platform
@@ -22,7 +23,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from app import cli, config, fileio
-from app.bench import bandwidth, breakdown, context, fusion, launch, peak, report, throughput
+from app.bench import bandwidth, breakdown, context, fusion, launch, peak, pipeline, report, throughput
 from app.bench import config as bench_config
 
 CONF_DIR = str(Path(cli.CONF_DIR) / "bench")
@@ -76,6 +77,7 @@ def run_sections(cfg, ctx: context.Context) -> dict:
         "bandwidth": lambda: bandwidth.measure(ctx, log),
         "fusion": lambda: fusion.measure(ctx, log),
         "breakdown": lambda: breakdown.measure(ctx, log),
+        "pipeline": lambda: pipeline.measure(ctx, log),
     }
     results, failed = {}, {}
     for name in bench_config.BENCH_SECTIONS:  # a fixed order: the peak first, while the machine is quiet

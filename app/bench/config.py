@@ -79,6 +79,20 @@ class BenchBreakdownConfig:
 
 
 @dataclass
+class BenchPipelineConfig:
+    """A pipeline against data parallelism on the same processes (app/bench/pipeline.py); opt in
+    with sections=[pipeline]."""
+    stages: int = 2
+    schedule: str = "1f1b"
+    # Micro-batches per step (train.grad_accum_steps) for both layouts; the ideal bubble is
+    # (stages - 1) / (micro_batches + stages - 1).
+    micro_batches: int = 8
+    precision: str = "bf16"
+    warmup_steps: int = 2
+    measure_steps: int = 6
+
+
+@dataclass
 class BenchConfig:
     """python -m app.bench [preset=quick] [out=DIR] [model=PRESET] [throughput.precisions=[bf16]] ..."""
     out: str = "runs/bench/${now:%Y-%m-%d_%H-%M-%S}"
@@ -107,13 +121,14 @@ class BenchConfig:
     bandwidth: BenchBandwidthConfig = field(default_factory=BenchBandwidthConfig)
     fusion: BenchFusionConfig = field(default_factory=BenchFusionConfig)
     breakdown: BenchBreakdownConfig = field(default_factory=BenchBreakdownConfig)
+    pipeline: BenchPipelineConfig = field(default_factory=BenchPipelineConfig)
 
 
 def register() -> None:
     ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
 
 
-BENCH_SECTIONS = ("peak", "throughput", "bandwidth", "fusion", "breakdown")
+BENCH_SECTIONS = ("peak", "throughput", "bandwidth", "fusion", "breakdown", "pipeline")
 
 
 def validate(cfg: BenchConfig) -> None:
@@ -124,6 +139,8 @@ def validate(cfg: BenchConfig) -> None:
         ("breakdown.precision", [cfg.breakdown.precision], precisions),
         ("bandwidth.launchers", cfg.bandwidth.launchers, ("gloo", "mpi")),
         ("launcher", [cfg.launcher], ("gloo", "mpi")),
+        ("pipeline.precision", [cfg.pipeline.precision], precisions),
+        ("pipeline.schedule", [cfg.pipeline.schedule], ("gpipe", "1f1b")),
     ):
         for value in values:
             if value not in allowed:
@@ -137,10 +154,14 @@ def validate(cfg: BenchConfig) -> None:
         "breakdown.measure_steps": cfg.breakdown.measure_steps,
         "breakdown.standalone_sets": cfg.breakdown.standalone_sets,
         "peak.trials": cfg.peak.trials,
+        "pipeline.measure_steps": cfg.pipeline.measure_steps,
+        "pipeline.micro_batches": cfg.pipeline.micro_batches,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
+    if cfg.pipeline.stages < 2:
+        raise ConfigError(f"pipeline.stages={cfg.pipeline.stages} must be at least 2")
     if cfg.bandwidth.size_factor < 2:
         raise ConfigError(f"bandwidth.size_factor={cfg.bandwidth.size_factor} must be at least 2")
     if cfg.bandwidth.max_bytes < cfg.bandwidth.min_bytes:

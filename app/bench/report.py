@@ -119,12 +119,54 @@ def breakdown(section: dict) -> str:
             f"{_percent(section['hidden_fraction'])} of it is hidden behind backward (1 - wait / standalone).")
 
 
+# Timeline characters: micro-batch i's forward is the digit i, its backward the letter (a = 0).
+_BACKWARD_MARKS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def timeline(ranks: list, width: int = 72) -> str:
+    """One step of each stage (of the first pipeline) as a row of characters on a shared clock."""
+    stages = {}
+    for rank in ranks:
+        stages.setdefault(rank["stage"], rank["timeline"])
+    events = [event for rows in stages.values() for event in rows]
+    start, end = min(e[2] for e in events), max(e[3] for e in events)
+    lines = []
+    for stage, rows in sorted(stages.items()):
+        cells = ["."] * width
+        for kind, i, t0, t1 in rows:
+            first = int((t0 - start) / (end - start) * width)
+            last = max(first + 1, int((t1 - start) / (end - start) * width))
+            mark = str(i % 10) if kind == "F" else _BACKWARD_MARKS[i % 26]
+            cells[first:last] = mark * (min(last, width) - first)
+        lines.append(f"stage {stage} |{''.join(cells)}|")
+    return "\n".join(lines) + f"\n         0 ms{' ' * (width - 12)}{(end - start) * 1e3:.0f} ms"
+
+
+def pipeline(section: dict) -> str:
+    rows = []
+    for name in ("data_parallel", "pipeline"):
+        run = section[name]
+        bubble = _percent(run["bubble_fraction"]) if name == "pipeline" else ""
+        ideal = _percent(run["layout"]["ideal_bubble_fraction"]) if name == "pipeline" else ""
+        memory = ", ".join(f"{r['peak_memory_bytes'] / 2**20:.0f}" for r in sorted(run["ranks"], key=lambda r: r["rank"]))
+        rows.append([run["layout"]["mode"], run["processes"], f"{run['tokens_per_second']:,.0f}", bubble, ideal, memory])
+    run = section["pipeline"]
+    header = ["layout", "processes", "tokens/s", "bubble (measured)", "bubble (ideal)", "peak memory per rank (MiB)"]
+    return (f"## Pipeline against data parallelism ({section['model']}, {run['precision']}, {run['micro_batches']} "
+            f"micro-batches of {run['micro_batch_size']} per step, {run['measured_steps']} steps timed)\n\n"
+            + _table(header, rows)
+            + "\n\nMeasured bubble: each rank's share of its forward/backward span spent waiting on a neighbour, "
+            "averaged; ideal: (P-1)/(m+P-1). One step of the pipeline (digit i: micro-batch i's forward, letter: "
+            "its backward, a = 0; '.': waiting):\n\n```\n" + timeline(run["ranks"]) + "\n```")
+
+
 def errors(failed: dict) -> str:
     lines = [f"- {name}: {message.splitlines()[0]}" for name, message in failed.items()]
     return "## Sections that failed\n\n" + "\n".join(lines)
 
 
-SECTIONS = {"peak": peak, "throughput": throughput, "bandwidth": bandwidth, "fusion": fusion, "breakdown": breakdown}
+SECTIONS = {"peak": peak, "throughput": throughput, "bandwidth": bandwidth, "fusion": fusion, "breakdown": breakdown,
+            "pipeline": pipeline}
 
 
 def markdown(results: dict) -> str:

@@ -7,6 +7,7 @@ model and optimizer state that checkpoints hold. The loop (app/train.py), the st
 (app/step.py) and the benchmark call only this interface; data parallelism (app/parallel/data.py)
 is its first implementation, sharded, tensor, pipeline and elastic layouts are further ones.
 """
+from contextlib import contextmanager
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -21,7 +22,7 @@ class Parallelism:
     name = "none"
 
     def __init__(self, model: torch.nn.Module):
-        self.model = model
+        self.model = model  # the parameters this rank trains: the whole model, or its part of it
         self.optimizer: Optional[torch.optim.Optimizer] = None
 
     # --- set-up ------------------------------------------------------------------------------
@@ -72,6 +73,21 @@ class Parallelism:
 
     def finish(self) -> None:
         """Called once after the last step, before the final checkpoint."""
+
+    @contextmanager
+    def full_model(self):
+        """The whole model, usable as a plain one (evaluation, generating a sample), on every rank;
+        a collective where ranks hold only parts of it."""
+        yield self.model
+
+    def counts_tokens(self) -> bool:
+        """Whether this rank's tokens count toward throughput: one rank per data-parallel
+        replica, since the ranks of one pipeline all read the same micro-batches."""
+        return True
+
+    def replica_group(self) -> int:
+        """Ranks whose parameters must be identical share this number (a pipeline's stage)."""
+        return 0
 
     def layout(self) -> dict:
         """Who does what, for the run's summary."""

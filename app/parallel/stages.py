@@ -1,0 +1,95 @@
+"""A plain Hugging Face LLaMA cut into pipeline stages from outside (torchtitan's pipeline.py):
+consecutive decoder layers per stage, the embedding with the first, the final norm and LM head
+with the last. The model file is untouched; a stage module holds references to the model's own
+submodules, so parameter names map back to the full model's and checkpoints stay full-model.
+"""
+from typing import Dict, List
+
+import torch
+from transformers.masking_utils import create_causal_mask
+
+
+def layer_bounds(num_layers: int, stages: int) -> List[range]:
+    """Near-equal runs of layers; the first stages take the remainder, since the last stage also
+    carries the LM head and the loss."""
+    base, extra = divmod(num_layers, stages)
+    bounds, start = [], 0
+    for stage in range(stages):
+        end = start + base + (1 if stage < extra else 0)
+        bounds.append(range(start, end))
+        start = end
+    return bounds
+
+
+def stage_prefixes(stage: int, stages: int, num_layers: int) -> List[str]:
+    """The full model's parameter-name prefixes that stage `stage` owns."""
+    prefixes = ["model.embed_tokens."] if stage == 0 else []
+    prefixes += [f"model.layers.{i}." for i in layer_bounds(num_layers, stages)[stage]]
+    return prefixes + (["model.norm.", "lm_head."] if stage == stages - 1 else [])
+
+
+def owner_names(full_names: List[str], stages: int, num_layers: int) -> List[List[str]]:
+    """For each stage, the names (of `full_names`, in their order) it owns."""
+    return [[name for name in full_names if name.startswith(tuple(stage_prefixes(s, stages, num_layers)))]
+            for s in range(stages)]
+
+
+class Stage(torch.nn.Module):
+    """One stage's part of a LlamaForCausalLM: token ids or hidden states in, hidden states or
+    logits out. Computes what LlamaModel.forward computes over its layers (same mask, same
+    rotary embeddings), so P stages in a row equal the whole model."""
+
+    def __init__(self, model, stage: int, stages: int):
+        super().__init__()
+        decoder, num_layers = model.model, model.config.num_hidden_layers
+        self.config, self.first, self.last = model.config, stage == 0, stage == stages - 1
+        # Registered in the full model's parameter order, so the optimizer's order here is a
+        # subsequence of the full model's (app/parallel/pipeline_state.py relies on it).
+        self.embed_tokens = decoder.embed_tokens if self.first else None
+        self.layers = torch.nn.ModuleDict({str(i): decoder.layers[i]
+                                           for i in layer_bounds(num_layers, stages)[stage]})
+        self.norm = decoder.norm if self.last else None
+        self.lm_head = model.lm_head if self.last else None
+        self.rotary_emb = decoder.rotary_emb  # no parameters; every stage needs the angles
+        full_name = {id(p): name for name, p in model.named_parameters()}
+        self.full_names: Dict[str, str] = {name: full_name[id(p)] for name, p in self.named_parameters()}
+        # The full model's modules this stage does not run, freed once the stage has its weights.
+        owned, module_name = {id(m) for m in self.modules()}, {id(m): name for name, m in model.named_modules()}
+        self.others = [(module_name[id(m)] + ".", m) for m in [decoder.embed_tokens, *decoder.layers, decoder.norm,
+                                                              model.lm_head] if id(m) not in owned]
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(inputs) if self.first else inputs
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
+                                  past_key_values=None, position_ids=position_ids)
+        angles = self.rotary_emb(hidden, position_ids=position_ids)
+        for layer in self.layers.values():
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=angles, position_ids=position_ids)
+        return self.lm_head(self.norm(hidden)) if self.last else hidden
+
+    def full_state(self) -> Dict[str, torch.Tensor]:
+        """This stage's parameters under the full model's names, copied to the CPU."""
+        return {self.full_names[name]: p.detach().cpu().clone() for name, p in self.named_parameters()}
+
+    def load_full_state(self, state: Dict[str, torch.Tensor]) -> None:
+        missing = [full for full in self.full_names.values() if full not in state]
+        if missing:
+            raise ValueError(f"saved weights lack {missing[:3]}; use the model config they were trained with")
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(state[self.full_names[name]])
+
+    def free_others(self) -> None:
+        """Give back the memory of the layers other stages run (their structure stays, on the
+        meta device, so the full model can be rebuilt for evaluation)."""
+        for _, module in self.others:
+            module.to("meta")
+
+    def restore_others(self, state: Dict[str, torch.Tensor], device: torch.device) -> None:
+        """Fill the freed layers with `state` (the full model's weights), until free_others."""
+        with torch.no_grad():
+            for prefix, module in self.others:
+                module.to_empty(device=device)
+                for name, p in module.named_parameters():
+                    p.copy_(state[prefix + name])
