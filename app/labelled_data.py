@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from app import corpus, fileio, tokenizer as tokenizers_
-from app.prepare import is_up_to_date, recipe
+from app.prepared import is_up_to_date, recipe
 
 Passage = Tuple[str, str]  # (text, label)
 
