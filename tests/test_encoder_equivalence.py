@@ -45,11 +45,12 @@ def test_mlm_two_ranks_with_batch_b_take_the_steps_of_one_rank_with_batch_2b(tin
 def test_mlm_evaluation_is_the_same_on_one_and_two_ranks(tiny_genre_data, tmp_path):
     run_dir = tmp_path / "run"
     run_mlm(tiny_genre_data, run_dir, 1, "train.max_steps=4")
-    for batch_size, batches in ((5, 3), (7, 0)):  # 15 passages; the whole (odd-sized) val split
-        args = [f"checkpoint={run_dir}", f"batch_size={batch_size}", f"max_batches={batches}"]
-        one = last_json_line(run_job(args, launcher="none", module="app.evaluate").stdout)
-        two = last_json_line(run_job(args, np_=2, module="app.evaluate").stdout)
-        assert two["ranks"] == 2 and one["val/masked_tokens"] > 0
-        assert two["val/masked_tokens"] == one["val/masked_tokens"]
-        assert two["val/masked_accuracy"] == one["val/masked_accuracy"]
-        assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-6)
+    # 21 passages: rank 0 evaluates 11 in batches of 7 and 4, rank 1 10 in 7 and 3, while 1 rank
+    # has 7, 7, 7: other batches, other padded widths, the same masked tokens.
+    args = [f"checkpoint={run_dir}", "batch_size=7", "max_batches=3"]
+    one = last_json_line(run_job(args, launcher="none", module="app.evaluate").stdout)
+    two = last_json_line(run_job(args, np_=2, module="app.evaluate").stdout)
+    assert two["ranks"] == 2 and one["val/masked_tokens"] > 0 and one["val/masked_accuracy"] > 0
+    assert two["val/masked_tokens"] == one["val/masked_tokens"]
+    assert two["val/masked_accuracy"] == one["val/masked_accuracy"]
+    assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-6)
