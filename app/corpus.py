@@ -86,17 +86,23 @@ def text_documents(path: str, text_field: str) -> List[Document]:
 
 
 def hf_dataset_documents(path: str, text_field: str) -> List[Document]:
-    try:
-        import datasets
-    except ImportError as error:
-        raise ImportError("data.source=hf_dataset needs the `datasets` package: pip install datasets") from error
+    """Every row of every split of a dataset saved with `datasets`' save_to_disk; its own splits
+    are pooled, as the train/val split here is by document and seeded like the other sources."""
+    # Imported here, not at the top: it pulls in pyarrow and pandas (2-3 s here), which
+    # every other source and every training rank would pay for nothing.
+    import datasets
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"data.path={path} does not exist; point it at a directory written by save_to_disk")
     loaded = datasets.load_from_disk(path)
     splits = loaded.values() if isinstance(loaded, datasets.DatasetDict) else [loaded]
-    return [
-        Document(name=f"{path}#{index}", text=row[text_field])
-        for split in splits
-        for index, row in enumerate(split)
-    ]
+    texts = []
+    for split in splits:
+        if text_field not in split.column_names:
+            raise KeyError(f"{path} has no column {text_field!r} (it has {', '.join(split.column_names)}); "
+                           "set data.text_field")
+        texts.extend(split[text_field])
+    return [Document(name=f"{path}#{index}", text=str(text)) for index, text in enumerate(texts)]
 
 
 def load_documents(source: str, path: Optional[str], text_field: str) -> List[Document]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from app import corpus, fileio, tokenizer as tokenizers_
-from app.prepare import is_up_to_date, recipe
+from app.prepared import is_up_to_date, recipe
 
 Passage = Tuple[str, str]  # (text, label)
 
@@ -125,6 +125,14 @@ def prepare(data_cfg, log=print) -> Path:
     return out
 
 
+def pad(rows, value: int) -> torch.Tensor:
+    """Rows of different lengths as one tensor, right-padded with `value` to the longest."""
+    padded = torch.full((len(rows), max(len(row) for row in rows)), value, dtype=torch.long)
+    for r, row in enumerate(rows):
+        padded[r, : len(row)] = torch.from_numpy(np.asarray(row, dtype=np.int64))
+    return padded
+
+
 class Passages:
     """One split of prepared passages; batches are padded to their own longest passage."""
 
@@ -137,16 +145,34 @@ class Passages:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def row(self, index: int) -> np.ndarray:
+        return self.ids[self.offsets[index] : self.offsets[index + 1]]
+
+    def padded(self, rows) -> dict:
+        """input_ids and attention_mask of token rows (a passage's, or a masked copy of one)."""
+        return {"input_ids": pad(rows, self.pad_token_id),
+                "attention_mask": pad([np.ones(len(row), dtype=np.int64) for row in rows], 0)}
+
     def collate(self, indices) -> dict:
-        rows = [self.ids[self.offsets[i] : self.offsets[i + 1]] for i in indices]
-        width = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, row in enumerate(rows):
-            input_ids[r, : len(row)] = torch.from_numpy(row.astype(np.int64))
-            attention_mask[r, : len(row)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "labels": torch.from_numpy(self.labels[list(indices)].astype(np.int64))}
+        batch = self.padded([self.row(i) for i in indices])
+        batch["labels"] = torch.from_numpy(self.labels[list(indices)].astype(np.int64))
+        return batch
+
+    def stratified_order(self, seed: int) -> np.ndarray:
+        """Every passage once, classes interleaved so that any prefix of at least as many
+        passages as there are classes holds every class, each about in proportion to its share
+        of the split (within a passage or so). The files are sorted by class, so "the first N"
+        would be one class. Passage j (0-based, in a seeded shuffle) of a class with n passages
+        is placed at j / n; ties go to the lower class index."""
+        rng = np.random.default_rng(seed)
+        places, classes, members = [], [], []
+        for label in np.unique(self.labels):
+            mine = rng.permutation(np.flatnonzero(self.labels == label))
+            places.append(np.arange(len(mine)) / len(mine))
+            classes.append(np.full(len(mine), label))
+            members.append(mine)
+        order = np.lexsort((np.concatenate(classes), np.concatenate(places)))
+        return np.concatenate(members)[order]
 
 
 class ShuffledPassages:
@@ -167,6 +193,4 @@ class ShuffledPassages:
         return [int(self._permutation(i // n)[i % n]) for i in range(first_sample, first_sample + count)]
 
     def batch(self, first_sample: int, count: int) -> dict:
-        batch = self.passages.collate(self.indices(first_sample, count))
-        batch["first_sample"] = first_sample
-        return batch
+        return self.passages.collate(self.indices(first_sample, count))

