@@ -8,7 +8,7 @@ import json
 
 from omegaconf import OmegaConf
 
-from app import checkpoint, cli, config, dist, prepare, runtime, tasks
+from app import checkpoint, cli, config, dist, prepared, runtime, tasks
 
 
 def evaluate(cfg) -> dict:
@@ -20,7 +20,7 @@ def evaluate(cfg) -> dict:
         run_cfg.data.dir = cfg.data
     if cfg.seq_len:
         run_cfg.train.seq_len = cfg.seq_len
-    meta = prepare.read_meta(run_cfg.data.dir)
+    meta = prepared.read_meta(run_cfg.data.dir)
     if meta["tokenizer_sha256"] != state.tokenizer_sha256:
         raise ValueError(f"{run_cfg.data.dir} was tokenized with another tokenizer than {found}; "
                          "prepare it with that run's tokenizer (data.tokenizer_path)")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from app import cli, config, corpus, fileio, labelled_data, tokenizer as tokenizers_
-from app.prepared import is_up_to_date, read_meta, recipe  # noqa: F401  read_meta: for prepare.read_meta callers
+from app.prepared import is_up_to_date, recipe
 
 RECIPE_KEYS = ("source", "path", "text_field", "tokenizer_path", "tokenizer_kind", "vocab_size", "val_fraction", "seed")
 
@@ -96,7 +96,7 @@ def prepare_data(data_cfg, log=print) -> Path:
 
 
 def prepare(cfg, log=print) -> Path:
-    """The data of a whole run config (as app.train and the benchmark hold it)."""
+    """python -m app.prepare: the data of a composed config."""
     return prepare_data(cfg.data, log=log)
 
 

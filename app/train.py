@@ -54,7 +54,7 @@ def start_rank(cfg, run_dir: Path) -> torch.device:
 def prepare_data(cfg, run_dir: Path) -> None:
     """Rank 0 prepares the data (idempotent) and copies the tokenizer beside the checkpoints, so
     the run directory alone serves export and generation."""
-    prepare.prepare(cfg, log=log.info)
+    prepare.prepare_data(cfg.data, log=log.info)
     with fileio.staged_directory(checkpoint.run_tokenizer_dir(run_dir)) as staging:
         tokenizer.load(cfg.data.dir).save_pretrained(staging)
 

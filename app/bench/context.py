@@ -46,7 +46,7 @@ def build(bench_cfg, out_dir: Path, log=print) -> Context:
     train_cfg.data.dir = str(data_dir)
     if train_cfg.task != "clm":
         raise ValueError(f"the benchmark measures causal-LM training (task=clm); got task={train_cfg.task}")
-    prepare.prepare(train_cfg, log=log)
+    prepare.prepare_data(train_cfg.data, log=log)
     task = tasks.build(train_cfg, rank=0, world=1)
     model = task.build_model()
     cores = available_cores()

@@ -17,7 +17,7 @@ import torch.distributed as torch_dist
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from app import cli, cores, data, fileio, models, prepare, runtime
+from app import cli, cores, data, fileio, models, prepared, runtime
 from app.bench import launch
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     torch.set_num_threads(cores.place(local_rank, local_size, [cores.affinity()], spec["threads"],
                                       cfg.train.bind_cores))
 
-    meta = prepare.read_meta(cfg.data.dir)
+    meta = prepared.read_meta(cfg.data.dir)
     seq_len = cfg.train.seq_len or cfg.model.max_seq_len
     windows = data.TokenWindows(Path(cfg.data.dir) / "train.bin", meta["dtype"], seq_len, cfg.train.seed)
     stream = data.RankStream(windows, rank, world, cfg.train.micro_batch_size, cfg.train.grad_accum_steps)

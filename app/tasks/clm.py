@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from app import checkpoint, data, dist, models, prepare, tokenizer
+from app import checkpoint, data, dist, models, prepared, tokenizer
 from app.generate import generate_text
 
 
@@ -26,7 +26,7 @@ def mean_loss(model, windows, batch_size: int, total_windows: int, device, preci
 class CausalLM:
     def __init__(self, cfg, rank: int, world: int, split: str = "val"):
         self.cfg = cfg
-        meta = prepare.read_meta(cfg.data.dir)
+        meta = prepared.read_meta(cfg.data.dir)
         self.vocab_size = meta["vocab_size"]
         self.tokenizer_sha256 = meta["tokenizer_sha256"]
         self.seq_len = cfg.train.seq_len or cfg.model.max_seq_len
