@@ -100,59 +100,72 @@ ensure_base_image() {
     rm -rf "$tmp/rootfs"
 }
 
-# The host's pip set-up as build arguments: the CA bundle pip trusts becomes the ca-bundle
-# secret; the rest of pip's effective configuration (files and PIP_* variables) becomes the
-# pip-conf secret; under podman, the local paths it names are mounted read-only at the same
-# place (a file:// index is mounted from its root, since its pages link to ../../files/).
+# The host's pip set-up as build options: the CA bundle pip trusts becomes the ca-bundle secret;
+# the rest of pip's effective configuration (`pip config list`: its files and PIP_* variables)
+# becomes the pip-conf secret; under podman, the local paths it names are mounted read-only at
+# the same place (a file:// index from its root, since its pages link to ../../files/).
 pip_build_options() {
-    local config cert="" key value path
-    config=$(python3 -m pip config list 2>/dev/null) || return 0
-    local lines=() mounts=()
-    while IFS= read -r line; do
-        key=${line%%=*} value=${line#*=}
-        value=${value#\'} value=${value%\'}
-        key=${key#*.}
-        if [ "$key" = cert ]; then cert=$value; continue; fi
-        local local_paths=()
-        for word in $value; do
-            path=${word#file://}
-            [[ $path == /* && -e $path ]] || continue
-            [ "$(basename "$path")" != simple ] || path=$(dirname "$path")
-            local_paths+=("$path")
-        done
-        if ((${#local_paths[@]})) && [ "$ENGINE" = docker ]; then
-            say "pip's $key names host paths that docker build cannot mount; left out: $value" >&2
-            continue
-        fi
-        mounts+=("${local_paths[@]}")
-        lines+=("$key = $value")
-    done <<<"$config"
-    if [ -n "$cert" ]; then
-        [ -r "$cert" ] || die "pip's CA bundle $cert is not readable: fix pip's cert setting or PIP_CERT"
-        echo "--secret=id=ca-bundle,src=$cert"
-    fi
-    if ((${#lines[@]})); then
-        # Env-variable settings come after the files' in pip's listing and win, as they do in pip.
-        declare -A merged=()
-        local order=()
-        for entry in "${lines[@]}"; do
-            key=${entry%% = *}
-            [ -n "${merged[$key]+set}" ] || order+=("$key")
-            merged[$key]=${entry#* = }
-        done
-        { echo "[global]"; for key in "${order[@]}"; do echo "$key = ${merged[$key]}"; done; } >"$tmp/pip.conf"
-        say "pip configuration for the build: $(tr '\n' ' ' <"$tmp/pip.conf")" >&2
-        echo "--secret=id=pip-conf,src=$tmp/pip.conf"
-    fi
-    for path in $(printf '%s\n' "${mounts[@]}" | sort -u); do
-        echo "--volume=$path:$path:ro"
-    done
+    python3 -m pip --version >/dev/null 2>&1 || return 0
+    python3 - "$ENGINE" "$tmp/pip.conf" <<'EOF'
+import configparser, os, subprocess, sys
+
+engine, pip_conf = sys.argv[1:]
+listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                         check=True).stdout
+files, variables = {}, {}
+for line in listing.splitlines():
+    name, _, value = line.partition("=")
+    section, _, key = name.rpartition(".")
+    if section == ":env:":
+        variables[key] = value.strip("'")
+    else:
+        files.setdefault(section, {})[key] = value.strip("'")
+# A PIP_* variable wins over every file's setting of the same option, as in pip.
+for options in files.values():
+    for key in variables:
+        options.pop(key, None)
+files.setdefault("global", {}).update(variables)
+
+def local_paths(value):
+    for word in value.split():
+        path = word.removeprefix("file://")
+        if path.startswith("/") and os.path.exists(path):
+            yield os.path.dirname(path) if os.path.basename(path) == "simple" else path
+
+mounts = set()
+for section, options in files.items():
+    for key, value in list(options.items()):
+        if key == "cert":
+            if not os.access(value, os.R_OK):
+                sys.exit(f"container_test.sh: pip's CA bundle {value} is not readable: fix pip's cert setting or PIP_CERT")
+            print(f"--secret=id=ca-bundle,src={value}")
+            del options[key]
+        elif paths := set(local_paths(value)):
+            if engine == "docker":
+                print(f"[container] pip's {section}.{key} names host paths, which docker build cannot mount: "
+                      f"left out ({value})", file=sys.stderr)
+                del options[key]
+            mounts |= paths
+config = configparser.ConfigParser(interpolation=None)
+config.read_dict({section: options for section, options in files.items() if options})
+if config.sections():
+    with open(pip_conf, "w") as file:
+        config.write(file)
+    settings = "; ".join(f"[{s}] " + ", ".join(f"{k} = {v}" for k, v in config[s].items()) for s in config.sections())
+    print(f"[container] pip configuration for the build: {settings}", file=sys.stderr)
+    print(f"--secret=id=pip-conf,src={pip_conf}")
+if engine == "podman":
+    for path in sorted(mounts):
+        print(f"--volume={path}:{path}:ro")
+EOF
 }
 
 build_image() {
     ensure_base_image
     local options=()
-    mapfile -t options < <(pip_build_options)
+    # Through a file, not a process substitution, so that its die stops the script.
+    pip_build_options >"$tmp/build-options"
+    mapfile -t options <"$tmp/build-options"
     local command=("${engine[@]}" build --network host --tag "$IMAGE" --build-arg "BASE_IMAGE=$BASE_IMAGE"
         --build-arg "TORCH_INDEX_URL=${TORCH_INDEX_URL:-}" --build-arg "HOROVOD_GPU_OPERATIONS=${HOROVOD_GPU_OPERATIONS:-}"
         "${options[@]}" "$ROOT")
