@@ -1,9 +1,10 @@
 # syntax=docker/dockerfile:1
 # llama-horovod in a container, built by the same recipe as a machine: scripts/install.sh.
-# CPU by default; for CUDA, a CUDA devel base (the Horovod build needs nvcc and NCCL) and a
-# CUDA torch index:
+# torch comes from pip's index: PyPI's is the CUDA build (GBs), so for a CPU image name the CPU
+# index; for CUDA, a CUDA devel base (the Horovod build needs nvcc and NCCL) and a CUDA index.
+# scripts/container_test.sh (make image) builds and runs it with docker or podman.
 #
-#   docker build -t llama-horovod .
+#   docker build -t llama-horovod --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
 #   docker build -t llama-horovod:cu124 \
 #       --build-arg BASE_IMAGE=nvidia/cuda:12.4.1-cudnn-devel-ubuntu22.04 \
 #       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124 \
@@ -13,7 +14,7 @@
 # working directory /workspace (owned by the non-root user llama) gets data/ and runs/:
 #
 #   docker run --rm llama-horovod                                  # the 2-rank smoke run
-#   docker run --rm -v $PWD/work:/workspace llama-horovod -np 4 model=llama_small
+#   docker run --rm -v $PWD/work:/workspace llama-horovod -np 4 model=llama_small   # work/ owned by uid 1000
 #
 # Multi-host: each host mounts the same shared directory at /workspace and runs a worker sshd
 # on port 2222 that admits the launcher's key; the image's ssh client (for user llama) uses
@@ -46,9 +47,18 @@ COPY conf/ conf/
 COPY slurm/ slurm/
 # The cache mount keeps pip's downloads and the built Horovod wheel between builds, out of the
 # image. An empty HOROVOD_GPU_OPERATIONS must be unset, not empty, for Horovod's build.
+# Two optional build secrets, for a network where pip needs them (scripts/container_test.sh
+# passes the host's): ca-bundle, the CA certificates pip trusts (a TLS-inspecting proxy's), and
+# pip-conf, a pip.conf (an index mirror, its credentials); secrets stay out of every layer.
+#   docker build --secret id=ca-bundle,src=/etc/ssl/certs/ca-certificates.crt \
+#       --secret id=pip-conf,src=$HOME/.config/pip/pip.conf -t llama-horovod .
+# pip skips a PIP_CONFIG_FILE that does not exist, so the build is the same without them.
 RUN --mount=type=cache,target=/root/.cache \
+    --mount=type=secret,id=ca-bundle \
+    --mount=type=secret,id=pip-conf \
     if [ -z "$HOROVOD_GPU_OPERATIONS" ]; then unset HOROVOD_GPU_OPERATIONS; fi \
-    && TORCH_INDEX_URL="$TORCH_INDEX_URL" bash scripts/install.sh
+    && if [ -f /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
+    && PIP_CONFIG_FILE=/run/secrets/pip-conf TORCH_INDEX_URL="$TORCH_INDEX_URL" bash scripts/install.sh
 
 # --- runtime: the venv and the code, OpenMPI and ssh; no compilers --------------------------
 FROM ${BASE_IMAGE} AS runtime

@@ -4,7 +4,7 @@ NP ?= 2
 PYTHON := .venv/bin/python
 ARGS ?=
 
-.PHONY: install train test bench doctor
+.PHONY: install train test bench doctor image
 
 install:
 	bash scripts/install.sh
@@ -22,3 +22,8 @@ bench: install
 
 doctor: install
 	$(PYTHON) -m app.doctor
+
+# The image built from the Dockerfile and run for real (docker, else podman); several minutes
+# the first time: torch and the Horovod build happen inside the image's build stage.
+image:
+	bash scripts/container_test.sh
