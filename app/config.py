@@ -121,6 +121,9 @@ class ParallelConfig:
     # The pipeline's order of forwards and backwards: gpipe (all forwards, then all backwards)
     # or 1f1b (the same bubble, at most P micro-batches' activations held per stage).
     schedule: str = "1f1b"
+    # ZeRO (app/parallel/zero.py): 0 replicates everything (plain data parallelism); 1 shards
+    # the optimizer state over the data-parallel ranks, 2 also the gradients, 3 also the parameters.
+    zero_stage: int = 0
 
 
 @dataclass
@@ -152,6 +155,10 @@ class TrainConfig:
     peak_tflops: Optional[float] = None
     # task=mlm: the fraction of tokens chosen for prediction (BERT's 15%).
     mlm_probability: float = 0.15
+    # Recompute decoder/encoder layers' activations in backward instead of keeping them:
+    # none | full (every layer) | every_k (every activation_checkpointing_every-th layer).
+    activation_checkpointing: str = "none"
+    activation_checkpointing_every: int = 2
     sample_prompt: str = "ROMEO:"
     sample_tokens: int = 120
     sample_temperature: float = 0.8
@@ -253,14 +260,17 @@ def validate(cfg: Config) -> None:
         "sync.param_average_backend": (cfg.sync.param_average_backend, ("horovod", "mpi")),
         "train.precision": (cfg.train.precision, ("fp32", "bf16", "fp16")),
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
+        "train.activation_checkpointing": (cfg.train.activation_checkpointing, ("none", "full", "every_k")),
+        "parallel.zero_stage": (cfg.parallel.zero_stage, (0, 1, 2, 3)),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}; set {key} to one of them")
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}; set {key} to one of them")
     positive = {
         "train.micro_batch_size": cfg.train.micro_batch_size,
         "train.grad_accum_steps": cfg.train.grad_accum_steps,
         "train.log_every": cfg.train.log_every,
+        "train.activation_checkpointing_every": cfg.train.activation_checkpointing_every,
     }
     for key, value in positive.items():
         if value < 1:
@@ -277,6 +287,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "sync.gradient_allreduce=false needs sync.param_average_every >= 1, or ranks never meet"
         )
+    validate_zero(cfg)
     if cfg.task == "clm" and cfg.model.family != "llama":
         raise ConfigError(f"task=clm needs a decoder model; model={cfg.model.name} is {cfg.model.family}")
     if cfg.task in ("mlm", "classify") and cfg.model.family != "bert":
@@ -324,3 +335,19 @@ def validate_pipeline(cfg: Config) -> None:
     for refused, why in refusals:
         if refused:
             raise ConfigError(f"parallel.pipeline={stages} {why}")
+
+
+def validate_zero(cfg: Config) -> None:
+    """ZeRO replaces the gradient allreduce, so it cannot sit under another way of syncing."""
+    if cfg.parallel.zero_stage == 0:
+        return
+    stage = f"parallel.zero_stage={cfg.parallel.zero_stage}"
+    if cfg.parallel.pipeline > 1 or cfg.parallel.tensor > 1:
+        raise ConfigError(f"{stage} shards over plain data parallelism only in this version; use "
+                          "parallel.pipeline=1 parallel.tensor=1, or parallel.zero_stage=0")
+    if not cfg.sync.gradient_allreduce or cfg.sync.op != "average" or cfg.sync.param_average_every:
+        raise ConfigError(f"{stage} averages gradients itself; use sync=allreduce (or sync=fp16_compression), "
+                          f"or parallel.zero_stage=0 for sync={cfg.sync.name}")
+    if cfg.train.precision == "fp16":
+        raise ConfigError(f"{stage} does not support train.precision=fp16 (its loss scaler would skip steps on "
+                          "some shards only); use train.precision=bf16 or fp32")

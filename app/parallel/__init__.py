@@ -3,13 +3,19 @@ import torch
 
 from app.parallel.base import Parallelism
 from app.parallel.data import Adasum, DataParallel, LocalSGD
+from app.parallel.layers import apply_activation_checkpointing
 from app.parallel.pipeline import PipelineParallel
+from app.parallel.zero import Zero
 
 
 def build(cfg, model: torch.nn.Module) -> Parallelism:
-    """The layout the config asks for, applied to a plain model."""
+    """The layout the config asks for, applied to a plain model (torchtitan's parallelize order:
+    activation checkpointing first, then how ranks split the work)."""
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.activation_checkpointing_every)
     if cfg.parallel.pipeline > 1:
         return PipelineParallel(model, cfg)
+    if cfg.parallel.zero_stage:
+        return Zero(model, cfg.parallel.zero_stage, cfg.sync)
     if not cfg.sync.gradient_allreduce:
         return LocalSGD(model, cfg.sync, cfg.train.grad_accum_steps)
     if cfg.sync.op == "adasum":

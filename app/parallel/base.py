@@ -89,9 +89,29 @@ class Parallelism:
         """Ranks whose parameters must be identical share this number (a pipeline's stage)."""
         return 0
 
+    def state_bytes(self) -> Dict[str, int]:
+        """Bytes this rank holds now for parameters, gradients and optimizer state."""
+        return held_bytes(list(self.model.parameters()), self.optimizer)
+
     def layout(self) -> dict:
         """Who does what, for the run's summary."""
-        return {"mode": self.name, "world_size": dist.size()}
+        return {"mode": self.name, "world_size": dist.size(), "state_bytes": self.state_bytes()}
+
+
+def held_bytes(params: List[torch.Tensor], optimizer) -> Dict[str, int]:
+    """Bytes of the storages behind `params`, their gradients and the optimizer's state, each
+    storage counted once (parameters that are views of one flat buffer share it) and a freed
+    storage (ZeRO stage 3 between uses) as nothing."""
+    def total(tensors) -> int:
+        storages = {}
+        for t in tensors:
+            if torch.is_tensor(t):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        storages.pop(0, None)  # freed storages all point at address 0
+        return sum(storages.values())
+    state = [] if optimizer is None else [v for entry in optimizer.state.values() for v in entry.values()]
+    return {"parameters": total(params), "gradients": total(p.grad for p in params),
+            "optimizer_state": total(state)}
 
 
 def load_model_state(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:

@@ -1,0 +1,130 @@
+"""Parameters flattened into one fp32 buffer and cut into contiguous per-rank slices, the
+storage behind ZeRO (app/parallel/zero.py).
+
+A `FlatShard` holds the parameters of one optimizer group in one unit (a decoder layer, or
+what is left of the model); the model's parameters become views into its `full` buffer, and
+this rank owns `full[start:end]`, the slice Horovod's reducescatter hands it: of n elements
+over s ranks, the first n % s ranks get one element more. A `Unit` is the FlatShards of one
+module, moved together in grouped collectives (one negotiation, one fused buffer)."""
+from typing import List, Optional
+
+import horovod.torch as hvd
+import torch
+
+
+def split_sizes(numel: int, size: int) -> List[int]:
+    """Horovod's reducescatter split of dim 0: the first numel % size ranks get one more."""
+    base, extra = divmod(numel, size)
+    return [base + (1 if rank < extra else 0) for rank in range(size)]
+
+
+class FlatShard:
+    def __init__(self, params: List[torch.nn.Parameter], group: int, indices: List[int], process_set,
+                 shard_is_view: bool):
+        if any(p.dtype != torch.float32 for p in params):
+            raise ValueError("ZeRO keeps fp32 parameters (bf16 is autocast's compute type); build the model in "
+                             "fp32 or use parallel.zero_stage=0")
+        self.params, self.group, self.indices = params, group, indices  # indices: the plain optimizer's
+        self.numels = [p.numel() for p in params]
+        self.numel = sum(self.numels)
+        counts = split_sizes(self.numel, process_set.size())
+        self.start = sum(counts[: process_set.rank()])
+        self.end = self.start + counts[process_set.rank()]
+        with torch.no_grad():
+            self.full = torch.cat([p.detach().reshape(-1) for p in params])
+            for param, view in zip(params, self.full.split(self.numels)):
+                param.data = view.view_as(param)
+        # Stages 1-2 keep the whole buffer, so the optimizer can step on a view of it; stage 3
+        # frees the buffer between uses, so the rank's slice must live on its own.
+        self.shard_is_view = shard_is_view
+        owned = self.full[self.start : self.end]
+        self.shard = torch.nn.Parameter(owned if shard_is_view else owned.clone())
+
+    # --- the full buffer ----------------------------------------------------------------------
+    @property
+    def materialized(self) -> bool:
+        return self.full.untyped_storage().nbytes() > 0
+
+    def free(self) -> None:
+        # Freed in place, as FSDP does: autograd's saved views of the parameters keep pointing
+        # at this storage and see the data again once `fill` reallocates it.
+        self.full.untyped_storage().resize_(0)
+
+    def fill(self, gathered: torch.Tensor) -> None:
+        if not self.materialized:
+            self.full.untyped_storage().resize_(self.numel * self.full.element_size())
+        # Through .data: a refill between forward and backward must not bump the version
+        # counter autograd checks on the views it saved.
+        self.full.data.copy_(gathered)
+
+    def take_shard(self) -> None:
+        """After the full buffer was loaded or broadcast: a stage-3 slice copies it in."""
+        if not self.shard_is_view:
+            self.shard.data.copy_(self.full[self.start : self.end])
+
+    # --- gradients ----------------------------------------------------------------------------
+    def take_flat_grad(self) -> torch.Tensor:
+        """The parameters' gradients in one flat fp32 buffer (zeros for a parameter that got
+        none); the parameters' own gradients are released."""
+        grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device)
+                 for p in self.params]
+        flat = torch.cat(grads).float()
+        for param in self.params:
+            param.grad = None
+        return flat
+
+    def add_grad(self, reduced: torch.Tensor) -> None:
+        reduced = reduced.float()
+        if self.shard.grad is None:
+            self.shard.grad = reduced
+        else:
+            self.shard.grad += reduced
+
+    # --- optimizer state in the plain optimizer's layout -------------------------------------
+    def split_full(self, flat: torch.Tensor) -> List[torch.Tensor]:
+        """A full flat tensor cut back into this shard's parameters' shapes."""
+        return [piece.reshape(param.shape).clone() for piece, param in zip(flat.split(self.numels), self.params)]
+
+    def owned_slice(self, per_param: List[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.reshape(-1).float() for t in per_param])[self.start : self.end].clone()
+
+
+class Unit:
+    """The FlatShards of one module (a layer, or the rest of the model), gathered, freed and
+    reduced together."""
+
+    def __init__(self, index: int, module: Optional[torch.nn.Module], flats: List[FlatShard], process_set):
+        self.index, self.module, self.flats, self.process_set = index, module, flats, process_set
+        self.params = [p for flat in flats for p in flat.params]
+        self.grads_ready = 0  # parameters whose gradient is in, this backward pass
+        self.reductions = 0  # reduce-scatters issued this step (one per micro-batch)
+        self.gathering = None  # the handle of an allgather in flight
+
+    @property
+    def materialized(self) -> bool:
+        return all(flat.materialized for flat in self.flats)
+
+    def free(self) -> None:
+        for flat in self.flats:
+            flat.free()
+
+    def gather_async(self):
+        return hvd.grouped_allgather_async([flat.shard.detach() for flat in self.flats],
+                                           name=f"zero.gather.{self.index}", process_set=self.process_set)
+
+    def finish_gather(self, handle) -> None:
+        for flat, gathered in zip(self.flats, hvd.synchronize(handle)):
+            flat.fill(gathered)
+
+    def reduce_async(self, wire_dtype: torch.dtype):
+        """Reduce-scatter (average) the unit's gradients; fp32 on the wire unless fp16 compression."""
+        flats = [flat.take_flat_grad().to(wire_dtype) for flat in self.flats]
+        handle = hvd.grouped_reducescatter_async(flats, name=f"zero.reduce.{self.index}.{self.reductions}",
+                                                 op=hvd.Average, process_set=self.process_set)
+        self.reductions += 1
+        self.grads_ready = 0
+        return handle
+
+    def finish_reduce(self, handle) -> None:
+        for flat, reduced in zip(self.flats, hvd.synchronize(handle)):
+            flat.add_grad(reduced)

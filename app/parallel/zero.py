@@ -1,0 +1,316 @@
+"""ZeRO over Horovod's collectives: data parallelism whose ranks each keep only a slice of the
+optimizer state (stage 1), of the gradients too (stage 2), and of the parameters too (stage 3).
+
+Layout (app/parallel/flat.py): each optimizer group's parameters in each unit (a decoder or
+encoder layer, or the rest of the model: embeddings, final norm, head) live in one flat fp32
+buffer; rank r owns the contiguous slice Horovod's reducescatter gives it, and a plain torch
+optimizer of the same class steps on those slices alone (DeepSpeed's stage_1_and_2 layout).
+
+- Stage 1: one unit. After the micro-batches, one grouped reducescatter (Average) of the flat
+  gradients gives each rank its slice's mean gradient; the optimizer steps on the slice; one
+  grouped allgather writes the updated slices back into every rank's parameters.
+- Stage 2: a unit per layer. As backward finishes a layer's gradients (post-accumulate hooks)
+  they are reduce-scattered while backward goes on and the full gradients are dropped; at most
+  `MAX_REDUCES_IN_FLIGHT` units' full gradients are alive at once.
+- Stage 3: stage 2, and a layer's full parameters exist only around its use: gathered before its
+  forward (the next layer's gather issued at once, FSDP's prefetch), freed after it, gathered
+  again when the gradient of its output arrives (prefetching the layer before it) and freed
+  once its gradients are reduced. The rest of the model is gathered for the whole forward.
+
+Gradients travel in fp32 (Horovod has no bf16 collectives), or fp16 with sync.compression=fp16.
+Checkpoints hold the full model and the plain optimizer's state dict (app/checkpoint.py), so a
+run resumes at any stage and world size. Every collective is named from the unit's index.
+"""
+import functools
+import inspect
+from contextlib import contextmanager
+from typing import Dict, List, Optional
+
+import horovod.torch as hvd
+import torch
+
+from app import dist
+from app.checkpoint import SavedState
+from app.parallel.base import Parallelism, held_bytes, load_model_state
+from app.parallel.flat import FlatShard, Unit
+from app.parallel.layers import transformer_layers
+
+# Units whose reduce-scatter may be outstanding (their full gradients alive) during backward.
+MAX_REDUCES_IN_FLIGHT = 2
+
+
+def build_units(model, groups: List[dict], layers: List[torch.nn.Module], process_set, shard_is_view: bool):
+    """Unit 0 is the model minus `layers`; unit i + 1 is layers[i]. Within a unit, one FlatShard
+    per optimizer group, its parameters in the optimizer's order."""
+    unit_of = {id(p): i + 1 for i, layer in enumerate(layers) for p in layer.parameters()}
+    members = [[[] for _ in groups] for _ in range(len(layers) + 1)]
+    index = 0
+    for g, group in enumerate(groups):
+        for param in group["params"]:
+            members[unit_of.get(id(param), 0)][g].append((index, param))
+            index += 1
+    units = []
+    for u, per_group in enumerate(members):
+        flats = [FlatShard([p for _, p in pairs], g, [i for i, _ in pairs], process_set, shard_is_view)
+                 for g, pairs in enumerate(per_group) if pairs]
+        units.append(Unit(u, model if u == 0 else layers[u - 1], flats, process_set))
+    return units
+
+
+def local_optimizer(plain: torch.optim.Optimizer, shards_per_group: List[List[torch.nn.Parameter]]):
+    """An optimizer of the plain one's class and settings over this rank's slices."""
+    accepted = inspect.signature(type(plain).__init__).parameters
+    settings = {k: v for k, v in plain.defaults.items() if k in accepted}
+    groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": shards}
+              for group, shards in zip(plain.param_groups, shards_per_group)]
+    return type(plain)(groups, **settings)
+
+
+class Zero(Parallelism):
+    def __init__(self, model: torch.nn.Module, stage: int, sync_cfg, process_set=hvd.global_process_set):
+        super().__init__(model)
+        self.stage, self.process_set = stage, process_set
+        self.wire_dtype = torch.float16 if sync_cfg.compression == "fp16" else torch.float32
+        self.layers = transformer_layers(model) if stage >= 2 else []
+        self.units: List[Unit] = []
+        self.pending = []  # (unit, handle) of reduce-scatters in flight
+        self.whole = False  # stage 3 after finish(): every parameter gathered, hooks idle
+        self.resting_bytes: Optional[Dict[str, int]] = None
+
+    @property
+    def name(self) -> str:
+        return f"zero{self.stage}"
+
+    @property
+    def flats(self) -> List[FlatShard]:
+        return [flat for unit in self.units for flat in unit.flats]
+
+    def wrap_optimizer(self, optimizer):
+        self.plain_groups = optimizer.state_dict()["param_groups"]  # the checkpoint's layout
+        self.units = build_units(self.model, optimizer.param_groups, self.layers, self.process_set,
+                                 shard_is_view=self.stage < 3)
+        shards = [[f.shard for f in self.flats if f.group == g] for g in range(len(optimizer.param_groups))]
+        self.optimizer = local_optimizer(optimizer, shards)
+        if self.stage >= 2:
+            for unit in self.units:
+                for param in unit.params:
+                    param.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, unit))
+        if self.stage == 3:
+            self._install_gather_hooks()
+        return self.optimizer
+
+    # --- start and checkpoints ----------------------------------------------------------------
+    def start(self, saved: Optional[SavedState]) -> None:
+        """Rank 0's weights (from `saved` when resuming) to every rank's full buffers, each rank
+        keeps its slice; the plain optimizer state, when resuming, is cut into the slices."""
+        resuming = dist.broadcast_object(saved is not None, name="zero_resuming")
+        if saved is not None:
+            load_model_state(self.model, saved.model)  # into the full buffers: parameters are views
+        with torch.no_grad():
+            for unit in self.units:
+                for flat in unit.flats:
+                    hvd.broadcast_(flat.full, root_rank=0, name=f"zero.start.{unit.index}.{flat.group}",
+                                   process_set=self.process_set)
+                    flat.take_shard()
+            for name, buffer in self.model.named_buffers():
+                hvd.broadcast_(buffer, root_rank=0, name=f"zero.buffer.{name}", process_set=self.process_set)
+        if resuming:
+            plain = dist.broadcast_object(saved.optimizer if saved is not None else None, name="zero_optim_state")
+            self.optimizer.load_state_dict(self._sliced_state(plain))
+        if self.stage == 3:
+            for unit in self.units:
+                unit.free()
+
+    def _sliced_state(self, plain: dict) -> dict:
+        """The plain optimizer's state dict cut to this rank's slices (the local optimizer's)."""
+        sizes = [len(group["params"]) for group in plain["param_groups"]]
+        if sizes != [len(group["params"]) for group in self.plain_groups]:
+            raise ValueError(f"the checkpoint's optimizer has parameter groups of sizes {sizes}, this model "
+                             f"{[len(g['params']) for g in self.plain_groups]}; resume with the same model and optim")
+        state = {}
+        for local_index, flat in enumerate(self._flats_in_optimizer_order()):
+            entries = [plain["state"].get(i) for i in flat.indices]
+            if not all(entries):
+                continue
+            state[local_index] = {
+                key: flat.owned_slice([e[key] for e in entries]) if _per_element(value, flat.params[0])
+                else value.clone() if torch.is_tensor(value) else value
+                for key, value in entries[0].items()}
+        local_groups = self.optimizer.state_dict()["param_groups"]
+        groups = [{**{k: v for k, v in saved.items() if k != "params"}, "params": own["params"]}
+                  for saved, own in zip(plain["param_groups"], local_groups)]
+        return {"state": state, "param_groups": groups}
+
+    def _flats_in_optimizer_order(self) -> List[FlatShard]:
+        by_shard = {id(f.shard): f for f in self.flats}
+        return [by_shard[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+
+    def saved_state(self) -> Optional[SavedState]:
+        """Collective: the full model (stage 3 gathers it) and the plain optimizer's state dict,
+        each slice's state allgathered and cut back into parameter shapes."""
+        gathered_here = self._gather_all() if self.stage == 3 and not self.whole else False
+        model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if dist.is_main() else None
+        if gathered_here:
+            for unit in self.units:
+                unit.free()
+        state = {}
+        for flat in self._flats_in_optimizer_order():
+            entry = self.optimizer.state.get(flat.shard)
+            for key, value in sorted((entry or {}).items()):
+                if _per_element(value, flat.shard):
+                    full = hvd.allgather(value.detach().float(), name=f"zero.state.{flat.indices[0]}.{key}",
+                                         process_set=self.process_set)
+                    values = flat.split_full(full)
+                else:
+                    values = [value.clone() if torch.is_tensor(value) else value] * len(flat.indices)
+                for index, piece in zip(flat.indices, values):
+                    state.setdefault(index, {})[key] = piece
+        if not dist.is_main():
+            return None
+        local_groups = self.optimizer.state_dict()["param_groups"]
+        groups = [{**{k: v for k, v in own.items() if k != "params"}, "params": plain["params"]}
+                  for own, plain in zip(local_groups, self.plain_groups)]
+        return SavedState(model=model_state, optimizer={"state": dict(sorted(state.items())), "param_groups": groups},
+                          world_size=dist.size())
+
+    # --- one step -----------------------------------------------------------------------------
+    def _grad_ready(self, unit: Unit, param) -> None:
+        unit.grads_ready += 1
+        if unit.grads_ready == len(unit.params):
+            self._reduce(unit)
+
+    def _reduce(self, unit: Unit) -> None:
+        self.pending.append((unit, unit.reduce_async(self.wire_dtype)))
+        if self.stage == 3 and not self.whole:
+            unit.free()
+        while len(self.pending) > MAX_REDUCES_IN_FLIGHT:
+            self._finish_oldest_reduce()
+
+    def _finish_oldest_reduce(self) -> None:
+        unit, handle = self.pending.pop(0)
+        unit.finish_reduce(handle)
+
+    def sync_gradients(self) -> None:
+        """Every rank holds its slice's gradient, averaged over ranks and summed over micro-batches."""
+        for unit in self.units:
+            # Stage 1 reduces everything now; stages 2-3 a unit whose parameters got no gradient
+            # from some micro-batch (its hooks never completed), and it then counts as zero.
+            if self.stage == 1 or unit.grads_ready:
+                self._reduce(unit)
+        while self.pending:
+            self._finish_oldest_reduce()
+        for unit in self.units:
+            unit.reductions = 0
+            if self.stage == 3 and not self.whole:
+                unit.free()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """The global norm from the slices' squared norms summed over ranks; torch's clip rule."""
+        grads = [f.shard.grad for f in self.flats if f.shard.grad is not None]
+        squares = torch.stack([g.pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+        total = hvd.allreduce(squares.reshape(1), op=hvd.Sum, name="zero.grad_norm",
+                              process_set=self.process_set)[0].sqrt()
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for grad in grads:
+            grad.mul_(scale)
+        return total
+
+    def optimizer_step(self, scaler) -> None:
+        super().optimizer_step(scaler)
+        if self.stage < 3 or self.whole:
+            self._gather_all()  # stage 3 gathers each layer when it is next used
+
+    def _gather_all(self) -> bool:
+        """Every unit's full buffer rebuilt from the ranks' slices, all allgathers in flight at once."""
+        for unit in self.units:
+            if unit.gathering is not None:  # a stage-3 prefetch: complete it, its name is reused
+                self._gather(unit)
+        handles = [(unit, unit.gather_async()) for unit in self.units]
+        for unit, handle in handles:
+            unit.finish_gather(handle)
+        return True
+
+    # --- stage 3: parameters gathered around their use ---------------------------------------
+    def _install_gather_hooks(self) -> None:
+        self.model.register_forward_pre_hook(lambda module, args: self._before_forward(self.units[0]))
+        self.model.register_forward_hook(self._after_model)
+        for unit in self.units[1:]:
+            unit.module.register_forward_pre_hook(lambda module, args, unit=unit: self._before_forward(unit))
+            unit.module.register_forward_hook(functools.partial(self._after_layer, unit))
+
+    def _gather(self, unit: Unit) -> None:
+        if unit.gathering is not None:
+            handle, unit.gathering = unit.gathering, None
+            unit.finish_gather(handle)
+        elif not unit.materialized:
+            unit.finish_gather(unit.gather_async())
+
+    def _prefetch(self, index: int) -> None:
+        if 0 < index < len(self.units):
+            unit = self.units[index]
+            if unit.gathering is None and not unit.materialized:
+                unit.gathering = unit.gather_async()
+
+    def _before_forward(self, unit: Unit) -> None:
+        if not self.whole:
+            self._gather(unit)
+            self._prefetch(unit.index + 1)
+
+    def _after_model(self, module, args, output) -> None:
+        # In training the rest of the model stays until its gradients are reduced; in
+        # evaluation (no graph) nothing else needs it.
+        if not self.whole and not torch.is_grad_enabled():
+            self.units[0].free()
+
+    def _after_layer(self, unit: Unit, module, args, output) -> None:
+        if self.whole:
+            return
+        unit.free()
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        hidden = next((t for t in outputs if torch.is_tensor(t) and t.requires_grad), None)
+        if hidden is not None:
+            hidden.register_hook(lambda grad: self._before_backward(unit))
+
+    def _before_backward(self, unit: Unit) -> None:
+        """The gradient of the layer's output has arrived: its backward is next."""
+        self._gather(unit)
+        self._prefetch(unit.index - 1)
+
+    # --- the end, memory and layout -------------------------------------------------------------
+    def state_bytes(self) -> Dict[str, int]:
+        shards = [f.shard for f in self.flats]
+        return held_bytes(list(self.model.parameters()) + shards, self.optimizer)
+
+    @contextmanager
+    def full_model(self):
+        """Stage 3: every unit gathered for the duration and freed after (FSDP's
+        summon_full_params; evaluation's ranks run different numbers of batches, so no gather
+        may sit inside its forward); the forward hooks stand idle meanwhile."""
+        if self.stage < 3 or self.whole:
+            yield self.model
+            return
+        self._gather_all()
+        self.whole = True
+        try:
+            yield self.model
+        finally:
+            self.whole = False
+            for unit in self.units:
+                unit.free()
+
+    def finish(self) -> None:
+        """Stage 3: the whole model on every rank for what follows training (final checks,
+        samples), its memory at rest recorded first."""
+        self.resting_bytes = self.state_bytes()
+        if self.stage == 3:
+            self._gather_all()
+            self.whole = True
+
+    def layout(self) -> dict:
+        return {**super().layout(), "zero_stage": self.stage, "units": len(self.units),
+                "state_bytes": self.resting_bytes or self.state_bytes()}
+
+
+def _per_element(value, like: torch.Tensor) -> bool:
+    """Optimizer state shaped like its parameter (Adam's moments, momentum), not a scalar (step)."""
+    return torch.is_tensor(value) and value.dim() > 0 and value.shape == like.shape
