@@ -43,6 +43,15 @@ def mfu(flops_per_token: float, tokens_per_second_per_rank: float, peak_tflops_p
     return flops_per_token * tokens_per_second_per_rank / (peak_tflops_per_rank * 1e12)
 
 
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak so far: the allocator's on a GPU, the resident set's on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def process_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)

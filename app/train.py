@@ -168,7 +168,7 @@ def save_checkpoint(cfg, run_dir: Path, training: Training, state, window: Windo
         log.info("checkpoint %s", path)
 
 
-def finish_run(cfg, run_dir: Path, training: Training, state, last: dict, logger) -> None:
+def finish_run(cfg, run_dir: Path, training: Training, state, last: dict, logger, memory: dict) -> None:
     """Hyperparameters, the run summary (layout, replicas' agreement) and the task's own ending."""
     logger.hparams(
         {"task": cfg.task, "model": cfg.model.name, "optim": cfg.optim.name, "lr": cfg.optim.lr,
@@ -180,7 +180,7 @@ def finish_run(cfg, run_dir: Path, training: Training, state, last: dict, logger
     replicas = dist.allgather_object(
         {"rank": dist.rank(), "host": socket.gethostname(), "cores": cores.affinity(), "run_dir": str(run_dir),
          "param_sha256": models.parameter_checksum(training.parallel.model),
-         "replica_group": training.parallel.replica_group()},
+         "replica_group": training.parallel.replica_group(), "memory": memory},
         name="replicas",
     )
     if dist.is_main():
@@ -208,6 +208,8 @@ def measure_peak(cfg, device: torch.device) -> float:
 def train(cfg, run_dir: Path) -> dict:
     device = start_rank(cfg, run_dir)
     dist.run_on_main(lambda: prepare_data(cfg, run_dir), name="prepare")  # its errors reach every rank
+    # Model-state memory is the peak less this: the interpreter and libraries do not shrink with sharding.
+    memory = {"before_model_bytes": metrics.process_memory_bytes(device)}
     training = build_training(cfg, device)  # task, plain model, optimizer, parallelism
     flops_per_token = training.task.flops_per_token(training.model)
     log.info("model %s: %.2fM parameters, %.1f MFLOPs/token; layout %s", cfg.model.name,
@@ -251,10 +253,11 @@ def train(cfg, run_dir: Path) -> dict:
             logger.close()
             return last
 
+    memory["training_peak_bytes"] = metrics.peak_memory_bytes(device)  # before the final gathers
     training.parallel.finish()
     if not cfg.train.checkpoint_every or state.step % cfg.train.checkpoint_every:
         save_checkpoint(cfg, run_dir, training, state, window)
-    finish_run(cfg, run_dir, training, state, last, logger)
+    finish_run(cfg, run_dir, training, state, last, logger, memory)
     logger.close()
     return last
 

@@ -3,6 +3,7 @@
     python -m app.bench                    # every section, about 8.5 minutes on a quiet 2-core machine
     python -m app.bench preset=quick       # every section in about 1.5 minutes
     python -m app.bench sections=[throughput] throughput.precisions=[bf16] out=runs/bench/tp
+    python -m app.bench sections=[memory]  # ZeRO stages 0-3 x activation checkpointing, llama_125m
 
 Sections: the matmul peak (fp32, bf16; 1 thread and all cores); tokens/s and MFU of the trainer
 at 1..N processes against a plain PyTorch loop and DDP, with scaling efficiency; allreduce bus
@@ -23,7 +24,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from app import cli, config, fileio
-from app.bench import bandwidth, breakdown, context, fusion, launch, peak, pipeline, report, throughput
+from app.bench import bandwidth, breakdown, context, fusion, launch, memory, peak, pipeline, report, throughput
 from app.bench import config as bench_config
 
 CONF_DIR = str(Path(cli.CONF_DIR) / "bench")
@@ -78,6 +79,7 @@ def run_sections(cfg, ctx: context.Context) -> dict:
         "fusion": lambda: fusion.measure(ctx, log),
         "breakdown": lambda: breakdown.measure(ctx, log),
         "pipeline": lambda: pipeline.measure(ctx, log),
+        "memory": lambda: memory.measure(ctx, log),
     }
     results, failed = {}, {}
     for name in bench_config.BENCH_SECTIONS:  # a fixed order: the peak first, while the machine is quiet

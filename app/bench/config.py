@@ -93,6 +93,23 @@ class BenchPipelineConfig:
 
 
 @dataclass
+class BenchMemoryConfig:
+    """Peak memory per rank at ZeRO stages, with and without activation checkpointing, and their
+    tokens/s (not in the default sections: about a minute per configuration on 2 cores)."""
+    model: str = "llama_125m"
+    stages: List[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    activation_checkpointing: List[str] = field(default_factory=lambda: ["none", "full"])
+    processes: int = 2
+    # fp32: bf16 autocast keeps a bf16 copy of every weight it casts during the forward, which
+    # no stage shards.
+    precision: str = "fp32"
+    seq_len: int = 256
+    micro_batch_size: int = 2
+    warmup_steps: int = 1
+    measure_steps: int = 2
+
+
+@dataclass
 class BenchConfig:
     """python -m app.bench [preset=quick] [out=DIR] [model=PRESET] [throughput.precisions=[bf16]] ..."""
     out: str = "runs/bench/${now:%Y-%m-%d_%H-%M-%S}"
@@ -122,13 +139,14 @@ class BenchConfig:
     fusion: BenchFusionConfig = field(default_factory=BenchFusionConfig)
     breakdown: BenchBreakdownConfig = field(default_factory=BenchBreakdownConfig)
     pipeline: BenchPipelineConfig = field(default_factory=BenchPipelineConfig)
+    memory: BenchMemoryConfig = field(default_factory=BenchMemoryConfig)
 
 
 def register() -> None:
     ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
 
 
-BENCH_SECTIONS = ("peak", "throughput", "bandwidth", "fusion", "breakdown", "pipeline")
+BENCH_SECTIONS = ("peak", "throughput", "bandwidth", "fusion", "breakdown", "pipeline", "memory")
 
 
 def validate(cfg: BenchConfig) -> None:
@@ -141,6 +159,9 @@ def validate(cfg: BenchConfig) -> None:
         ("launcher", [cfg.launcher], ("gloo", "mpi")),
         ("pipeline.precision", [cfg.pipeline.precision], precisions),
         ("pipeline.schedule", [cfg.pipeline.schedule], ("gpipe", "1f1b")),
+        ("memory.stages", cfg.memory.stages, (0, 1, 2, 3)),
+        ("memory.activation_checkpointing", cfg.memory.activation_checkpointing, ("none", "full", "every_k")),
+        ("memory.precision", [cfg.memory.precision], precisions),
     ):
         for value in values:
             if value not in allowed:
@@ -156,6 +177,8 @@ def validate(cfg: BenchConfig) -> None:
         "peak.trials": cfg.peak.trials,
         "pipeline.measure_steps": cfg.pipeline.measure_steps,
         "pipeline.micro_batches": cfg.pipeline.micro_batches,
+        "memory.processes": cfg.memory.processes,
+        "memory.measure_steps": cfg.memory.measure_steps,
     }
     for key, value in positive.items():
         if value < 1:

@@ -160,13 +160,37 @@ def pipeline(section: dict) -> str:
             "its backward, a = 0; '.': waiting):\n\n```\n" + timeline(run["ranks"]) + "\n```")
 
 
+def _mib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**20:,.0f}"
+
+
+def memory(section: dict) -> str:
+    rows = []
+    for r in section["runs"]:
+        held, predicted = r["held_bytes_rank0"], r["predicted_model_state_bytes"]
+        rows.append([r["zero_stage"], r["activation_checkpointing"], " / ".join(_mib(b) for b in r["peak_bytes_per_rank"]),
+                     _mib(r["model_state_bytes"]), _mib(sum(predicted.values())),
+                     f"{_mib(held['parameters'])} / {_mib(held['optimizer_state'])}", f"{r['tokens_per_second']:,.0f}"])
+    header = ["ZeRO stage", "activation checkpointing", "peak MiB per rank", "model state MiB (peak - before model)",
+              "predicted model state MiB", "held at rest MiB (params / optimizer), rank 0", "tokens/s"]
+    note = (f"{section['model']} ({section['parameters'] / 1e6:.1f}M parameters), {section['processes']} ranks under "
+            f"{_LAUNCHED_BY[section['launcher']]}, {section['precision']}, {section['optimizer']}, micro-batch "
+            f"{section['micro_batch_size']} x {section['seq_len']} tokens. Predicted: 4 bytes/parameter of weights and "
+            "of gradients and the optimizer's state, each divided by the ranks from the stage that shards it "
+            "(app/plan.py); activations are in the measured column only.")
+    target_rows = [[t["name"], f"{t['value']:.3f}", ("<= " if t["at_most"] else ">= ") + f"{t['threshold']:.2f}",
+                    "yes" if t["met"] else "**no**", t["formula"]] for t in section["targets"]]
+    return ("## Memory per rank under ZeRO\n\n" + note + "\n\n" + _table(header, rows) + "\n\n"
+            + _table(["ratio", "measured", "target", "met", "measured as"], target_rows))
+
+
 def errors(failed: dict) -> str:
     lines = [f"- {name}: {message.splitlines()[0]}" for name, message in failed.items()]
     return "## Sections that failed\n\n" + "\n".join(lines)
 
 
 SECTIONS = {"peak": peak, "throughput": throughput, "bandwidth": bandwidth, "fusion": fusion, "breakdown": breakdown,
-            "pipeline": pipeline}
+            "pipeline": pipeline, "memory": memory}
 
 
 def markdown(results: dict) -> str:

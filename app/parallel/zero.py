@@ -161,8 +161,8 @@ class Zero(Parallelism):
                     full = hvd.allgather(value.detach().float(), name=f"zero.state.{flat.indices[0]}.{key}",
                                          process_set=self.process_set)
                     values = flat.split_full(full)
-                else:
-                    values = [value.clone() if torch.is_tensor(value) else value] * len(flat.indices)
+                else:  # a copy each: a shared step counter would be bumped once per parameter
+                    values = [value.clone() if torch.is_tensor(value) else value for _ in flat.indices]
                 for index, piece in zip(flat.indices, values):
                     state.setdefault(index, {})[key] = piece
         if not dist.is_main():

@@ -1,0 +1,184 @@
+"""ZeRO sharding (parallel.zero_stage=1..3) and activation checkpointing.
+
+Real 2-rank Horovod jobs, fp32 with deterministic kernels, AdamW, two micro-batches accumulated
+per step and clipping at 0.05 (every step clips: the tiny model's gradient norm is above 1).
+The reference is one process with the same global batch at stage 0.
+
+Tolerance: ADAM_ATOL = 1e-5 on the weights after 6 steps, as in test_equivalence.py. Sharding
+changes only the order of float32 sums: the reducescatter's mean over ranks, the global norm
+as a sum of the slices' squared norms instead of a norm of per-tensor norms, the micro-batch
+sum of already-averaged slices (stages 2-3). Each is ~1e-7 relative per step; Adam divides by
+sqrt(v), which amplifies it where gradients are tiny, so weights differ by up to a few 1e-6
+(measured: 5.6e-6 at stage 1, 2.8e-6 at stage 3). A real bug (a slice applied at the wrong
+offset, a missing average, a rank's slice lost, no clipping) moves weights by ~lr = 1e-3.
+
+Launches are shared (module fixture): one reference process, stages 1, 2 and 3 on 2 ranks
+(checkpointing at steps 3 and 6), and two resumes across stage and world size.
+"""
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from app import checkpoint, cli, config, export
+from app.parallel.flat import split_sizes
+from app.parallel.layers import apply_activation_checkpointing, transformer_layers
+from conftest import read_summary, run_job, tiny_train_args
+
+ADAM_ATOL = 1e-5
+SETTINGS = ("optim=adamw", "train.grad_accum_steps=2", "train.grad_clip=0.05", "train.checkpoint_every=3",
+            "train.keep_last=2", "train.resume=never")
+
+
+def launch(data, run_dir, np_, *extra):
+    """6 optimizer steps of 8 samples (4 per rank on 2 ranks), checkpoints at steps 3 and 6."""
+    micro = 4 // np_
+    run_job(tiny_train_args(data, run_dir, *SETTINGS, f"train.micro_batch_size={micro}", *extra), np_=np_,
+            launcher="gloo" if np_ > 1 else "none")
+    return run_dir
+
+
+def step_dir(run_dir, step):
+    return checkpoint.checkpoints_root(run_dir) / checkpoint.step_dir_name(step)
+
+
+def weights(run_dir, step=6):
+    return load_file(str(step_dir(run_dir, step) / "model.safetensors"))
+
+
+def max_abs_difference(a, b) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("zero")
+    found = {"one": launch(tiny_data, root / "one", 1)}
+    for stage in (1, 2, 3):
+        found[stage] = launch(tiny_data, root / f"stage{stage}", 2, f"parallel.zero_stage={stage}")
+    # Across stage and world size, both ways, from the step-3 checkpoints.
+    found["3_to_1rank_stage0"] = launch(tiny_data, root / "to0", 1, f"train.resume={step_dir(found[3], 3)}")
+    found["1rank_stage0_to_3"] = launch(tiny_data, root / "to3", 2, "parallel.zero_stage=3",
+                                        f"train.resume={step_dir(found['one'], 3)}")
+    return found
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_each_stage_on_two_ranks_takes_the_steps_of_one_process_with_the_whole_batch(runs, stage):
+    reference, initial = weights(runs["one"]), weights(runs["one"], step=3)
+    assert max_abs_difference(reference, initial) > 100 * ADAM_ATOL, "the runs barely moved"
+    assert max_abs_difference(weights(runs[stage]), reference) < ADAM_ATOL
+    summary = read_summary(runs[stage])
+    assert summary["layout"]["mode"] == f"zero{stage}" and summary["replicas_identical"]
+
+
+def test_clipping_was_active_so_the_global_norm_was_tested(runs):
+    # grad_norm is logged before clipping; above grad_clip means every step was scaled down.
+    from conftest import read_metrics
+    norms = [row["grad_norm"] for row in read_metrics(runs[3])]
+    reference = [row["grad_norm"] for row in read_metrics(runs["one"])]
+    assert min(norms) > 0.05
+    assert norms == pytest.approx(reference, rel=1e-4)
+
+
+def test_sharded_checkpoint_holds_the_plain_optimizer_state_dict(runs):
+    sharded = checkpoint.load_optimizer_state(step_dir(runs[3], 6))
+    plain = checkpoint.load_optimizer_state(step_dir(runs["one"], 6))
+    assert [g["params"] for g in sharded["param_groups"]] == [g["params"] for g in plain["param_groups"]]
+    assert sharded["state"].keys() == plain["state"].keys()
+    for index, entry in plain["state"].items():
+        assert sharded["state"][index].keys() == entry.keys()
+        for key, value in entry.items():
+            other = sharded["state"][index][key]
+            assert other.shape == value.shape
+            assert (other - value).abs().max() <= 1e-3 * value.abs().max() + 1e-12, (index, key)
+
+
+def test_resume_across_stage_and_world_size_both_ways(runs):
+    reference = weights(runs["one"])
+    assert max_abs_difference(weights(runs["3_to_1rank_stage0"]), reference) < ADAM_ATOL
+    assert max_abs_difference(weights(runs["1rank_stage0_to_3"]), reference) < ADAM_ATOL
+
+
+def test_export_of_a_sharded_run_is_the_full_hugging_face_model(runs, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    out = tmp_path / "exported"
+    export.export(OmegaConf.create({"checkpoint": str(runs[3]), "out": str(out), "dtype": "float32"}))
+    exported = LlamaForCausalLM.from_pretrained(out).state_dict()
+    reference = weights(runs["one"])
+    assert max((exported[k] - reference[k]).abs().max().item() for k in reference) < ADAM_ATOL
+
+
+def test_each_rank_holds_about_half_the_model_state_of_a_replica(runs):
+    """Bytes held at rest (after the last step) by rank 0, the rank with the larger slice."""
+    replica = read_summary(runs["one"])["layout"]["state_bytes"]
+    stage1 = read_summary(runs[1])["layout"]["state_bytes"]
+    stage3 = read_summary(runs[3])["layout"]["state_bytes"]
+    # Stage 1: AdamW's two moments per element, half the elements per rank (+ scalar step counts).
+    assert stage1["optimizer_state"] <= 0.55 * replica["optimizer_state"]
+    assert stage1["parameters"] >= replica["parameters"]  # replicated (plus nothing: slices are views)
+    # Stage 3: parameters too (the slices alone; full buffers are freed between uses).
+    assert stage3["parameters"] <= 0.55 * replica["parameters"]
+    assert sum(stage3.values()) <= 0.55 * sum(replica.values())
+
+
+def test_split_follows_horovods_reducescatter_rule():
+    assert split_sizes(10, 4) == [3, 3, 2, 2]
+    assert split_sizes(3, 4) == [1, 1, 1, 0]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("parallel.zero_stage=4", "parallel.zero_stage=4 is not one of 0, 1, 2, 3"),
+    ("train.activation_checkpointing=some", "train.activation_checkpointing='some' is not one of none, full"),
+    ("sync=local_sgd", "parallel.zero_stage=2 averages gradients itself"),
+])
+def test_bad_sharding_settings_are_one_line_naming_the_fix(override, message):
+    cfg = cli.compose_config(["model=llama_tiny", "parallel.zero_stage=2", override])
+    with pytest.raises(config.ConfigError, match=message.replace("(", r"\(")) as raised:
+        config.validate(cfg)
+    assert "\n" not in str(raised.value)
+
+
+def _gradients(model, batch, loss_of):
+    model.zero_grad()
+    loss_of(model, batch).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _counting_forwards(layer):
+    calls = []
+    original = layer.forward
+    layer.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("mode", ["full", "every_k"])
+def test_activation_checkpointing_gives_the_gradients_of_no_checkpointing(family, mode):
+    """Recomputation runs the same kernels on the same inputs (and, for BERT, the same dropout
+    masks: the RNG state is restored), so gradients are bitwise equal."""
+    from app import models
+    model_cfg = cli.compose_config([f"model={family}_tiny"]).model
+    torch.manual_seed(0)
+    if family == "llama":
+        model = models.build_causal_lm(model_cfg, 128)
+        batch = torch.randint(0, 128, (2, 16))
+        loss_of = lambda m, b: models.causal_lm_loss(m, b[:, :-1], b[:, 1:])  # noqa: E731
+    else:
+        model = models.build_encoder(model_cfg, 128, 0, "mlm")
+        batch = torch.randint(1, 128, (2, 16))
+        loss_of = lambda m, b: m(input_ids=b, labels=b).loss  # noqa: E731
+    model.train()
+    torch.manual_seed(1)
+    plain = _gradients(model, batch, loss_of)
+    counters = [_counting_forwards(layer) for layer in transformer_layers(model)]
+    chosen = apply_activation_checkpointing(model, mode, every=2)
+    torch.manual_seed(1)
+    recomputed = _gradients(model, batch, loss_of)
+    assert chosen == ([0, 1] if mode == "full" else [0])
+    # A checkpointed layer runs its forward twice (once more in backward), the others once.
+    assert [len(c) for c in counters] == [2 if i in chosen else 1 for i in range(len(counters))]
+    assert plain.keys() == recomputed.keys()
+    assert all(torch.equal(plain[k], recomputed[k]) for k in plain)
