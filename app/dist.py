@@ -169,6 +169,10 @@ def local_rank() -> int:
     return hvd.local_rank()
 
 
+def local_size() -> int:
+    return hvd.local_size()
+
+
 def is_main() -> bool:
     return hvd.rank() == 0
 

@@ -21,7 +21,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from app import checkpoint, cli, config, cores, dist, fileio, metrics, models, optim, prepare, runtime, stop, tokenizer
+from app import (checkpoint, cli, config, cores, dist, fileio, metrics, models, optim, plan, prepare, runtime, stop,
+                 tokenizer)
 from app.step import PhaseTimer, StepOutput, Training, build_training, train_step
 
 log = logging.getLogger("app.train")
@@ -214,6 +215,10 @@ def train(cfg, run_dir: Path) -> dict:
     flops_per_token = training.task.flops_per_token(training.model)
     log.info("model %s: %.2fM parameters, %.1f MFLOPs/token; layout %s", cfg.model.name,
              models.count_parameters(training.model) / 1e6, flops_per_token / 1e6, training.parallel.layout())
+    shortfall = plan.shortfall_warning(cfg, models.count_parameters(training.model), dist.size(), dist.local_size(),
+                                       device)
+    if shortfall:
+        log.warning(shortfall)
     state = checkpoint.TrainState(
         world_size=dist.size(), model_signature=checkpoint.model_signature(training.model),
         tokenizer_sha256=training.task.tokenizer_sha256, config=OmegaConf.to_container(cfg, resolve=True),

@@ -182,3 +182,15 @@ def test_activation_checkpointing_gives_the_gradients_of_no_checkpointing(family
     assert [len(c) for c in counters] == [2 if i in chosen else 1 for i in range(len(counters))]
     assert plain.keys() == recomputed.keys()
     assert all(torch.equal(plain[k], recomputed[k]) for k in plain)
+
+
+def test_planner_counts_the_7b_preset_without_memory_and_shards_by_stage():
+    from app import plan
+    parameters = plan.count_parameters(cli.compose_config(["model=llama_7b"]))
+    assert parameters == 6_738_415_616  # LLaMA-2 7B's count: the preset is its shape
+    per_rank = plan.model_state_bytes(parameters, stage=3, world=8)
+    assert per_rank == {"parameters": 4 * parameters / 8, "gradients": 4 * parameters / 8,
+                        "optimizer_state": 8 * parameters / 8}
+    assert plan.model_state_bytes(parameters, stage=1, world=8)["gradients"] == 4 * parameters
+    # 16 bytes per parameter replicated is 100 GiB: no stage fits one 80 GiB rank, stage 1 fits 2.
+    assert plan.smallest_fit(parameters, 8, 80 * 2**30) == (2, 1)
