@@ -81,7 +81,7 @@ def table(parameters: int, optimizer_bytes: int, worlds: List[int]) -> str:
 
 
 def main() -> None:
-    plan_args = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(("world=", "memory_gib="))}
+    plan_args = dict(a.split("=", 1) for a in sys.argv[1:] if a.startswith(("world=", "memory_gib=")))
     cfg = cli.compose_config([a for a in sys.argv[1:] if a.split("=", 1)[0] not in plan_args])
     parameters = count_parameters(cfg)
     optimizer_bytes = optimizer_bytes_per_parameter(cfg.optim.name, cfg.optim.momentum)

@@ -168,7 +168,8 @@ def memory(section: dict) -> str:
     rows = []
     for r in section["runs"]:
         held, predicted = r["held_bytes_rank0"], r["predicted_model_state_bytes"]
-        rows.append([r["zero_stage"], r["activation_checkpointing"], " / ".join(_mib(b) for b in r["peak_bytes_per_rank"]),
+        peaks = " / ".join(_mib(b) for b in r["peak_bytes_per_rank"])
+        rows.append([r["zero_stage"], r["activation_checkpointing"], peaks,
                      _mib(r["model_state_bytes"]), _mib(sum(predicted.values())),
                      f"{_mib(held['parameters'])} / {_mib(held['optimizer_state'])}", f"{r['tokens_per_second']:,.0f}"])
     header = ["ZeRO stage", "activation checkpointing", "peak MiB per rank", "model state MiB (peak - before model)",
