@@ -37,6 +37,7 @@ class FlatShard:
         # Stages 1-2 keep the whole buffer, so the optimizer can step on a view of it; stage 3
         # frees the buffer between uses, so the rank's slice must live on its own.
         self.shard_is_view = shard_is_view
+        self.grad_full: Optional[torch.Tensor] = None  # stage 1 only
         owned = self.full[self.start : self.end]
         self.shard = torch.nn.Parameter(owned if shard_is_view else owned.clone())
 
@@ -63,9 +64,19 @@ class FlatShard:
             self.shard.data.copy_(self.full[self.start : self.end])
 
     # --- gradients ----------------------------------------------------------------------------
+    def keep_grads_in_flat_buffer(self) -> None:
+        """Stage 1: the parameters' gradients become views of one flat buffer, which backward
+        accumulates into in place (DDP's gradient_as_bucket_view), so the reduce-scatter needs
+        no flat copy of the whole model's gradients beside them."""
+        self.grad_full = torch.zeros_like(self.full)
+        for param, view in zip(self.params, self.grad_full.split(self.numels)):
+            param.grad = view.view_as(param)
+
     def take_flat_grad(self) -> torch.Tensor:
         """The parameters' gradients in one flat fp32 buffer (zeros for a parameter that got
-        none); the parameters' own gradients are released."""
+        none); the parameters' own gradients are released (kept, in the stage-1 buffer)."""
+        if self.grad_full is not None:
+            return self.grad_full
         grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device)
                  for p in self.params]
         flat = torch.cat(grads).float()
@@ -74,6 +85,10 @@ class FlatShard:
         return flat
 
     def add_grad(self, reduced: torch.Tensor) -> None:
+        """The reduce-scatter is done: its result is this rank's slice; the stage-1 buffer
+        starts the next step from zero."""
+        if self.grad_full is not None:
+            self.grad_full.zero_()
         reduced = reduced.float()
         if self.shard.grad is None:
             self.shard.grad = reduced

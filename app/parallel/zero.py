@@ -91,6 +91,9 @@ class Zero(Parallelism):
                                  shard_is_view=self.stage < 3)
         shards = [[f.shard for f in self.flats if f.group == g] for g in range(len(optimizer.param_groups))]
         self.optimizer = local_optimizer(optimizer, shards)
+        if self.stage == 1:
+            for flat in self.flats:
+                flat.keep_grads_in_flat_buffer()
         if self.stage >= 2:
             for unit in self.units:
                 for param in unit.params:
