@@ -1,6 +1,7 @@
 """Ways of splitting training across ranks, each an implementation of `base.Parallelism`."""
 import torch
 
+from app import dist
 from app.parallel.base import Parallelism
 from app.parallel.data import Adasum, DataParallel, LocalSGD
 from app.parallel.layers import apply_activation_checkpointing
@@ -15,7 +16,9 @@ def build(cfg, model: torch.nn.Module) -> Parallelism:
     if cfg.parallel.pipeline > 1:
         return PipelineParallel(model, cfg)
     if cfg.parallel.zero_stage:
-        return Zero(model, cfg.parallel.zero_stage, cfg.sync)
+        # Shards over the ranks that hold replicas: the world, or under tensor or pipeline
+        # parallelism this rank's data-parallel group.
+        return Zero(model, cfg.parallel.zero_stage, cfg.sync, dist.process_set("data"))
     if not cfg.sync.gradient_allreduce:
         return LocalSGD(model, cfg.sync, cfg.train.grad_accum_steps)
     if cfg.sync.op == "adasum":

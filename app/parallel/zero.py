@@ -106,6 +106,9 @@ class Zero(Parallelism):
     def start(self, saved: Optional[SavedState]) -> None:
         """Rank 0's weights (from `saved` when resuming) to every rank's full buffers, each rank
         keeps its slice; the plain optimizer state, when resuming, is cut into the slices."""
+        # Root 0: the rank that reads checkpoints, a member of every data-parallel group while
+        # tensor and pipeline parallelism are off (config refuses them); with them on, each
+        # group's first rank would need its share of `saved`.
         resuming = dist.broadcast_object(saved is not None, name="zero_resuming")
         if saved is not None:
             load_model_state(self.model, saved.model)  # into the full buffers: parameters are views
