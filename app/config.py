@@ -163,6 +163,12 @@ class TrainConfig:
     sample_tokens: int = 120
     sample_temperature: float = 0.8
     sample_top_k: int = 50
+    # Elastic Horovod (app/elastic.py; launch with scripts/launch.sh --elastic): ranks may leave
+    # and join while the job runs. Gloo only, plain data parallelism only.
+    elastic: bool = False
+    # Under elastic, the optimizer steps between in-memory commits: a lost worker costs at most
+    # this many steps of work, and a change of hosts takes effect at the next commit.
+    elastic_commit_every: int = 10
 
 
 @dataclass
@@ -301,6 +307,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"data.max_tokens={cfg.data.max_tokens} exceeds model.max_seq_len={cfg.model.max_seq_len}; lower data.max_tokens"
         )
+    check_elastic(cfg)
     if cfg.parallel.tensor > 1:
         raise ConfigError(f"parallel.tensor={cfg.parallel.tensor}: tensor parallelism is not available in this "
                           "version; use parallel.tensor=1")
@@ -351,3 +358,28 @@ def validate_zero(cfg: Config) -> None:
     if cfg.train.precision == "fp16":
         raise ConfigError(f"{stage} does not support train.precision=fp16 (its loss scaler would skip steps on "
                           "some shards only); use train.precision=bf16 or fp32")
+
+
+def check_elastic(cfg: Config) -> None:
+    """What cannot run under elastic Horovod, where a reset restarts Horovod on a new world with
+    `init()` and no arguments (no process sets) over Gloo (no MPI)."""
+    if not cfg.train.elastic:
+        return
+    if cfg.train.elastic_commit_every < 1:
+        raise ConfigError(f"train.elastic_commit_every={cfg.train.elastic_commit_every} must be at least 1")
+    refused = {
+        "parallel.tensor": (cfg.parallel.tensor > 1, "a reset restarts Horovod without the layout's process sets"),
+        "parallel.pipeline": (cfg.parallel.pipeline > 1, "a reset restarts Horovod without the layout's process sets"),
+        "parallel.zero_stage": (cfg.parallel.zero_stage > 0,
+                                "its shards are cut for one world size, and a reset syncs rank 0's state only"),
+        "sync.op=adasum": (cfg.sync.op == "adasum", "Adasum on CPU needs MPI; elastic Horovod runs over Gloo"),
+        "sync.param_average_backend=mpi": (
+            cfg.sync.param_average_every > 0 and cfg.sync.param_average_backend == "mpi",
+            "elastic Horovod runs over Gloo, not MPI; use sync.param_average_backend=horovod"),
+        "sync.gradient_allreduce=false": (
+            not cfg.sync.gradient_allreduce,
+            "local SGD replicas differ between meetings, and a reset would replace them all with rank 0's"),
+    }
+    for key, (present, why) in refused.items():
+        if present:
+            raise ConfigError(f"train.elastic=true cannot run with {key}: {why}")

@@ -185,22 +185,35 @@ def place_rank(requested: Optional[int], bind: bool) -> int:
     """Pin this rank to its share of its host's cores (see app/cores.py); return torch's thread
     count. Ranks compare core masks with the others on their host (same cross rank) to tell a
     binding launcher's distinct masks from one shared mask."""
-    masks = allgather_object((hvd.cross_rank(), cores.affinity()), name="core_masks")
+    masks = allgather_object((hvd.cross_rank(), cores.launch_affinity()), name="core_masks")
     on_host = [mask for node, mask in masks if node == hvd.cross_rank()]
     return cores.place(hvd.local_rank(), hvd.local_size(), on_host, requested, bind)
 
 
+def elastic_launch() -> bool:
+    """Started by horovodrun in elastic mode (--min-np/--max-np/--host-discovery-script)."""
+    return os.environ.get("HOROVOD_ELASTIC") == "1"
+
+
+def _slurm_stamp() -> Optional[str]:
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"slurm-{job}" + (f"_{task}" if task else "") if job else None
+
+
 def run_stamp() -> str:
-    """One run name for every rank: the SLURM job (so a requeued job finds its run again) or
-    rank 0's clock, broadcast."""
-    stamp = None
-    if is_main():
-        job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
-        task = os.environ.get("SLURM_ARRAY_TASK_ID")
-        if job:
-            stamp = f"slurm-{job}" + (f"_{task}" if task else "")
-        else:
-            stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    """One run name for every rank: LLAMA_RUN_STAMP if set (scripts/launch.sh --elastic sets it
+    once, so a restarted job finds its run again), else the SLURM job (so a requeued job does)
+    or rank 0's clock, broadcast. An elastic job cannot broadcast at start-up: a worker that
+    joins later would meet the others elsewhere (app/elastic.py)."""
+    if os.environ.get("LLAMA_RUN_STAMP"):
+        return os.environ["LLAMA_RUN_STAMP"]
+    if elastic_launch():
+        if _slurm_stamp() is None:
+            raise ValueError("an elastic job's ranks cannot agree on a run directory at start-up; set "
+                             "LLAMA_RUN_STAMP to the run's name (scripts/launch.sh --elastic does)")
+        return _slurm_stamp()
+    stamp = (_slurm_stamp() or time.strftime("%Y-%m-%d_%H-%M-%S")) if is_main() else None
     return hvd.broadcast_object(stamp, root_rank=0, name="run_stamp")
 
 

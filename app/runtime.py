@@ -1,5 +1,7 @@
-"""Device and numeric precision, shared by training, evaluation and generation."""
+"""Device, numeric precision and logging, shared by training, evaluation and generation."""
+import logging
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -22,3 +24,21 @@ def autocast_context(precision: str, device: torch.device):
         raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 on CPU")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def configure_logging(run_dir: Path, rank: int) -> None:
+    """Rank 0 logs INFO to stdout and run_dir/train.log (appended, so a restarted or resized run
+    keeps one log), other ranks WARNING to stdout; every line names its rank. Called again
+    when an elastic reset renumbers the ranks."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):  # the previous rank 0's train.log
+            root.removeHandler(handler)
+            handler.close()
+        else:
+            handler.setFormatter(logging.Formatter(f"[%(asctime)s][rank {rank}][%(levelname)s] %(message)s"))
+    if rank == 0:
+        file_handler = logging.FileHandler(Path(run_dir) / "train.log")
+        file_handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s"))
+        root.addHandler(file_handler)

@@ -15,49 +15,52 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from app import (checkpoint, cli, config, cores, dist, fileio, metrics, models, optim, plan, prepare, runtime, stop,
-                 tokenizer)
+from app import (checkpoint, cli, config, cores, dist, elastic, fileio, metrics, models, optim, plan, prepare, runtime,
+                 stop, tokenizer)
 from app.step import PhaseTimer, StepOutput, Training, build_training, train_step
 
 log = logging.getLogger("app.train")
 
 
 def start_rank(cfg, run_dir: Path) -> torch.device:
-    """This rank's device, threads and determinism; rank 0 creates the run directory and its log."""
+    """This rank's device, determinism and logging; rank 0 creates the run directory."""
     device = runtime.pick_device(cfg.train.device, dist.local_rank())
-    threads = dist.place_rank(cfg.train.threads_per_rank, cfg.train.bind_cores)
-    torch.set_num_threads(threads)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         fileio.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
-    level = logging.INFO if dist.is_main() else logging.WARNING
-    logging.getLogger().setLevel(level)
-    for handler in logging.getLogger().handlers:
-        handler.setFormatter(logging.Formatter(f"[%(asctime)s][rank {dist.rank()}][%(levelname)s] %(message)s"))
-    if dist.is_main():
-        file_handler = logging.FileHandler(run_dir / "train.log")
-        file_handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s"))
-        logging.getLogger().addHandler(file_handler)
-    log.info("run dir %s | task %s | %d ranks (%s), %d threads each, device %s, precision %s",
-             run_dir, cfg.task, dist.size(), dist.controller(), threads, device, cfg.train.precision)
+    runtime.configure_logging(run_dir, dist.rank())
+    log.info("run dir %s | task %s | %d ranks (%s), device %s, precision %s",
+             run_dir, cfg.task, dist.size(), dist.controller(), device, cfg.train.precision)
     log.info("Horovod start-up settings: %s", ", ".join(f"{k}={v}" for k, v in dist.settings_in_effect().items()))
     return device
 
 
-def prepare_data(cfg, run_dir: Path) -> None:
-    """Rank 0 prepares the data (idempotent) and copies the tokenizer beside the checkpoints, so
-    the run directory alone serves export and generation."""
-    prepare.prepare_data(cfg.data, log=log.info)
+def place_threads(cfg) -> None:
+    """Pin this rank to its share of its host's cores; a collective (ranks compare core masks)."""
+    threads = dist.place_rank(cfg.train.threads_per_rank, cfg.train.bind_cores)
+    torch.set_num_threads(threads)
+    log.info("%d threads per rank", threads)
+
+
+def copy_tokenizer(cfg, run_dir: Path) -> None:
+    """The tokenizer beside the checkpoints, so the run directory alone serves export and generation."""
     with fileio.staged_directory(checkpoint.run_tokenizer_dir(run_dir)) as staging:
         tokenizer.load(cfg.data.dir).save_pretrained(staging)
+
+
+def prepare_data(cfg, run_dir: Path) -> None:
+    """Rank 0 prepares the data (idempotent) and copies the tokenizer into the run directory."""
+    prepare.prepare_data(cfg.data, log=log.info)
+    copy_tokenizer(cfg, run_dir)
 
 
 def resume_or_start(cfg, run_dir: Path, training: Training, state: checkpoint.TrainState) -> None:
@@ -130,7 +133,7 @@ def window_metrics(window: Window, seconds: dict, state, lr: float, output: Step
         "time/data_s_per_step": mean[2], "time/compute_s_per_step": mean[3] + mean[4] + mean[5],
         "time/allreduce_wait_s_per_step": mean[6] + mean[7], "time/pipeline_wait_s_per_step": mean[8],
         "memory/rss_gib_mean": mean[9] / 2**30,
-        "tokens_seen": state.tokens_seen,
+        "tokens_seen": state.tokens_seen, "world_size": dist.size(),
     }
     if output.grad_norm is not None:
         row["grad_norm"] = output.grad_norm.item()
@@ -161,6 +164,7 @@ def evaluate(cfg, training: Training, state, logger) -> dict:
 def save_checkpoint(cfg, run_dir: Path, training: Training, state, window: Window) -> None:
     """A collective: every rank hands over its share; rank 0 writes."""
     window.count_tokens(state)
+    state.world_size = dist.size()  # an elastic run's changes; the RNG states below are this world's
     saved = training.parallel.saved_state()
     rng_states = dist.allgather_object(checkpoint.capture_rng_state(training.device), name="rng_gather")
     if dist.is_main():
@@ -206,12 +210,42 @@ def measure_peak(cfg, device: torch.device) -> float:
     return peak
 
 
+@dataclass
+class Run:
+    """What the loop needs beside the training: rank 0's sinks, the MFU inputs, the memory
+    figures for the summary, and a hook called after every optimizer step (elastic training
+    commits there)."""
+    run_dir: Path
+    max_steps: int
+    progress_bar: bool
+    flops_per_token: float
+    peak_tflops: float
+    memory: dict
+    after_step: Callable[[Window], None] = lambda window: None
+    logger: metrics.NullLogger = field(default_factory=metrics.NullLogger)
+
+    def open_logger(self, step: int) -> None:
+        """Rank 0's TensorBoard, metrics.jsonl and progress bar (appending: an elastic run whose rank
+        0 changed stays one log), a silent logger elsewhere."""
+        self.logger.close()
+        self.logger = (metrics.RunLogger(self.run_dir, self.max_steps, step, self.progress_bar) if dist.is_main()
+                       else metrics.NullLogger())
+
+
 def train(cfg, run_dir: Path) -> dict:
+    elastic.check_launch(cfg)
     device = start_rank(cfg, run_dir)
-    dist.run_on_main(lambda: prepare_data(cfg, run_dir), name="prepare")  # its errors reach every rank
+    # Under elastic a worker may join mid-run while the others come from a reset, so no collective
+    # may run before the loop (app/elastic.py): threads are placed on entering it, the data is
+    # prepared before the job (launch.sh --elastic does) and rank 0 alone resumes.
+    if not cfg.train.elastic:
+        place_threads(cfg)
+        dist.run_on_main(lambda: prepare_data(cfg, run_dir), name="prepare")  # its errors reach every rank
     # Model-state memory is the peak less this: the interpreter and libraries do not shrink with sharding.
     memory = {"before_model_bytes": metrics.process_memory_bytes(device)}
     training = build_training(cfg, device)  # task, plain model, optimizer, parallelism
+    if cfg.train.elastic and dist.is_main():
+        copy_tokenizer(cfg, run_dir)
     flops_per_token = training.task.flops_per_token(training.model)
     log.info("model %s: %.2fM parameters, %.1f MFLOPs/token; layout %s", cfg.model.name,
              models.count_parameters(training.model) / 1e6, flops_per_token / 1e6, training.parallel.layout())
@@ -223,15 +257,23 @@ def train(cfg, run_dir: Path) -> dict:
         world_size=dist.size(), model_signature=checkpoint.model_signature(training.model),
         tokenizer_sha256=training.task.tokenizer_sha256, config=OmegaConf.to_container(cfg, resolve=True),
     )
-    resume_or_start(cfg, run_dir, training, state)
-    peak_tflops = measure_peak(cfg, device)
-    logger = (metrics.RunLogger(run_dir, cfg.train.max_steps, state.step, cfg.train.progress_bar)
-              if dist.is_main() else metrics.NullLogger())
-    logger.text("config", "```\n" + OmegaConf.to_yaml(cfg) + "\n```")
+    start_error = None
+    if cfg.train.elastic:
+        start_error = elastic.resume_on_main(cfg, run_dir, training, state)
+    else:
+        resume_or_start(cfg, run_dir, training, state)
+    run = Run(run_dir, cfg.train.max_steps, cfg.train.progress_bar, flops_per_token, measure_peak(cfg, device), memory)
+    run.open_logger(state.step)
+    run.logger.text("config", "```\n" + OmegaConf.to_yaml(cfg) + "\n```")
+    if cfg.train.elastic:
+        return elastic.run_loop(cfg, training, state, run, train_steps, start_error)
+    return train_steps(cfg, run_dir, training, state, run)
 
-    # --- the loop ---------------------------------------------------------------------------
+
+def train_steps(cfg, run_dir: Path, training: Training, state, run: Run) -> dict:
+    """The loop from state.step to train.max_steps, then the run's end; returns the last metrics."""
     training.model.train()
-    timer, window, last = PhaseTimer(device), Window(device), {}
+    timer, window, last = PhaseTimer(training.device), Window(training.device), {}
     while state.step < cfg.train.max_steps:
         lr = optim.lr_at(state.step, cfg.optim, cfg.train.max_steps, dist.data_position()[1])
         optim.set_lr(training.optimizer, lr)
@@ -242,12 +284,12 @@ def train(cfg, run_dir: Path) -> dict:
         # Logging is the only place that reads values back from the device or talks to other
         # ranks outside the layout's own traffic, and only every log_every steps.
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
-            last = window_metrics(window, timer.take(), state, lr, output, flops_per_token, peak_tflops)
-            log_window(last, state, cfg, logger, window)
-            window = Window(device)
+            last = window_metrics(window, timer.take(), state, lr, output, run.flops_per_token, run.peak_tflops)
+            log_window(last, state, cfg, run.logger, window)
+            window = Window(training.device)
         if cfg.train.eval_every and (state.step % cfg.train.eval_every == 0 or state.step == cfg.train.max_steps):
             eval_started = time.perf_counter()
-            last.update(evaluate(cfg, training, state, logger))
+            last.update(evaluate(cfg, training, state, run.logger))
             window.started += time.perf_counter() - eval_started  # throughput counts training only
         # Ranks agree on a stop at log steps only, so a signal costs no per-step collective.
         stop_now = state.step % cfg.train.log_every == 0 and stop.agreed()
@@ -255,15 +297,16 @@ def train(cfg, run_dir: Path) -> dict:
             save_checkpoint(cfg, run_dir, training, state, window)
         if stop_now:
             log.warning("stop requested by signal: checkpointed at step %d, exiting", state.step)
-            logger.close()
+            run.logger.close()
             return last
+        run.after_step(window)
 
-    memory["training_peak_bytes"] = metrics.peak_memory_bytes(device)  # before the final gathers
+    run.memory["training_peak_bytes"] = metrics.peak_memory_bytes(training.device)  # before the final gathers
     training.parallel.finish()
     if not cfg.train.checkpoint_every or state.step % cfg.train.checkpoint_every:
         save_checkpoint(cfg, run_dir, training, state, window)
-    finish_run(cfg, run_dir, training, state, last, logger, memory)
-    logger.close()
+    finish_run(cfg, run_dir, training, state, last, run.logger, run.memory)
+    run.logger.close()
     return last
 
 
@@ -282,9 +325,9 @@ def main() -> None:
     startup = cli.startup_config(sys.argv[1:])
     try:
         dist.init(startup.horovod, startup.parallel)
+        stamp = dist.run_stamp()
     except ValueError as error:  # a layout the world size cannot take: one line on every rank
         cli.fail(str(error))
-    stamp = dist.run_stamp()
     OmegaConf.register_new_resolver("run_stamp", lambda: stamp, replace=True)
     config.register()
     hydra_main()

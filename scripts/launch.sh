@@ -5,6 +5,7 @@
 #   scripts/launch.sh -np 2 experiment=smoke                          # horovodrun --gloo, this host
 #   scripts/launch.sh --launcher mpi -H node1:2,node2:2 model=llama_small
 #   scripts/launch.sh --hostfile hosts.txt --network-interface eth0 train.max_steps=1000
+#   scripts/launch.sh --elastic --min-np 1 --max-np 4 --hostfile hosts.txt --max-restarts 3 ...
 #
 # Options (everything after them, or after --, is a Hydra override):
 #   --launcher gloo|mpi     horovodrun with Gloo (default) or OpenMPI's mpirun
@@ -13,6 +14,15 @@
 #   --hostfile FILE         lines "host slots=N", the format both launchers read
 #   --network-interface IF  the NIC the ranks talk over (collectives and the launcher's own traffic)
 #   --dry-run               print the command and stop
+# Elastic training (Gloo; app/elastic.py): ranks come and go with the hosts while the job runs.
+#   --elastic               horovodrun --host-discovery-script scripts/discover_hosts.sh, which
+#                           reads --hostfile (host:slots lines, edit it while the job runs) or,
+#                           without one, the SLURM job's nodes; adds train.elastic=true
+#   --min-np N              fewest ranks to train with (default 1); --max-np M: most (default: all)
+#   --max-restarts K        if the job fails anyway, start it again from its last checkpoint, up
+#                           to K times (default 0), as torchrun --max-restarts does
+#   --blacklist-cooldown-range LO HI   seconds before a host whose rank failed is tried again
+#                           (default: never); LO >= 1
 # Environment: PYTHON (python), OMP_NUM_THREADS (default: this host's cores / its ranks).
 # Hosts are assumed alike: the same cores, paths and venv everywhere (what remote ranks get).
 set -euo pipefail
@@ -20,6 +30,7 @@ set -euo pipefail
 die() { echo "launch.sh: $*" >&2; exit 2; }
 
 launcher=gloo np="" hosts="" hostfile="" nic="" dry_run=0
+elastic=0 min_np="" max_np="" max_restarts=0 cooldown=()
 while (($#)); do
     case $1 in
         --launcher) [ $# -ge 2 ] || die "--launcher needs gloo or mpi"; launcher=$2; shift 2 ;;
@@ -28,6 +39,12 @@ while (($#)); do
         --hostfile) [ $# -ge 2 ] || die "--hostfile needs a file"; hostfile=$2; shift 2 ;;
         --network-interface) [ $# -ge 2 ] || die "--network-interface needs a name"; nic=$2; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
+        --elastic) elastic=1; shift ;;
+        --min-np) [ $# -ge 2 ] || die "--min-np needs a number"; min_np=$2; shift 2 ;;
+        --max-np) [ $# -ge 2 ] || die "--max-np needs a number"; max_np=$2; shift 2 ;;
+        --max-restarts) [ $# -ge 2 ] || die "--max-restarts needs a number"; max_restarts=$2; shift 2 ;;
+        --blacklist-cooldown-range)
+            [ $# -ge 3 ] || die "--blacklist-cooldown-range needs two numbers"; cooldown=("$2" "$3"); shift 3 ;;
         --) shift; break ;;
         -h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
         -*) die "unknown option '$1' (see --help)" ;;
@@ -38,6 +55,26 @@ done
 case $launcher in gloo | mpi) ;; *) die "--launcher must be gloo or mpi, not '$launcher'" ;; esac
 [ -z "$np" ] || [[ $np =~ ^[1-9][0-9]*$ ]] || die "-np must be a positive integer, not '$np'"
 [ -z "$hosts" ] || [ -z "$hostfile" ] || die "give -H or --hostfile, not both"
+for value in "$min_np" "$max_np" "${cooldown[@]}"; do
+    [ -z "$value" ] || [[ $value =~ ^[1-9][0-9]*$ ]] || die "--min-np, --max-np and the cooldown take positive integers, not '$value'"
+done
+[[ $max_restarts =~ ^[0-9]+$ ]] || die "--max-restarts must be 0 or more, not '$max_restarts'"
+if ((elastic)); then
+    [ "$launcher" = gloo ] || die "--elastic runs over Gloo (Horovod's elastic mode has no MPI); drop --launcher $launcher"
+    [ -z "$hosts" ] || die "--elastic reads its hosts from --hostfile FILE (edited while the job runs), not -H"
+    [ -n "$hostfile" ] || [ -n "${SLURM_JOB_NODELIST:-}" ] || die "--elastic needs --hostfile FILE (or a SLURM job's nodes)"
+    if [ -n "$hostfile" ]; then
+        [ -r "$hostfile" ] || die "hostfile '$hostfile' not found"
+        export ELASTIC_HOSTFILE; ELASTIC_HOSTFILE=$(cd "$(dirname "$hostfile")" && pwd)/$(basename "$hostfile")
+    fi
+    discover=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/discover_hosts.sh
+    # The hosts now, in the format -H takes: they size the first world and the threads per rank.
+    hosts=$("$discover" | paste -sd, -) || die "host discovery failed"
+    [ -n "$hosts" ] || die "host discovery found no hosts"
+    hostfile="" min_np=${min_np:-1}
+elif [ -n "$min_np$max_np${cooldown[*]}" ] || ((max_restarts)); then
+    die "--min-np, --max-np, --max-restarts and --blacklist-cooldown-range need --elastic"
+fi
 
 # Slots per host, in order: from -H, from the hostfile, or np ranks on this host.
 if [ -n "$hostfile" ]; then
@@ -61,6 +98,11 @@ fi
 total_slots=0
 for n in "${slots[@]}"; do total_slots=$((total_slots + n)); done
 np=${np:-$total_slots}
+if ((elastic)); then
+    np=$((np > ${max_np:-np} ? max_np : np))
+    ((min_np <= ${max_np:-min_np})) || die "--min-np $min_np is more than --max-np $max_np"
+    ((np >= min_np)) || die "the hosts have $np slots, fewer than --min-np $min_np"
+fi
 ((np <= total_slots)) || die "-np $np is more than the $total_slots slots of the hosts"
 
 if [ -n "$nic" ]; then
@@ -76,7 +118,20 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(($(nproc) / ranks_here > 0 ? $(nproc
 placement=()
 if [ -n "$hostfile" ]; then placement=(--hostfile "$hostfile"); else placement=(-H "$hosts"); fi
 
-if [ "$launcher" = gloo ]; then
+if ((elastic)); then
+    # Workers that join later must find the run without asking the others: its name is fixed
+    # here, once (a SLURM job's id does that job under SLURM), and kept across restarts.
+    [ -n "${LLAMA_RUN_STAMP:-}" ] || [ -n "${SLURM_JOB_ID:-}" ] || export LLAMA_RUN_STAMP=$(date +%Y-%m-%d_%H-%M-%S)
+    # After a reset the ranks wait this long in Gloo's rendezvous for a joining worker, whose
+    # start-up (python, torch, transformers) took 30 s on a loaded 2-core host: Horovod's 30 s
+    # default then aborts the whole job. It also bounds how long a hung (not dead) peer can
+    # stall a collective; a dead one is noticed at once (its connections reset).
+    export HOROVOD_GLOO_TIMEOUT_SECONDS=${HOROVOD_GLOO_TIMEOUT_SECONDS:-180}
+    command=(horovodrun --gloo -np "$np" --min-np "$min_np" --host-discovery-script "$discover")
+    [ -z "$max_np" ] || command+=(--max-np "$max_np")
+    ((${#cooldown[@]} == 0)) || command+=(--blacklist-cooldown-range "${cooldown[@]}")
+    [ -z "$nic" ] || command+=(--network-interface "$nic")
+elif [ "$launcher" = gloo ]; then
     # horovodrun copies the whole environment to every rank, remote ones through ssh.
     # --network-interface reaches Gloo's collectives only with our patched Horovod build
     # (scripts/horovod-0.28.1.patch); stock 0.28.1 uses the address the host name resolves to.
@@ -97,7 +152,21 @@ else
                                -x "NCCL_SOCKET_IFNAME=$nic")
 fi
 command+=("${PYTHON:-python}" -m app.train "$@")
+((elastic == 0)) || command+=(train.elastic=true)
 
 # Shell-quoted, so the line can be pasted back into a shell as it is.
 echo "launch: OMP_NUM_THREADS=$OMP_NUM_THREADS$(printf ' %q' "${command[@]}")"
-((dry_run)) || exec "${command[@]}"
+((dry_run)) && exit 0
+((elastic)) || exec "${command[@]}"
+
+# Elastic: ranks never wait on one another outside the loop (app/elastic.py), so the data is
+# prepared here, once, before any rank starts; bad overrides fail here too, before any restart.
+prepare=("${PYTHON:-python}" -m app.prepare)
+for override in "$@"; do [[ $override == hydra.* ]] || prepare+=("$override"); done
+"${prepare[@]}" || exit $?
+for ((attempt = 0; ; attempt++)); do
+    "${command[@]}" && exit 0
+    status=$?
+    ((attempt < max_restarts)) || { echo "launch: job failed (status $status), no restarts left" >&2; exit "$status"; }
+    echo "launch: job failed (status $status); restart $((attempt + 1))/$max_restarts from its last checkpoint" >&2
+done
