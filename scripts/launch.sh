@@ -101,7 +101,7 @@ np=${np:-$total_slots}
 if ((elastic)); then
     np=$((np > ${max_np:-np} ? max_np : np))
     ((min_np <= ${max_np:-min_np})) || die "--min-np $min_np is more than --max-np $max_np"
-    ((np >= min_np)) || die "the hosts have $np slots, fewer than --min-np $min_np"
+    ((np >= min_np)) || die "$np ranks to start with, fewer than --min-np $min_np (the hosts have $total_slots slots)"
 fi
 ((np <= total_slots)) || die "-np $np is more than the $total_slots slots of the hosts"
 

@@ -9,6 +9,8 @@ hosts, which Horovod notices within about a second, has taken effect.
 """
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import time
@@ -16,8 +18,8 @@ import time
 import pytest
 import torch
 
-from app import checkpoint, elastic
-from conftest import ROOT, job_env, read_metrics, read_summary, tiny_train_args
+from app import checkpoint, cli, config, elastic
+from conftest import ROOT, job_env, read_metrics, read_summary, run_job, tiny_train_args
 
 LAUNCH_SH = ROOT / "scripts" / "launch.sh"
 BOTH_HOSTS = "localhost:1\n127.0.0.1:1\n"
@@ -35,9 +37,9 @@ def set_hosts(hostfile, text: str) -> None:
 class ElasticJob:
     """scripts/launch.sh --elastic in the background, and its journal as it grows."""
 
-    def __init__(self, tmp_path, data_dir, *overrides, launch_args=()):
+    def __init__(self, tmp_path, data_dir, *overrides, hosts=BOTH_HOSTS, launch_args=()):
         self.run_dir, self.hostfile, self.output = tmp_path / "run", tmp_path / "hosts.txt", tmp_path / "launch.log"
-        set_hosts(self.hostfile, BOTH_HOSTS)
+        set_hosts(self.hostfile, hosts)
         args = tiny_train_args(data_dir, self.run_dir, "horovod.cycle_time_ms=250", *overrides)
         command = [str(LAUNCH_SH), "--elastic", "--min-np", "1", "--max-np", "2", "--hostfile", str(self.hostfile),
                    "--network-interface", "lo", *launch_args, *args]
@@ -163,3 +165,105 @@ def test_rank_0_killed_mid_step_is_survived_and_its_host_rejoins(tiny_data, tmp_
     assert rollback["step"] % commit_every == 0 and 0 <= rollback["steps_lost"] <= commit_every
     steps = assert_every_sample_once(job, max_steps)
     assert world_sizes(steps) == [2, 1, 2]  # the survivor alone, then the host back after its cooldown
+
+
+def test_a_job_that_cannot_go_on_in_place_is_restarted_from_its_checkpoint(tiny_data, tmp_path):
+    """Both ranks on one host: Horovod blacklists hosts, not ranks, so a SIGKILLed rank takes its
+    host's survivor out of the job with it and horovodrun fails (this build's behaviour);
+    launch.sh --max-restarts then starts the job again from its last checkpoint."""
+    max_steps = 9
+    job = ElasticJob(tmp_path, tiny_data, f"train.max_steps={max_steps}", "train.checkpoint_every=3",
+                     hosts="localhost:2\n", launch_args=("--max-restarts", "1"))
+    job.wait_for("step 4", lambda row: row.get("step", 0) >= 4)
+    job.kill_worker(rank=1)
+    job.finish()
+
+    log = job.log()
+    assert "blacklisted slots count == 2 -> stop running" in log and "restart 1/1 from its last checkpoint" in log
+    assert [row["step"] for row in job.rows() if row.get("event") == "start"] == [0, 3]
+    steps = assert_every_sample_once(job, max_steps)
+    assert world_sizes(steps) == [2]
+
+
+# --- what is refused, and the scripts' command lines, without running a job --------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("parallel.tensor=2", "train.elastic=true cannot run with parallel.tensor: a reset restarts Horovod without the layout's process sets"),
+    ("sync=adasum", "train.elastic=true cannot run with sync.op=adasum: Adasum on CPU needs MPI"),
+    ("sync.param_average_backend=mpi", "train.elastic=true cannot run with sync.param_average_backend=mpi"),
+    ("sync=local_sgd", "train.elastic=true cannot run with sync.gradient_allreduce=false"),
+    ("train.elastic_commit_every=0", "train.elastic_commit_every=0 must be at least 1"),
+])
+def test_what_cannot_run_under_elastic_is_refused_naming_the_key(override, message):
+    cfg = cli.compose_config(["train.elastic=true", "sync.param_average_every=2", override])
+    with pytest.raises(config.ConfigError) as refused:
+        config.validate(cfg)
+    assert message in str(refused.value)
+
+
+def test_train_elastic_without_an_elastic_launch_is_one_line(tiny_data, tmp_path):
+    result = run_job(tiny_train_args(tiny_data, tmp_path / "run", "train.elastic=true"), np_=1, launcher="none",
+                     check=False, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2
+    assert "train.elastic=true needs an elastic launch over Gloo: scripts/launch.sh --elastic" in output
+    assert "Traceback" not in output
+
+
+def test_discovery_reads_the_host_file_at_every_call_and_a_slurm_jobs_nodes(tmp_path):
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text("# spot nodes\nnode1:4\nnode2 slots=2  # a comment\nnode3\n\n")
+    discover = [str(ROOT / "scripts" / "discover_hosts.sh")]
+    found = subprocess.run(discover, env={**job_env(), "ELASTIC_HOSTFILE": str(hostfile)}, capture_output=True,
+                           text=True, check=True)
+    assert found.stdout.split() == ["node1:4", "node2:2", "node3:1"]
+    # Under SLURM: scontrol expands the node list (a stand-in here), each node with the tasks per node.
+    (tmp_path / "scontrol").write_text("#!/bin/sh\n[ \"$*\" = 'show hostnames n[1-2]' ] && printf 'n1\\nn2\\n'\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    env = {**job_env(), "PATH": f"{tmp_path}:{job_env()['PATH']}", "SLURM_JOB_NODELIST": "n[1-2]",
+           "SLURM_NTASKS_PER_NODE": "3"}
+    env.pop("ELASTIC_HOSTFILE", None)
+    found = subprocess.run(discover, env=env, capture_output=True, text=True, check=True)
+    assert found.stdout.split() == ["n1:3", "n2:3"]
+    missing = subprocess.run(discover, env={**job_env(), "ELASTIC_HOSTFILE": str(tmp_path / "gone")},
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def test_launch_sh_elastic_prints_horovodruns_elastic_command(tmp_path):
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text(BOTH_HOSTS)
+    result = subprocess.run([str(LAUNCH_SH), "--dry-run", "--elastic", "--min-np", "1", "--max-np", "2", "--hostfile",
+                             str(hostfile), "--blacklist-cooldown-range", "10", "60", "model=llama_tiny"], cwd=ROOT,
+                            env=job_env(), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    command = shlex.split(result.stdout.removeprefix("launch: "))[1:]
+    assert command == ["horovodrun", "--gloo", "-np", "2", "--min-np", "1", "--host-discovery-script",
+                       str(ROOT / "scripts" / "discover_hosts.sh"), "--max-np", "2", "--blacklist-cooldown-range",
+                       "10", "60", "python", "-m", "app.train", "model=llama_tiny", "train.elastic=true"]
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--elastic", "-np", "2"], "--elastic needs --hostfile FILE (or a SLURM job's nodes)"),
+    (["--elastic", "-H", "a:1"], "--elastic reads its hosts from --hostfile FILE (edited while the job runs), not -H"),
+    (["--elastic", "--launcher", "mpi"], "--elastic runs over Gloo (Horovod's elastic mode has no MPI); drop --launcher mpi"),
+    (["--min-np", "1", "-np", "2"], "--min-np, --max-np, --max-restarts and --blacklist-cooldown-range need --elastic"),
+    (["--elastic", "--max-restarts", "-1"], "--max-restarts must be 0 or more, not '-1'"),
+    (["--elastic", "--hostfile", "HOSTS", "--min-np", "3"], "2 ranks to start with, fewer than --min-np 3 (the hosts have 2 slots)"),
+    (["--elastic", "--hostfile", "HOSTS", "--min-np", "2", "--max-np", "1"], "--min-np 2 is more than --max-np 1"),
+])
+def test_launch_sh_elastic_rejects_bad_input_with_a_one_line_error(tmp_path, args, error):
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text(BOTH_HOSTS)
+    env = {k: v for k, v in job_env().items() if not k.startswith("SLURM_")}
+    result = subprocess.run([str(LAUNCH_SH), "--dry-run", *[str(hostfile) if a == "HOSTS" else a for a in args]],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stderr, result.stdout) == (2, f"launch.sh: {error}\n", "")
+
+
+def test_replay_keeps_each_steps_last_row_after_a_rollback_or_restart():
+    rows = [{"event": "start", "step": 0}, *({"step": s, "samples": [s - 1, s]} for s in (1, 2, 3)),
+            {"event": "rollback", "step": 2}, {"step": 3, "samples": [2, 3], "world_size": 1},
+            {"step": 4, "samples": [3, 4]}, {"event": "start", "step": 3}, {"step": 4, "samples": [3, 4], "again": 1}]
+    assert [(row["step"], row.get("world_size"), row.get("again")) for row in elastic.replay(rows)] == [
+        (1, None, None), (2, None, None), (3, 1, None), (4, None, 1)]
