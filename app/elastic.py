@@ -30,7 +30,7 @@ import horovod.torch as hvd
 import torch
 from horovod.common.elastic import State
 
-from app import checkpoint, dist, metrics, runtime, tasks
+from app import checkpoint, dist, runtime, tasks
 from app.config import ConfigError
 from app.parallel.data import load_into
 
@@ -164,8 +164,9 @@ def join_world(cfg, training, progress: checkpoint.TrainState, run, journal: Jou
     world: logging and rank 0's sinks, thread placement, its slice of every global batch (the
     task), its dropout noise. The learning rate follows dist.size() at every step."""
     runtime.configure_logging(run.run_dir, dist.rank())
-    if dist.is_main() != isinstance(run.logger, metrics.RunLogger):
-        run.open_logger(progress.step)
+    # Rank 0 (maybe another process than before) reopens its logs at this step: metrics a failed
+    # world logged after its last commit are dropped, since this world trains those steps again.
+    run.open_logger(progress.step)
     torch.set_num_threads(dist.place_rank(cfg.train.threads_per_rank, cfg.train.bind_cores))
     training.task = tasks.build(cfg, dist.rank(), dist.size())
     torch.manual_seed(cfg.train.seed + dist.rank() + 1_000_003 * progress.step)
