@@ -3,6 +3,7 @@
     python -m app.prepare data=shakespeare
     horovodrun -np 2 python -m app.train model=llama_small
     mpirun -np 2 python -m app.train model=llama_small sync=param_average
+    scripts/launch.sh --elastic --min-np 1 --max-np 4 --hostfile hosts.txt ...   # app/elastic.py
 
 One step (app/step.py): every rank runs grad_accum_steps forward/backward passes on its own
 slice of the global batch; the layout (app/parallel) reduces the gradients, which are then
