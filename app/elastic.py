@@ -168,7 +168,7 @@ def join_world(cfg, training, progress: checkpoint.TrainState, run, journal: Jou
     # world logged after its last commit are dropped, since this world trains those steps again.
     run.open_logger(progress.step)
     torch.set_num_threads(dist.place_rank(cfg.train.threads_per_rank, cfg.train.bind_cores))
-    training.task = tasks.build(cfg, dist.rank(), dist.size())
+    training.task = tasks.build(cfg, *dist.data_position())
     torch.manual_seed(cfg.train.seed + dist.rank() + 1_000_003 * progress.step)
     journal.event("world", step=progress.step, world_size=dist.size())
     journal.write_pending()
