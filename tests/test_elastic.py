@@ -193,6 +193,7 @@ def test_a_job_that_cannot_go_on_in_place_is_restarted_from_its_checkpoint(tiny_
 
 @pytest.mark.parametrize("override, message", [
     ("parallel.tensor=2", "train.elastic=true cannot run with parallel.tensor: a reset restarts Horovod without the layout's process sets"),
+    ("parallel.zero_stage=1", "train.elastic=true cannot run with parallel.zero_stage: its shards are cut for one world size"),
     ("sync=adasum", "train.elastic=true cannot run with sync.op=adasum: Adasum on CPU needs MPI"),
     ("sync.param_average_backend=mpi", "train.elastic=true cannot run with sync.param_average_backend=mpi"),
     ("sync=local_sgd", "train.elastic=true cannot run with sync.gradient_allreduce=false"),
