@@ -73,8 +73,9 @@ class Journal:
 
     def step(self, progress: checkpoint.TrainState, global_batch: int) -> None:
         if dist.is_main():
-            self._write({"step": progress.step, "samples": [progress.samples_seen - global_batch, progress.samples_seen],
-                         "world_size": dist.size(), "time": time.time()})
+            first = progress.samples_seen - global_batch
+            self._write({"step": progress.step, "samples": [first, progress.samples_seen], "world_size": dist.size(),
+                         "time": time.time()})
 
     def _write(self, row: dict) -> None:
         if self.file is None:

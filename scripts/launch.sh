@@ -56,13 +56,16 @@ case $launcher in gloo | mpi) ;; *) die "--launcher must be gloo or mpi, not '$l
 [ -z "$np" ] || [[ $np =~ ^[1-9][0-9]*$ ]] || die "-np must be a positive integer, not '$np'"
 [ -z "$hosts" ] || [ -z "$hostfile" ] || die "give -H or --hostfile, not both"
 for value in "$min_np" "$max_np" "${cooldown[@]}"; do
-    [ -z "$value" ] || [[ $value =~ ^[1-9][0-9]*$ ]] || die "--min-np, --max-np and the cooldown take positive integers, not '$value'"
+    [ -z "$value" ] || [[ $value =~ ^[1-9][0-9]*$ ]] ||
+        die "--min-np, --max-np and the cooldown take positive integers, not '$value'"
 done
 [[ $max_restarts =~ ^[0-9]+$ ]] || die "--max-restarts must be 0 or more, not '$max_restarts'"
 if ((elastic)); then
-    [ "$launcher" = gloo ] || die "--elastic runs over Gloo (Horovod's elastic mode has no MPI); drop --launcher $launcher"
+    [ "$launcher" = gloo ] ||
+        die "--elastic runs over Gloo (Horovod's elastic mode has no MPI); drop --launcher $launcher"
     [ -z "$hosts" ] || die "--elastic reads its hosts from --hostfile FILE (edited while the job runs), not -H"
-    [ -n "$hostfile" ] || [ -n "${SLURM_JOB_NODELIST:-}" ] || die "--elastic needs --hostfile FILE (or a SLURM job's nodes)"
+    [ -n "$hostfile" ] || [ -n "${SLURM_JOB_NODELIST:-}" ] ||
+        die "--elastic needs --hostfile FILE (or a SLURM job's nodes)"
     if [ -n "$hostfile" ]; then
         [ -r "$hostfile" ] || die "hostfile '$hostfile' not found"
         export ELASTIC_HOSTFILE; ELASTIC_HOSTFILE=$(cd "$(dirname "$hostfile")" && pwd)/$(basename "$hostfile")
