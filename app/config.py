@@ -309,8 +309,7 @@ def validate(cfg: Config) -> None:
         )
     check_elastic(cfg)
     if cfg.parallel.tensor > 1:
-        raise ConfigError(f"parallel.tensor={cfg.parallel.tensor}: tensor parallelism is not available in this "
-                          "version; use parallel.tensor=1")
+        validate_tensor_parallel(cfg)
     validate_pipeline(cfg)
     if cfg.model.hidden_size % cfg.model.num_heads:
         raise ConfigError(
@@ -383,3 +382,30 @@ def check_elastic(cfg: Config) -> None:
     for key, (present, why) in refused.items():
         if present:
             raise ConfigError(f"train.elastic=true cannot run with {key}: {why}")
+
+
+def validate_tensor_parallel(cfg: Config) -> None:
+    """What parallel.tensor=T needs: a LLaMA whose heads, KV heads, FFN width and vocabulary split
+    into T equal shards (a vocabulary left to the tokenizer is checked once it is known), and
+    gradients averaged every step (the other sync modes reduce over all ranks, mixing shards)."""
+    tensor = cfg.parallel.tensor
+    if cfg.parallel.pipeline > 1:
+        raise ConfigError(f"parallel.tensor={tensor} with parallel.pipeline={cfg.parallel.pipeline}: tensor "
+                          "parallelism inside pipeline stages is not available in this version; use one of them")
+    if cfg.task != "clm":
+        raise ConfigError(f"parallel.tensor={tensor} splits LLaMA decoders (task=clm) only; use parallel.tensor=1 "
+                          f"for task={cfg.task}")
+    sizes = {"model.num_heads": cfg.model.num_heads, "model.num_kv_heads": cfg.model.num_kv_heads,
+             "model.intermediate_size": cfg.model.intermediate_size, "model.vocab_size": cfg.model.vocab_size}
+    check_divisible_by_tensor(sizes, tensor)
+    if not cfg.sync.gradient_allreduce or cfg.sync.op != "average" or cfg.sync.param_average_every:
+        raise ConfigError(f"parallel.tensor={tensor} averages gradients over data-parallel groups only; "
+                          f"sync={cfg.sync.name} does not, use sync=allreduce or sync=fp16_compression")
+
+
+def check_divisible_by_tensor(sizes: dict, tensor: int) -> None:
+    """Each model size (by its config key; None: not known yet) must split into `tensor` shards."""
+    for key, value in sizes.items():
+        if value is not None and value % tensor:
+            raise ConfigError(f"{key}={value} is not divisible by parallel.tensor={tensor}; set {key} to a "
+                              f"multiple of {tensor} or pick a parallel.tensor that divides it")

@@ -92,8 +92,10 @@ def build_encoder(model_cfg, vocab_size: int, pad_token_id: int, task: str, num_
 
 
 def causal_lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; targets are the inputs shifted by one (data.py)."""
-    return next_token_loss(model(input_ids=inputs).logits, targets)
+    """Mean next-token cross-entropy; targets are the inputs shifted by one (data.py). A model
+    whose logits are split across ranks carries the loss that reads them (app/parallel/tensor.py
+    attaches it), so the task computes its loss without knowing the layout."""
+    return getattr(model, "logits_cross_entropy", next_token_loss)(model(input_ids=inputs).logits, targets)
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

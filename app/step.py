@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from app import dist, optim, parallel, runtime, tasks
+from app import dist, models, optim, parallel, runtime, tasks
 from app.parallel.base import Parallelism
 
 
@@ -60,6 +60,8 @@ class Training:
     scaler: Optional[torch.amp.GradScaler]
     grad_accum_steps: int
     grad_clip: float
+    parameters: int = 0  # of the whole model, however a layout splits it
+    flops_per_token: float = 0.0
 
 
 @dataclass
@@ -77,12 +79,15 @@ def build_training(cfg, device: torch.device) -> Training:
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = task.build_model().to(device)
     torch.manual_seed(cfg.train.seed + dist.rank())  # dropout noise differs per rank
+    # Counted on the whole model, before a layout may shard it.
+    parameters, flops_per_token = models.count_parameters(model), task.flops_per_token(model)
     layout = parallel.build(cfg, model)
     # The optimizer holds what this rank trains (a pipeline stage's layers, or the whole model).
     optimizer = layout.wrap_optimizer(
         optim.build_optimizer(layout.model, cfg.optim, optim.lr_at(0, cfg.optim, cfg.train.max_steps, data_replicas)))
     return Training(
         task=task, model=model, optimizer=optimizer, parallel=layout, device=device,
+        parameters=parameters, flops_per_token=flops_per_token,
         precision_ctx=runtime.autocast_context(cfg.train.precision, device),
         scaler=torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None,
         grad_accum_steps=cfg.train.grad_accum_steps, grad_clip=cfg.train.grad_clip,

@@ -247,9 +247,9 @@ def train(cfg, run_dir: Path) -> dict:
     training = build_training(cfg, device)  # task, plain model, optimizer, parallelism
     if cfg.train.elastic and dist.is_main():
         copy_tokenizer(cfg, run_dir)
-    flops_per_token = training.task.flops_per_token(training.model)
+    flops_per_token = training.flops_per_token
     log.info("model %s: %.2fM parameters, %.1f MFLOPs/token; layout %s", cfg.model.name,
-             models.count_parameters(training.model) / 1e6, flops_per_token / 1e6, training.parallel.layout())
+             training.parameters / 1e6, flops_per_token / 1e6, training.parallel.layout())
     shortfall = plan.shortfall_warning(cfg, models.count_parameters(training.model), dist.size(), dist.local_size(),
                                        device)
     if shortfall:

@@ -24,7 +24,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from app import cli, config, fileio
-from app.bench import bandwidth, breakdown, context, fusion, launch, memory, peak, pipeline, report, throughput
+from app.bench import (bandwidth, breakdown, context, fusion, launch, memory, peak, pipeline, report, tensor_parallel,
+                       throughput)
 from app.bench import config as bench_config
 
 CONF_DIR = str(Path(cli.CONF_DIR) / "bench")
@@ -80,6 +81,7 @@ def run_sections(cfg, ctx: context.Context) -> dict:
         "breakdown": lambda: breakdown.measure(ctx, log),
         "pipeline": lambda: pipeline.measure(ctx, log),
         "memory": lambda: memory.measure(ctx, log),
+        "tensor": lambda: tensor_parallel.measure(ctx, log),
     }
     results, failed = {}, {}
     for name in bench_config.BENCH_SECTIONS:  # a fixed order: the peak first, while the machine is quiet

@@ -93,6 +93,19 @@ class BenchPipelineConfig:
 
 
 @dataclass
+class BenchTensorConfig:
+    """Tensor parallelism (tensor x data/tensor ranks) against data parallelism on the same ranks,
+    the same precision and the same global batch (app/bench/tensor_parallel.py); opt in with
+    sections=[tensor]."""
+    processes: int = 2
+    tensor: int = 2
+    precision: str = "bf16"
+    global_batch: int = 16
+    warmup_steps: int = 2
+    measure_steps: int = 6
+
+
+@dataclass
 class BenchMemoryConfig:
     """Peak memory per rank at ZeRO stages, with and without activation checkpointing, and their
     tokens/s (not in the default sections: about a minute per configuration on 2 cores)."""
@@ -140,13 +153,14 @@ class BenchConfig:
     breakdown: BenchBreakdownConfig = field(default_factory=BenchBreakdownConfig)
     pipeline: BenchPipelineConfig = field(default_factory=BenchPipelineConfig)
     memory: BenchMemoryConfig = field(default_factory=BenchMemoryConfig)
+    tensor: BenchTensorConfig = field(default_factory=BenchTensorConfig)
 
 
 def register() -> None:
     ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
 
 
-BENCH_SECTIONS = ("peak", "throughput", "bandwidth", "fusion", "breakdown", "pipeline", "memory")
+BENCH_SECTIONS = ("peak", "throughput", "bandwidth", "fusion", "breakdown", "pipeline", "memory", "tensor")
 
 
 def validate(cfg: BenchConfig) -> None:
@@ -155,6 +169,7 @@ def validate(cfg: BenchConfig) -> None:
         ("sections", cfg.sections, BENCH_SECTIONS),
         ("throughput.precisions", cfg.throughput.precisions, precisions),
         ("breakdown.precision", [cfg.breakdown.precision], precisions),
+        ("tensor.precision", [cfg.tensor.precision], precisions),
         ("bandwidth.launchers", cfg.bandwidth.launchers, ("gloo", "mpi")),
         ("launcher", [cfg.launcher], ("gloo", "mpi")),
         ("pipeline.precision", [cfg.pipeline.precision], precisions),
@@ -185,6 +200,10 @@ def validate(cfg: BenchConfig) -> None:
             raise ConfigError(f"{key}={value} must be at least 1")
     if cfg.pipeline.stages < 2:
         raise ConfigError(f"pipeline.stages={cfg.pipeline.stages} must be at least 2")
+    if cfg.tensor.tensor < 2 or cfg.tensor.processes % cfg.tensor.tensor or cfg.tensor.global_batch % cfg.tensor.processes:
+        raise ConfigError(f"tensor.processes={cfg.tensor.processes} must be a multiple of tensor.tensor="
+                          f"{cfg.tensor.tensor} (at least 2), and tensor.global_batch={cfg.tensor.global_batch} "
+                          f"of tensor.processes, so both layouts split the same batch")
     if cfg.bandwidth.size_factor < 2:
         raise ConfigError(f"bandwidth.size_factor={cfg.bandwidth.size_factor} must be at least 2")
     if cfg.bandwidth.max_bytes < cfg.bandwidth.min_bytes:

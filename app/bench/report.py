@@ -185,13 +185,31 @@ def memory(section: dict) -> str:
             + _table(["ratio", "measured", "target", "met", "measured as"], target_rows))
 
 
+def tensor(section: dict) -> str:
+    rows = []
+    for r in section["rows"]:
+        layout = r["layout"]
+        rows.append([f"tensor {layout.get('tensor', 1)} x data {layout.get('data', layout['world_size'])}",
+                     r["micro_batch_per_rank"], f"{r['seconds_per_step'] * 1e3:,.0f}", f"{r['tokens_per_second']:,.0f}",
+                     _size(int(r["tensor_payload_bytes_per_step"])), _size(int(r["megatron_tensor_payload"])),
+                     _size(int(r["data_payload_bytes_per_step"])), _size(int(r["sent_estimate_bytes_per_step"]))])
+    header = ["layout", "micro-batch per rank", "ms per step", "tokens/s", "tensor-parallel allreduce payload",
+              "Megatron 4·L·b·s·h·4 B", "gradient allreduce payload", "sent per rank (ring)"]
+    return (f"## Tensor vs data parallelism ({section['model']}, {section['precision']}, "
+            f"{_LAUNCHED_BY[section['launcher']]}, global batch {section['rows'][0]['global_batch']})\n\n"
+            "Bytes per rank per step, fp32 on the wire. The tensor-parallel payload also holds the embedding's "
+            "forward sum, the LM head input's backward sum and the loss's per-token sums, which Megatron's "
+            "per-block formula leaves out; a ring allreduce sends 2(n-1)/n of its payload from each rank.\n\n"
+            + _table(header, rows))
+
+
 def errors(failed: dict) -> str:
     lines = [f"- {name}: {message.splitlines()[0]}" for name, message in failed.items()]
     return "## Sections that failed\n\n" + "\n".join(lines)
 
 
 SECTIONS = {"peak": peak, "throughput": throughput, "bandwidth": bandwidth, "fusion": fusion, "breakdown": breakdown,
-            "pipeline": pipeline, "memory": memory}
+            "pipeline": pipeline, "memory": memory, "tensor": tensor}
 
 
 def markdown(results: dict) -> str:

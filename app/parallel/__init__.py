@@ -6,6 +6,7 @@ from app.parallel.base import Parallelism
 from app.parallel.data import Adasum, DataParallel, LocalSGD
 from app.parallel.layers import apply_activation_checkpointing
 from app.parallel.pipeline import PipelineParallel
+from app.parallel.tensor import TensorParallel
 from app.parallel.zero import Zero
 
 
@@ -15,6 +16,8 @@ def build(cfg, model: torch.nn.Module) -> Parallelism:
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.activation_checkpointing_every)
     if cfg.parallel.pipeline > 1:
         return PipelineParallel(model, cfg)
+    if cfg.parallel.tensor > 1:  # config.validate allows only plain gradient averaging beside it
+        return TensorParallel(model, cfg.sync, cfg.train.grad_accum_steps)
     if cfg.parallel.zero_stage:
         # Shards over the ranks that hold replicas: the world, or under tensor or pipeline
         # parallelism this rank's data-parallel group.
