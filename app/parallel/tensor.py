@@ -167,8 +167,8 @@ class TensorParallel(DataParallel):
         return full
 
     def saved_state(self) -> Optional[SavedState]:
-        # Only rank 0's group gathers; the others wait for it at the barrier, for Horovod shuts
-        # down for everyone when one rank runs ahead and exits.
+        # Only rank 0's group gathers; the others wait for it at the barrier: Horovod shuts down
+        # for everyone when one rank runs ahead and exits.
         saved = None
         if self.coordinates["data"] == 0:
             saved = SavedState(model=self._full_model_state(),
@@ -183,6 +183,7 @@ class TensorParallel(DataParallel):
         and the closing sample, which rank 0 generates alone): each group gathers its shards."""
         plain = type(self.model)(self.model.config)
         load_model_state(plain, self._full_model_state())
+        dist.barrier()  # a group done first must not exit while another still gathers
         yield plain.to(next(self.model.parameters()).device).train(self.model.training)
 
     def replica_group(self) -> int:
