@@ -42,7 +42,8 @@ for name, param in sharded.named_parameters():
     grad = group.allgather(param.grad, f"test.{name}", dim=splits[name]) if name in splits else param.grad
     grad_differences[name] = (grad - plain_grads[name].grad).abs().max().item()
 rows = dist.allgather_object({
-    "rank": dist.rank(), "bytes_reduced": reduced, "local_vocab": shard_logits.shape[-1], "tied": sharded.lm_head.weight is sharded.model.embed_tokens.weight,
+    "rank": dist.rank(), "bytes_reduced": reduced, "local_vocab": shard_logits.shape[-1],
+    "tied": sharded.lm_head.weight is sharded.model.embed_tokens.weight,
     "logits": (gathered - plain_logits).abs().max().item(), "logit_scale": plain_logits.abs().max().item(),
     "loss": abs(shard_loss.item() - plain_loss.item()), "grads": grad_differences,
     "grad_scale": max(p.grad.abs().max().item() for p in plain.parameters()),
