@@ -294,6 +294,15 @@ def validate(cfg: Config) -> None:
             "sync.gradient_allreduce=false needs sync.param_average_every >= 1, or ranks never meet"
         )
     validate_zero(cfg)
+    validate_task(cfg)
+    check_elastic(cfg)
+    if cfg.parallel.tensor > 1:
+        validate_tensor_parallel(cfg)
+    validate_pipeline(cfg)
+
+
+def validate_task(cfg: Config) -> None:
+    """The task, its model family, its data and the model's shape fit together."""
     if cfg.task == "clm" and cfg.model.family != "llama":
         raise ConfigError(f"task=clm needs a decoder model; model={cfg.model.name} is {cfg.model.family}")
     if cfg.task in ("mlm", "classify") and cfg.model.family != "bert":
@@ -305,12 +314,9 @@ def validate(cfg: Config) -> None:
         )
     if cfg.task != "clm" and cfg.data.max_tokens > cfg.model.max_seq_len:
         raise ConfigError(
-            f"data.max_tokens={cfg.data.max_tokens} exceeds model.max_seq_len={cfg.model.max_seq_len}; lower data.max_tokens"
+            f"data.max_tokens={cfg.data.max_tokens} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
+            "lower data.max_tokens"
         )
-    check_elastic(cfg)
-    if cfg.parallel.tensor > 1:
-        validate_tensor_parallel(cfg)
-    validate_pipeline(cfg)
     if cfg.model.hidden_size % cfg.model.num_heads:
         raise ConfigError(
             f"model.hidden_size={cfg.model.hidden_size} is not divisible by model.num_heads={cfg.model.num_heads}"

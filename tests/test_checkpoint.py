@@ -2,7 +2,6 @@
 signals stop every rank cleanly, exports load in plain transformers."""
 import json
 import math
-import os
 import random
 import signal
 import subprocess

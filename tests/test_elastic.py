@@ -9,7 +9,6 @@ hosts, which Horovod notices within about a second, has taken effect.
 """
 import json
 import os
-import re
 import shlex
 import signal
 import subprocess

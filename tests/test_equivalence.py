@@ -11,7 +11,6 @@ learning rate) moves weights by ~lr = 1e-3 or more: far outside both bounds.
 import math
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 

@@ -1,6 +1,5 @@
 """Real 2-process Horovod training jobs: replicas stay in sync, every sync mode and accumulation
 runs, loss falls, and all ranks share one run directory written by rank 0 alone."""
-import json
 import math
 import os
 import re

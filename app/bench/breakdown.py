@@ -16,24 +16,16 @@ on. So the phases are wall-clock spans that never double-count:
                   (the wait also holds any skew: a rank done first waits for the slowest).
 """
 import torch
-from omegaconf import OmegaConf
 
-from app import cli, dist, fileio, runtime
-from app.bench import gradient_set, launch
-from app.step import PhaseTimer, build_training, train_step
+from app import dist, fileio
+from app.bench import gradient_set, launch, worker
+from app.step import PhaseTimer, train_step
 
 PHASES = ("data", "forward", "backward", "allreduce_wait", "optimizer")
 
 
 def main() -> None:
-    spec = launch.read_spec()
-    cfg = cli.compose_config(spec["overrides"])
-    OmegaConf.resolve(cfg)
-    dist.init(cfg.horovod)
-    torch.set_num_threads(dist.place_rank(spec["threads"], cfg.train.bind_cores))
-    training = build_training(cfg, runtime.pick_device(cfg.train.device, dist.local_rank()))
-    training.parallel.start(None)
-    training.model.train()
+    spec, cfg, training = worker.read_spec_and_start()
     timer = PhaseTimer(training.device)
     warmup, measured = spec["warmup_steps"], spec["measure_steps"]
     for step in range(warmup):

@@ -12,11 +12,10 @@ import resource
 import time
 
 import torch
-from omegaconf import OmegaConf
 
-from app import cli, dist, fileio, runtime
-from app.bench import launch
-from app.step import PhaseTimer, build_training, train_step
+from app import dist, fileio
+from app.bench import launch, worker
+from app.step import PhaseTimer, train_step
 
 PHASES = ("forward", "backward", "pipeline_wait", "allreduce_wait", "optimizer")
 
@@ -34,14 +33,7 @@ def run_steps(training, first: int, count: int, timer: PhaseTimer) -> None:
 
 
 def main() -> None:
-    spec = launch.read_spec()
-    cfg = cli.compose_config(spec["overrides"])
-    OmegaConf.resolve(cfg)
-    dist.init(cfg.horovod, cfg.parallel)
-    torch.set_num_threads(dist.place_rank(spec["threads"], cfg.train.bind_cores))
-    training = build_training(cfg, runtime.pick_device(cfg.train.device, dist.local_rank()))
-    training.parallel.start(None)
-    training.model.train()
+    spec, cfg, training = worker.read_spec_and_start()
     timer = PhaseTimer(training.device)
     run_steps(training, 0, spec["warmup_steps"], timer)
     timer.take()

@@ -21,6 +21,24 @@ from app import cli, cores, data, fileio, models, prepared, runtime
 from app.bench import launch
 
 
+def build_reference(cfg, rank: int, world: int, distributed: bool):
+    """This rank's token stream, the model (under DDP when distributed) and fused AdamW."""
+    meta = prepared.read_meta(cfg.data.dir)
+    seq_len = cfg.train.seq_len or cfg.model.max_seq_len
+    windows = data.TokenWindows(Path(cfg.data.dir) / "train.bin", meta["dtype"], seq_len, cfg.train.seed)
+    stream = data.RankStream(windows, rank, world, cfg.train.micro_batch_size, cfg.train.grad_accum_steps)
+    torch.manual_seed(cfg.train.seed)
+    model = models.build_causal_lm(cfg.model, meta["vocab_size"])
+    model.train()
+    if distributed:
+        model = DistributedDataParallel(model)  # broadcasts rank 0's parameters on construction
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay, fused=True,
+    )
+    return stream, seq_len, model, optimizer
+
+
 def main() -> None:
     spec = launch.read_spec()
     cfg = cli.compose_config(spec["overrides"])
@@ -35,19 +53,7 @@ def main() -> None:
     torch.set_num_threads(cores.place(local_rank, local_size, [cores.affinity()], spec["threads"],
                                       cfg.train.bind_cores))
 
-    meta = prepared.read_meta(cfg.data.dir)
-    seq_len = cfg.train.seq_len or cfg.model.max_seq_len
-    windows = data.TokenWindows(Path(cfg.data.dir) / "train.bin", meta["dtype"], seq_len, cfg.train.seed)
-    stream = data.RankStream(windows, rank, world, cfg.train.micro_batch_size, cfg.train.grad_accum_steps)
-    torch.manual_seed(cfg.train.seed)
-    model = models.build_causal_lm(cfg.model, meta["vocab_size"])
-    model.train()
-    if distributed:
-        model = DistributedDataParallel(model)  # broadcasts rank 0's parameters on construction
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay, fused=True,
-    )
+    stream, seq_len, model, optimizer = build_reference(cfg, rank, world, distributed)
     precision_ctx = runtime.autocast_context(cfg.train.precision, torch.device("cpu"))
     accum = cfg.train.grad_accum_steps
 

@@ -11,11 +11,10 @@ backward sum and the loss's per-token numbers come on top, and are measured here
 A ring allreduce over n ranks sends 2(n-1)/n times its payload from each rank.
 """
 import torch
-from omegaconf import OmegaConf
 
-from app import cli, dist, fileio, runtime
-from app.bench import launch
-from app.step import PhaseTimer, build_training, train_step
+from app import dist, fileio
+from app.bench import launch, worker
+from app.step import PhaseTimer, train_step
 
 FP32_BYTES = 4
 
@@ -40,14 +39,7 @@ def allreduce_bytes(training, cfg, measured_tensor_bytes: int, steps: int) -> di
 
 
 def main() -> None:
-    spec = launch.read_spec()
-    cfg = cli.compose_config(spec["overrides"])
-    OmegaConf.resolve(cfg)
-    dist.init(cfg.horovod, cfg.parallel)
-    torch.set_num_threads(dist.place_rank(spec["threads"], cfg.train.bind_cores))
-    training = build_training(cfg, runtime.pick_device(cfg.train.device, dist.local_rank()))
-    training.parallel.start(None)
-    training.model.train()
+    spec, cfg, training = worker.read_spec_and_start()
     timer, group = PhaseTimer(training.device), getattr(training.parallel, "group", None)
     stream = training.task.stream
     for step in range(spec["warmup_steps"]):

@@ -1,0 +1,25 @@
+"""What every bench worker that trains does first: the spec's config, Horovod with its layout, this
+rank's cores, and the trainer's own step pieces (app/step.py), synchronised and in train mode."""
+import torch
+from omegaconf import OmegaConf
+
+from app import cli, dist, runtime
+from app.bench import launch
+from app.step import Training, build_training
+
+
+def start_training(spec: dict):
+    """(cfg, training) for the worker whose spec this is."""
+    cfg = cli.compose_config(spec["overrides"])
+    OmegaConf.resolve(cfg)
+    dist.init(cfg.horovod, cfg.parallel)
+    torch.set_num_threads(dist.place_rank(spec["threads"], cfg.train.bind_cores))
+    training: Training = build_training(cfg, runtime.pick_device(cfg.train.device, dist.local_rank()))
+    training.parallel.start(None)
+    training.model.train()
+    return cfg, training
+
+
+def read_spec_and_start():
+    spec = launch.read_spec()
+    return (spec, *start_training(spec))
