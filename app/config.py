@@ -108,6 +108,13 @@ class HorovodConfig:
     # 2 llama_small ranks under mpirun ran 14% faster yielding (README). None: OpenMPI's own
     # choice, which spins unless the host is oversubscribed.
     mpi_yield_when_idle: Optional[bool] = True
+    # Horovod's timeline (Chrome trace of every collective's negotiation and transfer) in the run
+    # directory's horovod_timeline.json; open it in ui.perfetto.dev or chrome://tracing.
+    timeline: bool = False
+    # Horovod's autotuner: a Bayesian search over fusion threshold and cycle time while training
+    # runs (it overrides the two settings above); its samples in the run directory's
+    # horovod_autotune.csv at the end of the run.
+    autotune: bool = False
 
 
 @dataclass
@@ -153,6 +160,19 @@ class TrainConfig:
     progress_bar: bool = True
     # Peak FLOP/s of one rank in TFLOP/s for MFU; None: measured by a short matmul at start.
     peak_tflops: Optional[float] = None
+    # torch.compile (app/compilation.py): false | model (the whole model as one graph) | regional
+    # (each decoder layer, one graph shared by all: a shorter warm-up). The first step's
+    # compilation is reported as time/compile_warmup_s and left out of tokens/s.
+    compile: str = "false"
+    # Keep freed host memory for the next step instead of returning it to the kernel (glibc's
+    # mallopt; app/runtime.py keep_freed_memory says why): fewer page faults per step.
+    keep_freed_memory: bool = True
+    # Steps whose micro-batches a background thread prepares ahead (app/prefetch.py); 0: each
+    # step reads its own batches when it starts.
+    prefetch_steps: int = 2
+    # [first, last]: a torch.profiler trace of optimizer steps first..last (counted from 1) in
+    # <run dir>/profile/, for TensorBoard or Perfetto; []: none.
+    profile_steps: List[int] = field(default_factory=list)
     # task=mlm: the fraction of tokens chosen for prediction (BERT's 15%).
     mlm_probability: float = 0.15
     # Recompute decoder/encoder layers' activations in backward instead of keeping them:
@@ -268,6 +288,7 @@ def validate(cfg: Config) -> None:
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
         "train.activation_checkpointing": (cfg.train.activation_checkpointing, ("none", "full", "every_k")),
         "parallel.zero_stage": (cfg.parallel.zero_stage, (0, 1, 2, 3)),
+        "train.compile": (compilation_mode(cfg.train.compile), ("false", "model", "regional")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -281,6 +302,9 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
+    if cfg.train.prefetch_steps < 0:
+        raise ConfigError(f"train.prefetch_steps={cfg.train.prefetch_steps} must be 0 (off) or more")
+    _check_profile_steps(list(cfg.train.profile_steps))
     if cfg.horovod.cycle_time_ms is not None and cfg.horovod.cycle_time_ms <= 0:
         raise ConfigError(f"horovod.cycle_time_ms={cfg.horovod.cycle_time_ms} must be above 0 "
                           "(null: 10 ms on CPU ranks, Horovod's 1 ms on GPU ranks)")
@@ -415,3 +439,14 @@ def check_divisible_by_tensor(sizes: dict, tensor: int) -> None:
         if value is not None and value % tensor:
             raise ConfigError(f"{key}={value} is not divisible by parallel.tensor={tensor}; set {key} to a "
                               f"multiple of {tensor} or pick a parallel.tensor that divides it")
+
+
+def compilation_mode(value) -> str:
+    """train.compile as written: YAML's `false` reaches a string field as 'False'."""
+    return str(value).lower()
+
+
+def _check_profile_steps(steps: List[int]) -> None:
+    if steps and (len(steps) != 2 or not 1 <= steps[0] <= steps[1]):
+        raise ConfigError(f"train.profile_steps={steps} must be [first, last] with 1 <= first <= last "
+                          "(optimizer steps counted from 1), or [] for none")

@@ -2,7 +2,10 @@
 on rank 0's decisions). How gradients and parameters move lives in app/parallel; the model,
 data and task code never import horovod."""
 import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 import horovod.torch as hvd
@@ -32,6 +35,28 @@ _SETTINGS_ENV = {
 }
 
 
+# Horovod's tools (config.HorovodConfig timeline and autotune), also read once at hvd.init. Their
+# files belong in the run directory, which is decided after hvd.init (the ranks agree on it over
+# Horovod): the timeline starts there later (HOROVOD_TIMELINE=DYNAMIC, start_timeline); the
+# autotuner opens its log at init, so it writes to a staging file that save_autotune_log copies.
+TIMELINE_FILE = "horovod_timeline.json"
+AUTOTUNE_FILE = "horovod_autotune.csv"
+_TOOL_VARIABLES = ("HOROVOD_TIMELINE", "HOROVOD_AUTOTUNE", "HOROVOD_AUTOTUNE_LOG")
+
+
+def _autotune_staging() -> str:
+    # Per process: only rank 0 (the coordinator) writes it; the others' names stay unused.
+    return os.path.join(tempfile.gettempdir(), f"llama-horovod-autotune-{os.getpid()}.csv")
+
+
+def _request_tools(settings) -> None:
+    if getattr(settings, "timeline", False):
+        os.environ.setdefault("HOROVOD_TIMELINE", "DYNAMIC")
+    if getattr(settings, "autotune", False):
+        os.environ.setdefault("HOROVOD_AUTOTUNE", "1")
+        os.environ.setdefault("HOROVOD_AUTOTUNE_LOG", _autotune_staging())
+
+
 # Measured on CPU ranks (README, "Measured here"); a GPU rank keeps Horovod's own 1 ms, which
 # suits steps of milliseconds.
 CPU_CYCLE_TIME_MS = 10.0
@@ -58,6 +83,7 @@ def init(settings=None, layout=None) -> None:
             value = CPU_CYCLE_TIME_MS
         if value is not None:
             os.environ.setdefault(variable, spell(value))
+    _request_tools(settings)
     tensor, pipeline = getattr(layout, "tensor", 1), getattr(layout, "pipeline", 1)
     if launched_by_mpi() and hvd.mpi_built():
         from mpi4py import MPI  # only under an MPI launch: importing it initialises MPI
@@ -154,7 +180,36 @@ def data_position() -> Tuple[int, int]:
 
 def settings_in_effect() -> dict:
     """The start-up variables this process ran with (unset: the library's default)."""
-    return {variable: os.environ.get(variable, "default") for variable, _ in _SETTINGS_ENV.values()}
+    variables = [variable for variable, _ in _SETTINGS_ENV.values()] + list(_TOOL_VARIABLES)
+    return {variable: os.environ.get(variable, "default") for variable in variables}
+
+
+def start_timeline(run_dir: Path) -> Optional[Path]:
+    """Start Horovod's timeline in the run directory if HOROVOD_TIMELINE=DYNAMIC asked for it
+    (every rank calls this; the coordinator, rank 0, writes). A HOROVOD_TIMELINE path set by
+    the user is Horovod's own business: it started at init."""
+    if os.environ.get("HOROVOD_TIMELINE") != "DYNAMIC":
+        return None
+    path = Path(run_dir) / TIMELINE_FILE
+    hvd.start_timeline(str(path))
+    return path
+
+
+def stop_timeline() -> None:
+    """Close the timeline, so the file ends as complete JSON."""
+    if os.environ.get("HOROVOD_TIMELINE") == "DYNAMIC":
+        hvd.stop_timeline()
+
+
+def save_autotune_log(run_dir: Path) -> Optional[Path]:
+    """Rank 0 moves the autotuner's staged log (config horovod.autotune) into the run directory.
+    Horovod writes each line as it samples, so the log is complete up to this moment."""
+    staged = os.environ.get("HOROVOD_AUTOTUNE_LOG")
+    if not is_main() or staged != _autotune_staging() or not os.path.exists(staged):
+        return None  # not ours to move: a log the user named stays where they put it
+    target = Path(run_dir) / AUTOTUNE_FILE
+    shutil.move(staged, target)
+    return target
 
 
 def rank() -> int:

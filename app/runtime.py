@@ -1,4 +1,5 @@
-"""Device, numeric precision and logging, shared by training, evaluation and generation."""
+"""Device, numeric precision, logging and host memory, shared by training, evaluation and generation."""
+import ctypes
 import logging
 from contextlib import nullcontext
 from pathlib import Path
@@ -42,3 +43,22 @@ def configure_logging(run_dir: Path, rank: int) -> None:
         file_handler = logging.FileHandler(Path(run_dir) / "train.log")
         file_handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s"))
         root.addHandler(file_handler)
+
+
+# glibc's mallopt parameters (malloc.h) and the value both get: 1 GiB.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _KEEP_BELOW_BYTES = -1, -3, 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed blocks below 1 GiB for reuse instead of handing them back to the
+    kernel. A step frees and reallocates the same activation buffers every step; by default
+    glibc serves blocks over 32 MiB (a llama_small step's logits and their gradient) with mmap
+    and unmaps them on free, so every step faults in and zeroes fresh pages, and it trims the
+    heap's top whenever enough is free. (Intel's CPU launcher swaps in jemalloc or tcmalloc for
+    the same reason.) False where the C library is not glibc; memory stays at its peak."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BELOW_BYTES)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BELOW_BYTES))
+    except (OSError, AttributeError):
+        return False

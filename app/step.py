@@ -12,12 +12,13 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
-from app import dist, models, optim, parallel, runtime, tasks
+from app import compilation, dist, models, optim, parallel, runtime, tasks
 from app.parallel.base import Parallelism
+from app.prefetch import BatchPrefetcher
 
 
 class PhaseTimer:
@@ -38,7 +39,9 @@ class PhaseTimer:
     def phase(self, name: str):
         started = self.now()
         try:
-            yield
+            # Named in a profiler trace too (train.profile_steps); microseconds when none records.
+            with torch.profiler.record_function(f"phase/{name}"):
+                yield
         finally:
             self.seconds[name] += self.now() - started
 
@@ -60,6 +63,8 @@ class Training:
     scaler: Optional[torch.amp.GradScaler]
     grad_accum_steps: int
     grad_clip: float
+    batches: BatchPrefetcher  # each step's micro-batches, prepared ahead
+    compiled: bool  # train.compile is on: the first step also compiles
     parameters: int = 0  # of the whole model, however a layout splits it
     flops_per_token: float = 0.0
 
@@ -82,6 +87,9 @@ def build_training(cfg, device: torch.device) -> Training:
     # Counted on the whole model, before a layout may shard it.
     parameters, flops_per_token = models.count_parameters(model), task.flops_per_token(model)
     layout = parallel.build(cfg, model)
+    # After the layout has changed the model (as torchtitan orders it); in place, so the
+    # optimizer and Horovod's hooks see the same parameters.
+    compiled = compilation.apply(model, cfg.train.compile)
     # The optimizer holds what this rank trains (a pipeline stage's layers, or the whole model).
     optimizer = layout.wrap_optimizer(
         optim.build_optimizer(layout.model, cfg.optim, optim.lr_at(0, cfg.optim, cfg.train.max_steps, data_replicas)))
@@ -91,6 +99,9 @@ def build_training(cfg, device: torch.device) -> Training:
         precision_ctx=runtime.autocast_context(cfg.train.precision, device),
         scaler=torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None,
         grad_accum_steps=cfg.train.grad_accum_steps, grad_clip=cfg.train.grad_clip,
+        batches=BatchPrefetcher(task, cfg.train.grad_accum_steps, cfg.train.prefetch_steps,
+                                pin_memory=device.type == "cuda"),
+        compiled=bool(compiled),
     )
 
 
@@ -101,9 +112,9 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 def train_step(training: Training, samples_before: int, step: int, timer: PhaseTimer) -> StepOutput:
     """Optimizer step `step` (0-based), whose global batch starts at sample `samples_before`."""
     run = training
-    with timer.phase("data"):
-        batches: List[dict] = [run.task.micro_batch(samples_before, i) for i in range(run.grad_accum_steps)]
-        tokens = sum(run.task.tokens_in(batch) for batch in batches) if run.parallel.counts_tokens() else 0
+    with timer.phase("data"):  # near zero when the batches were prepared ahead
+        batches, tokens = run.batches.get(samples_before)
+        tokens = tokens if run.parallel.counts_tokens() else 0
         batches = [_to_device(batch, run.device) for batch in batches]
     loss = run.parallel.forward_backward(run.task.loss, batches, run.precision_ctx, run.scaler, timer)
     with timer.phase("allreduce_wait"):

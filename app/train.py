@@ -16,15 +16,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from app import (checkpoint, cli, config, cores, dist, elastic, fileio, metrics, models, optim, plan, prepare, runtime,
-                 stop, tokenizer)
+from app import (checkpoint, cli, compilation, config, cores, dist, elastic, fileio, metrics, models, optim, plan,
+                 prepare, runtime, stop, tokenizer)
+from app.profiling import StepProfiler
 from app.step import PhaseTimer, StepOutput, Training, build_training, train_step
 
 log = logging.getLogger("app.train")
@@ -49,7 +50,8 @@ def place_threads(cfg) -> None:
     """Pin this rank to its share of its host's cores; a collective (ranks compare core masks)."""
     threads = dist.place_rank(cfg.train.threads_per_rank, cfg.train.bind_cores)
     torch.set_num_threads(threads)
-    log.info("%d threads per rank", threads)
+    kept = cfg.train.keep_freed_memory and runtime.keep_freed_memory()
+    log.info("%d threads per rank; freed memory %s", threads, "kept for reuse" if kept else "returned (allocator default)")
 
 
 def copy_tokenizer(cfg, run_dir: Path) -> None:
@@ -153,7 +155,7 @@ def log_window(row: dict, state, cfg, logger, window: Window) -> None:
 
 
 def evaluate(cfg, training: Training, state, logger) -> dict:
-    with training.parallel.full_model() as model:
+    with training.parallel.full_model() as model, compilation.eager():  # eager: other shapes than training's
         result = training.task.evaluate(model, training.device, training.precision_ctx, cfg.train.micro_batch_size,
                                         cfg.train.eval_batches, logger=logger, step=state.step)
     logger.log(state.step, result)
@@ -200,7 +202,8 @@ def finish_run(cfg, run_dir: Path, training: Training, state, last: dict, logger
             "layout": training.parallel.layout(), "metrics": last, "replicas": replicas,
             "replicas_identical": identical,
         })
-    with training.parallel.full_model() as model:
+    # Eagerly: generation grows its input token by token, no shape to compile once.
+    with training.parallel.full_model() as model, compilation.eager():
         training.task.finish(model, run_dir, logger, log)
 
 
@@ -224,6 +227,7 @@ class Run:
     memory: dict
     after_step: Callable[[Window], None] = lambda window: None
     logger: metrics.NullLogger = field(default_factory=metrics.NullLogger)
+    profiler: Optional[StepProfiler] = None  # train.profile_steps; rank 0 records
 
     def open_logger(self, step: int) -> None:
         """Rank 0's TensorBoard, metrics.jsonl and progress bar (appending: an elastic run whose rank
@@ -248,8 +252,9 @@ def train(cfg, run_dir: Path) -> dict:
     if cfg.train.elastic and dist.is_main():
         copy_tokenizer(cfg, run_dir)
     flops_per_token = training.flops_per_token
-    log.info("model %s: %.2fM parameters, %.1f MFLOPs/token; layout %s", cfg.model.name,
-             training.parameters / 1e6, flops_per_token / 1e6, training.parallel.layout())
+    log.info("model %s: %.2fM parameters, %.1f MFLOPs/token; layout %s; compile %s", cfg.model.name,
+             training.parameters / 1e6, flops_per_token / 1e6, training.parallel.layout(),
+             config.compilation_mode(cfg.train.compile))
     shortfall = plan.shortfall_warning(cfg, models.count_parameters(training.model), dist.size(), dist.local_size(),
                                        device)
     if shortfall:
@@ -266,25 +271,58 @@ def train(cfg, run_dir: Path) -> dict:
     run = Run(run_dir, cfg.train.max_steps, cfg.train.progress_bar, flops_per_token, measure_peak(cfg, device), memory)
     run.open_logger(state.step)
     run.logger.text("config", "```\n" + OmegaConf.to_yaml(cfg) + "\n```")
+    timeline = dist.start_timeline(run_dir)
+    if timeline:
+        log.info("Horovod timeline: %s", timeline)
+    run.profiler = StepProfiler(list(cfg.train.profile_steps), run_dir, device, enabled=dist.is_main())
     if cfg.train.elastic:
         return elastic.run_loop(cfg, training, state, run, train_steps, start_error)
     return train_steps(cfg, run_dir, training, state, run)
+
+
+def end_compile_warmup(window: Window, timer: PhaseTimer, state, logger, seconds: float) -> Window:
+    """The first step also compiled the model: its time is reported on its own
+    (time/compile_warmup_s, the mean over ranks) and throughput is measured from the next step."""
+    window.count_tokens(state)  # its tokens were trained on: they count, only not in tokens/s
+    timer.take()
+    warmup_s = dist.sum_over_ranks(torch.tensor([seconds], dtype=torch.float64), name="compile_warmup").item()
+    warmup_s /= dist.size()
+    logger.log(state.step, {"time/compile_warmup_s": warmup_s, "tokens_seen": state.tokens_seen})
+    log.info("step %d also compiled the model: %.1f s, left out of tokens/s and MFU", state.step, warmup_s)
+    return Window(window.device)
+
+
+def stop_recording(run_dir: Path, training: Training, profiler: StepProfiler) -> None:
+    """End what ran beside the steps: the batch thread, the profiler, Horovod's timeline and autotuner."""
+    training.batches.close()
+    profiler.close()
+    dist.stop_timeline()
+    autotune_log = dist.save_autotune_log(run_dir)
+    if autotune_log:
+        log.info("Horovod autotune log: %s", autotune_log)
 
 
 def train_steps(cfg, run_dir: Path, training: Training, state, run: Run) -> dict:
     """The loop from state.step to train.max_steps, then the run's end; returns the last metrics."""
     training.model.train()
     timer, window, last = PhaseTimer(training.device), Window(training.device), {}
+    warmup_pending = training.compiled
     while state.step < cfg.train.max_steps:
         lr = optim.lr_at(state.step, cfg.optim, cfg.train.max_steps, dist.data_position()[1])
         optim.set_lr(training.optimizer, lr)
+        run.profiler.before_step(state.step + 1)
+        step_started = time.perf_counter()
         output = train_step(training, state.samples_seen, state.step, timer)
         state.step += 1
         state.samples_seen += training.task.stream.global_batch
         window.add(output)
+        run.profiler.after_step(state.step)
+        if warmup_pending:
+            window = end_compile_warmup(window, timer, state, run.logger, time.perf_counter() - step_started)
+            warmup_pending = False
         # Logging is the only place that reads values back from the device or talks to other
         # ranks outside the layout's own traffic, and only every log_every steps.
-        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
+        if window.steps and (state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps):
             last = window_metrics(window, timer.take(), state, lr, output, run.flops_per_token, run.peak_tflops)
             log_window(last, state, cfg, run.logger, window)
             window = Window(training.device)
@@ -298,6 +336,7 @@ def train_steps(cfg, run_dir: Path, training: Training, state, run: Run) -> dict
             save_checkpoint(cfg, run_dir, training, state, window)
         if stop_now:
             log.warning("stop requested by signal: checkpointed at step %d, exiting", state.step)
+            stop_recording(run_dir, training, run.profiler)
             run.logger.close()
             return last
         run.after_step(window)
@@ -306,6 +345,7 @@ def train_steps(cfg, run_dir: Path, training: Training, state, run: Run) -> dict
     training.parallel.finish()
     if not cfg.train.checkpoint_every or state.step % cfg.train.checkpoint_every:
         save_checkpoint(cfg, run_dir, training, state, window)
+    stop_recording(run_dir, training, run.profiler)
     finish_run(cfg, run_dir, training, state, last, run.logger, run.memory)
     run.logger.close()
     return last

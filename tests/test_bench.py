@@ -44,10 +44,11 @@ def test_peak_is_measured_for_fp32_and_bf16_per_thread_and_for_all_cores(quick_b
         assert values["tflops_1_thread"] > 0 and values["tflops_all_cores"] > 0
 
 
-def test_throughput_runs_trainer_plain_and_ddp_on_the_same_batch(quick_bench):
+def test_throughput_runs_trainer_plain_ddp_and_hf_trainer_on_the_same_batch(quick_bench):
     results = quick_bench[0]
     runs = {(r["method"], r["processes"]) for r in results["throughput"]["runs"]}
-    assert runs == {("plain", 1), ("trainer", 1), ("trainer", 2), ("ddp", 2), ("trainer_untuned", 2)}
+    assert runs == {("plain", 1), ("trainer", 1), ("trainer", 2), ("ddp", 2), ("trainer_untuned", 2),
+                    ("trainer_compile", 1), ("trainer_compile", 2), ("hf_trainer", 1), ("hf_trainer_compile", 1)}
     for run in results["throughput"]["runs"]:
         assert run["tokens_per_second"] > 0 and run["threads_per_process"] == 1
         assert run["tokens_per_second_per_process"] == pytest.approx(run["tokens_per_second"] / run["processes"])
@@ -75,6 +76,35 @@ def test_trainer_fusion_grid_and_breakdown_run_under_the_configured_controller(q
             assert run["controller"] == read_summary(run["run_dir"])["controller"] == "mpi"
     assert {row["controller"] for row in results["fusion"]["rows"]} == {"mpi"}
     assert results["breakdown"]["controller"] == "mpi"
+
+
+def test_compiled_trainer_reports_its_warmup_and_scales_against_its_own_one_process_run(quick_bench):
+    results = quick_bench[0]
+    assert results["throughput"]["trainer_compile"] == "regional"
+    one, two = _run(results, "trainer_compile", 1), _run(results, "trainer_compile", 2)
+    for run in (one, two):
+        assert run["compile_warmup_s"] > 0
+        assert read_metrics(run["run_dir"])[0]["time/compile_warmup_s"] == run["compile_warmup_s"]
+    assert two["scaling_efficiency"] == pytest.approx(two["tokens_per_second"] / (2 * one["tokens_per_second"]))
+    assert "| trainer_compile | bf16 | 1 |" in quick_bench[1]
+
+
+def test_hf_trainer_rows_run_transformers_trainer_eager_and_compiled(quick_bench):
+    results, markdown = quick_bench[0], quick_bench[1]
+    for method, compiled in (("hf_trainer", False), ("hf_trainer_compile", True)):
+        run = _run(results, method, 1)
+        assert run["torch_compile"] is compiled and run["measured_steps"] == results["throughput"]["measure_steps"]
+        assert run["tokens_per_second"] > 0 and run["first_step_s"] > 0
+        assert f"| {method} | bf16 | 1 |" in markdown
+    targets = {t["name"]: t for t in results["throughput"]["targets"]}
+    compiled = _run(results, "trainer_compile", 1)["tokens_per_second"]
+    for name, peer, threshold in (("HF Trainer", "hf_trainer", 1.3),
+                                  ("HF Trainer + torch_compile", "hf_trainer_compile", 1.0)):
+        target = targets[f"trainer (compile=regional) / {name}, 1 process"]
+        assert target["value"] == pytest.approx(compiled / _run(results, peer, 1)["tokens_per_second"])
+        assert target["threshold"] == threshold
+    mfu = targets["trainer (compile=regional) MFU, 1 process"]
+    assert mfu["value"] == _run(results, "trainer_compile", 1)["mfu"] and mfu["threshold"] == 0.5
 
 
 def test_trainer_tokens_per_second_comes_from_its_metrics_after_warmup(quick_bench):
@@ -152,6 +182,14 @@ def test_trainer_rate_leaves_out_warmup_windows_and_weights_by_time():
         {"step": 6, "tokens_seen": 600, "tokens_per_second": 50.0},  # 4 s
     ]
     assert trainer_tokens_per_second(rows, warmup_steps=2) == pytest.approx(400 / 6)
+    # A compile warm-up row has no rate: its tokens count in no window, even inside the timed steps.
+    compiled = [
+        {"step": 1, "tokens_seen": 100, "time/compile_warmup_s": 30.0},
+        {"step": 2, "tokens_seen": 200, "tokens_per_second": 50.0},  # 2 s
+        {"step": 4, "tokens_seen": 400, "tokens_per_second": 100.0},  # 2 s
+    ]
+    for warmup_steps in (0, 1):
+        assert trainer_tokens_per_second(compiled, warmup_steps) == pytest.approx(300 / 4)
 
 
 def test_message_sizes_and_bus_bandwidth_factor():

@@ -5,7 +5,7 @@ from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from app.config import ConfigError
+from app.config import ConfigError, compilation_mode
 
 
 @dataclass
@@ -35,10 +35,21 @@ class BenchThroughputConfig:
     untuned_overrides: List[str] = field(
         default_factory=lambda: ["horovod.cycle_time_ms=1", "train.bind_cores=false",
                                  "horovod.mpi_yield_when_idle=null"])
+    # The trainer once more at every process count with train.compile set to this
+    # ("trainer_compile"; the warm-up steps hold the compilation, reported on its own); false: not.
+    trainer_compile: str = "regional"
+    # Hugging Face's transformers.Trainer on the same model, windows and batch, one process
+    # (app/bench/hf_trainer.py): eager (bf16=True as the precision says) and compile (also
+    # torch_compile=True). []: neither.
+    hf_trainer: List[str] = field(default_factory=lambda: ["eager", "compile"])
     # Targets are measured and reported, never asserted: a miss is printed, not an error.
     max_overhead_vs_plain: float = 0.03
     min_ratio_vs_ddp: float = 1.0
     min_scaling_efficiency: float = 0.90
+    min_ratio_vs_hf_trainer: float = 1.3
+    min_ratio_vs_hf_trainer_compile: float = 1.0
+    # MFU of the trainer (compiled, if it is), one process, against the measured matmul peak.
+    min_mfu: float = 0.5
 
 
 @dataclass
@@ -177,6 +188,9 @@ def validate(cfg: BenchConfig) -> None:
         ("memory.stages", cfg.memory.stages, (0, 1, 2, 3)),
         ("memory.activation_checkpointing", cfg.memory.activation_checkpointing, ("none", "full", "every_k")),
         ("memory.precision", [cfg.memory.precision], precisions),
+        ("throughput.trainer_compile", [compilation_mode(cfg.throughput.trainer_compile)],
+         ("false", "model", "regional")),
+        ("throughput.hf_trainer", cfg.throughput.hf_trainer, ("eager", "compile")),
     ):
         for value in values:
             if value not in allowed:

@@ -40,10 +40,16 @@ def peak(section: dict) -> str:
     return f"## Matmul peak (TFLOP/s, {size}x{size} matmul, best of trials)\n\n" + _table(header, rows)
 
 
+def _warmup(run: dict) -> str:
+    seconds = run.get("compile_warmup_s") or run.get("first_step_s")
+    return f"{seconds:.1f}" if seconds else ""
+
+
 def throughput(section: dict) -> str:
     rows = [[r["method"], r["precision"], r["processes"], f"{r['tokens_per_second']:,.0f}",
              f"{r['tokens_per_second_per_process']:,.0f}", _percent(r["mfu"]),
-             _percent(r["scaling_efficiency"]) if "scaling_efficiency" in r else ""] for r in section["runs"]]
+             _percent(r["scaling_efficiency"]) if "scaling_efficiency" in r else "", _warmup(r)]
+            for r in section["runs"]]
     note = (f"{section['model']}: {section['parameters'] / 1e6:.2f}M parameters, "
             f"{section['flops_per_token'] / 1e6:.1f} MFLOPs/token, {section['tokens_per_step_per_process']:,} tokens "
             f"per step per process, {section['threads_per_process']} thread(s) per process; "
@@ -52,11 +58,19 @@ def throughput(section: dict) -> str:
             f"over p x tokens/s at 1. trainer: python -m app.train under {_LAUNCHED_BY[section['launcher']]}; "
             "plain: a PyTorch loop, no Horovod; ddp: DistributedDataParallel, Gloo, torchrun, its ranks pinned to cores as the trainer pins "
             "its own (train.bind_cores).")
+    if section.get("trainer_compile", "false") != "false":
+        note += (f" trainer_compile: the trainer with train.compile={section['trainer_compile']}; its first step "
+                 "compiles, reported as warm-up and left out of tokens/s.")
+    if any(r["method"].startswith("hf_trainer") for r in section["runs"]):
+        note += (" hf_trainer: transformers.Trainer (fused AdamW, bf16=True in bf16 rows; no evaluation, saving or "
+                 "logging) on the same model, windows and batch; hf_trainer_compile: with torch_compile=True; "
+                 "warm-up is its first step.")
     if section.get("untuned_overrides"):
         note += f" trainer_untuned: the trainer with {' '.join(section['untuned_overrides'])}."
     if section.get("ddp_skipped"):
         note += f" DDP skipped: {section['ddp_skipped']}."
-    header = ["method", "precision", "processes", "tokens/s", "tokens/s per process", "MFU", "scaling efficiency"]
+    header = ["method", "precision", "processes", "tokens/s", "tokens/s per process", "MFU", "scaling efficiency",
+              "warm-up (s)"]
     return "## Training throughput\n\n" + note + "\n\n" + _table(header, rows)
 
 

@@ -14,6 +14,8 @@ def start_training(spec: dict):
     OmegaConf.resolve(cfg)
     dist.init(cfg.horovod, cfg.parallel)
     torch.set_num_threads(dist.place_rank(spec["threads"], cfg.train.bind_cores))
+    if cfg.train.keep_freed_memory:  # as app.train's place_threads does
+        runtime.keep_freed_memory()
     training: Training = build_training(cfg, runtime.pick_device(cfg.train.device, dist.local_rank()))
     training.parallel.start(None)
     training.model.train()
