@@ -3,10 +3,12 @@
     training = build_training(cfg, device)        # task, model, optimizer, parallelism
     output = train_step(training, samples_before, step, timer)
 
-A step: this rank's micro-batches of the global batch, forward and backward (the layout may
-replace that part, as a pipeline does), wait for the gradients, unscale and clip them by their
-global norm, step, then whatever the layout does between steps (parameter averaging). The
-timer records each phase, which is all app.bench.breakdown adds to what training runs.
+A step: this rank's micro-batches of the global batch (prepared ahead by app/prefetch.py),
+forward and backward (the layout may replace that part, as a pipeline does; train.compile has
+compiled the model in place, app/compilation.py), wait for the gradients, unscale and clip
+them by their global norm, step, then whatever the layout does between steps (parameter
+averaging). The timer records each phase, which is all app.bench.breakdown adds to what
+training runs.
 """
 import time
 from collections import defaultdict

@@ -6,7 +6,8 @@
     python -m app.bench sections=[memory]  # ZeRO stages 0-3 x activation checkpointing, llama_125m
 
 Sections: the matmul peak (fp32, bf16; 1 thread and all cores); tokens/s and MFU of the trainer
-at 1..N processes against a plain PyTorch loop and DDP, with scaling efficiency; allreduce bus
+at 1..N processes, eager and compiled, against a plain PyTorch loop, DDP and Hugging Face's
+Trainer (eager and torch_compile=True), with scaling efficiency; allreduce bus
 bandwidth under Gloo and MPI; the gradient-set allreduce under Horovod's fusion and cycle
 settings; a step-time breakdown; on request (sections=[pipeline]), a pipeline against data
 parallelism. Writes <out>/bench.md (also printed) and <out>/bench.json.
