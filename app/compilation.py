@@ -1,19 +1,21 @@
 """torch.compile applied to a plain model from outside, as torchtitan applies it: after tensor
 parallelism and activation checkpointing have changed the model, before the optimizer is wrapped.
 
-- `model`: the whole model is one graph (forward and backward each fused across layers): the
-  most fusion, the longest warm-up, and every gradient appears at the end of one backward graph,
-  so Horovod's allreduces start later (less overlap with backward).
-- `regional`: each repeated block (a decoder layer) is compiled; the blocks share one graph, so
-  the warm-up is one layer's, and gradients still appear layer by layer for Horovod to send.
+- `model`: the task's loss, the whole model's forward and the cross-entropy on its logits, is
+  one graph (and its backward another), as Hugging Face's Trainer compiles a model that computes
+  its own loss: the most fusion (the logits' float cast and log-softmax fuse too), the longest
+  warm-up, and every gradient appears at the end of one backward graph, so Horovod's
+  allreduces start later (less overlap with backward).
+- `regional`: each repeated block (a decoder layer) is compiled in place with
+  `nn.Module.compile()`; the blocks share one graph, so the warm-up is one layer's, and
+  gradients still appear layer by layer for Horovod to send.
 
-Both use `nn.Module.compile()`, which compiles the module's call in place: parameter names,
-state dicts, checkpoints and Horovod's per-parameter gradient hooks are the same as eager.
-Evaluation and generation run eagerly (`eager()`): their shapes differ from training's and
-each would cost a warm-up of its own.
+Neither renames anything: parameter names, state dicts, checkpoints and Horovod's per-parameter
+gradient hooks are the same as eager. Evaluation and generation run eagerly (`eager()`): their
+shapes differ from training's and each would cost a warm-up of its own.
 """
 from contextlib import contextmanager
-from typing import List
+from typing import Callable, List
 
 import torch
 
@@ -30,17 +32,17 @@ def repeated_blocks(model: torch.nn.Module) -> List[torch.nn.Module]:
     return list(max(lists, key=len))
 
 
-def apply(model: torch.nn.Module, mode: str) -> List[torch.nn.Module]:
-    """Compile `model` in place as train.compile says; returns the modules compiled."""
+def apply(model: torch.nn.Module, loss_of: Callable, mode: str) -> Callable:
+    """Compile as train.compile says; returns the loss function the step calls (loss_of(model, batch))."""
     mode = compilation_mode(mode)
-    if mode == "false":
-        return []
-    compiled = [model] if mode == "model" else repeated_blocks(model)
-    for module in compiled:
-        # torch's automatic dynamic shapes: a causal LM's micro-batches all have one shape (one
-        # graph); padded encoder batches that vary get one shape-generic graph, not one each.
-        module.compile()
-    return compiled
+    if mode == "model":
+        return torch.compile(loss_of)
+    if mode == "regional":
+        for block in repeated_blocks(model):
+            # torch's automatic dynamic shapes: a causal LM's micro-batches all have one shape
+            # (one graph); padded encoder batches that vary get one shape-generic graph.
+            block.compile()
+    return loss_of
 
 
 @contextmanager

@@ -5,7 +5,7 @@
 
 A step: this rank's micro-batches of the global batch (prepared ahead by app/prefetch.py),
 forward and backward (the layout may replace that part, as a pipeline does; train.compile has
-compiled the model in place, app/compilation.py), wait for the gradients, unscale and clip
+compiled the loss or the decoder layers, app/compilation.py), wait for the gradients, unscale and clip
 them by their global norm, step, then whatever the layout does between steps (parameter
 averaging). The timer records each phase, which is all app.bench.breakdown adds to what
 training runs.
@@ -14,11 +14,11 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
-from app import compilation, dist, models, optim, parallel, runtime, tasks
+from app import compilation, config, dist, models, optim, parallel, runtime, tasks
 from app.parallel.base import Parallelism
 from app.prefetch import BatchPrefetcher
 
@@ -57,6 +57,7 @@ class PhaseTimer:
 class Training:
     """Everything a step needs."""
     task: tasks.Task
+    loss_of: Callable  # task.loss, or its compiled graph (train.compile=model)
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     parallel: Parallelism
@@ -89,21 +90,21 @@ def build_training(cfg, device: torch.device) -> Training:
     # Counted on the whole model, before a layout may shard it.
     parameters, flops_per_token = models.count_parameters(model), task.flops_per_token(model)
     layout = parallel.build(cfg, model)
-    # After the layout has changed the model (as torchtitan orders it); in place, so the
-    # optimizer and Horovod's hooks see the same parameters.
-    compiled = compilation.apply(model, cfg.train.compile)
+    # After the layout has changed the model (as torchtitan orders it); nothing is renamed or
+    # replaced, so the optimizer and Horovod's hooks see the same parameters.
+    loss_of = compilation.apply(model, task.loss, cfg.train.compile)
     # The optimizer holds what this rank trains (a pipeline stage's layers, or the whole model).
     optimizer = layout.wrap_optimizer(
         optim.build_optimizer(layout.model, cfg.optim, optim.lr_at(0, cfg.optim, cfg.train.max_steps, data_replicas)))
     return Training(
-        task=task, model=model, optimizer=optimizer, parallel=layout, device=device,
+        task=task, loss_of=loss_of, model=model, optimizer=optimizer, parallel=layout, device=device,
         parameters=parameters, flops_per_token=flops_per_token,
         precision_ctx=runtime.autocast_context(cfg.train.precision, device),
         scaler=torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None,
         grad_accum_steps=cfg.train.grad_accum_steps, grad_clip=cfg.train.grad_clip,
         batches=BatchPrefetcher(task, cfg.train.grad_accum_steps, cfg.train.prefetch_steps,
                                 pin_memory=device.type == "cuda"),
-        compiled=bool(compiled),
+        compiled=config.compilation_mode(cfg.train.compile) != "false",
     )
 
 
@@ -118,7 +119,7 @@ def train_step(training: Training, samples_before: int, step: int, timer: PhaseT
         batches, tokens = run.batches.get(samples_before)
         tokens = tokens if run.parallel.counts_tokens() else 0
         batches = [_to_device(batch, run.device) for batch in batches]
-    loss = run.parallel.forward_backward(run.task.loss, batches, run.precision_ctx, run.scaler, timer)
+    loss = run.parallel.forward_backward(run.loss_of, batches, run.precision_ctx, run.scaler, timer)
     with timer.phase("allreduce_wait"):
         run.parallel.sync_gradients()
     with timer.phase("optimizer"):

@@ -84,7 +84,7 @@ def test_trainer_fusion_grid_and_breakdown_run_under_the_configured_controller(q
 
 def test_compiled_trainer_reports_its_warmup_and_scales_against_its_own_one_process_run(quick_bench):
     results = quick_bench[0]
-    assert results["throughput"]["trainer_compile"] == "regional"
+    assert results["throughput"]["trainer_compile"] == "model"
     one, two = _run(results, "trainer_compile", 1), _run(results, "trainer_compile", 2)
     for run in (one, two):
         assert run["compile_warmup_s"] > 0
@@ -104,10 +104,10 @@ def test_hf_trainer_rows_run_transformers_trainer_eager_and_compiled(quick_bench
     compiled = _run(results, "trainer_compile", 1)["tokens_per_second"]
     for name, peer, threshold in (("HF Trainer", "hf_trainer", 1.3),
                                   ("HF Trainer + torch_compile", "hf_trainer_compile", 1.0)):
-        target = targets[f"trainer (compile=regional) / {name}, 1 process"]
+        target = targets[f"trainer (compile=model) / {name}, 1 process"]
         assert target["value"] == pytest.approx(compiled / _run(results, peer, 1)["tokens_per_second"])
         assert target["threshold"] == threshold
-    mfu = targets["trainer (compile=regional) MFU, 1 process"]
+    mfu = targets["trainer (compile=model) MFU, 1 process"]
     assert mfu["value"] == _run(results, "trainer_compile", 1)["mfu"] and mfu["threshold"] == 0.5
 
 

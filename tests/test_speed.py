@@ -33,14 +33,17 @@ def test_compiled_step_matches_eager_loss_and_weights(tiny_data, ranks, mode):
     assert result["replicas_identical"]  # Horovod's hooks averaged the compiled graph's gradients
 
 
-def test_regional_compile_compiles_each_decoder_layer_and_keeps_parameter_names():
+def test_regional_compile_compiles_each_decoder_layer_in_place_and_model_compiles_the_loss():
     cfg = cli.compose_config(["model=llama_tiny"])
     model = models.build_causal_lm(cfg.model, vocab_size=64)
     names = [name for name, _ in model.named_parameters()]
-    compiled = compilation.apply(model, "regional")
-    assert compiled == list(model.model.layers) and len(compiled) == cfg.model.num_layers
+    assert compilation.apply(model, models.causal_lm_loss, "regional") is models.causal_lm_loss
     assert [name for name, _ in model.named_parameters()] == names  # checkpoints and hooks unchanged
-    assert compilation.apply(models.build_causal_lm(cfg.model, vocab_size=64), "False") == []
+    compiled = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert compiled == list(model.model.layers) and len(compiled) == cfg.model.num_layers
+    loss_of = compilation.apply(model, models.causal_lm_loss, "model")
+    assert loss_of is not models.causal_lm_loss and loss_of.__wrapped__ is models.causal_lm_loss
+    assert compilation.apply(model, models.causal_lm_loss, "False") is models.causal_lm_loss
 
 
 def _task(data_dir, rank=0, world=2, accum=2):

@@ -37,7 +37,7 @@ class BenchThroughputConfig:
                                  "horovod.mpi_yield_when_idle=null"])
     # The trainer once more at every process count with train.compile set to this
     # ("trainer_compile"; the warm-up steps hold the compilation, reported on its own); false: not.
-    trainer_compile: str = "regional"
+    trainer_compile: str = "model"
     # Hugging Face's transformers.Trainer on the same model, windows and batch, one process
     # (app/bench/hf_trainer.py): eager (bf16=True as the precision says) and compile (also
     # torch_compile=True). []: neither.
