@@ -15,21 +15,12 @@ gradient hooks are the same as eager. Evaluation and generation run eagerly (`ea
 shapes differ from training's and each would cost a warm-up of its own.
 """
 from contextlib import contextmanager
-from typing import Callable, List
+from typing import Callable
 
 import torch
 
 from app.config import compilation_mode
-
-
-def repeated_blocks(model: torch.nn.Module) -> List[torch.nn.Module]:
-    """The blocks of the model's longest nn.ModuleList: a transformer's layers (LLaMA's
-    model.layers, BERT's encoder.layer), whatever wrappers a layout put around them."""
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
-    if not lists:
-        raise ValueError(f"train.compile=regional needs a model with repeated layers; {type(model).__name__} "
-                         "has no nn.ModuleList; use train.compile=model")
-    return list(max(lists, key=len))
+from app.parallel.layers import transformer_layers
 
 
 def apply(model: torch.nn.Module, loss_of: Callable, mode: str) -> Callable:
@@ -38,7 +29,7 @@ def apply(model: torch.nn.Module, loss_of: Callable, mode: str) -> Callable:
     if mode == "model":
         return torch.compile(loss_of)
     if mode == "regional":
-        for block in repeated_blocks(model):
+        for block in transformer_layers(model):
             # torch's automatic dynamic shapes: a causal LM's micro-batches all have one shape
             # (one graph); padded encoder batches that vary get one shape-generic graph.
             block.compile()

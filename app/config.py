@@ -302,6 +302,9 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
+    if compilation_mode(cfg.train.compile) == "model" and cfg.parallel.pipeline > 1:
+        raise ConfigError("train.compile=model compiles the whole model's loss, which no pipeline stage runs; use "
+                          "train.compile=regional with parallel.pipeline > 1")
     if cfg.train.prefetch_steps < 0:
         raise ConfigError(f"train.prefetch_steps={cfg.train.prefetch_steps} must be 0 (off) or more")
     _check_profile_steps(list(cfg.train.profile_steps))
