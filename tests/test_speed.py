@@ -22,10 +22,15 @@ LOSS_TOLERANCE = 1e-4
 WEIGHT_TOLERANCE = 1e-4
 
 
-@pytest.mark.parametrize("ranks,mode", [(1, "model"), (2, "regional")])
-def test_compiled_step_matches_eager_loss_and_weights(tiny_data, ranks, mode):
-    result = last_json_line(run_worker("compile_equivalence.py", [tiny_data, mode, "fp32", 3], np_=ranks,
-                                       timeout=900).stdout)
+@pytest.mark.parametrize("ranks,mode,layout", [
+    (1, "model", []),
+    (2, "regional", []),
+    # Compiled after the layout: recomputed (checkpointed) layers, gradients sharded by ZeRO.
+    (2, "regional", ["parallel.zero_stage=1", "train.activation_checkpointing=full"]),
+])
+def test_compiled_step_matches_eager_loss_and_weights(tiny_data, ranks, mode, layout):
+    result = last_json_line(run_worker("compile_equivalence.py", [tiny_data, mode, "fp32", 3, *layout], np_=ranks,
+                                       launcher="mpi", timeout=900).stdout)
     assert result["ranks"] == ranks and result["same_names"]
     assert result["eager_losses"][-1] < result["eager_losses"][0]  # it trains
     assert result["max_loss_diff"] <= LOSS_TOLERANCE, result
@@ -164,3 +169,11 @@ def test_kept_freed_memory_is_reused_without_new_page_faults():
     assert kept == "True"
     # By default each 64 MiB block is a fresh mmap: 16,384 pages faulted in, five times over.
     assert int(default) > 5 * 16_000 and int(after) < int(default) / 20, output.stdout
+
+
+def test_whole_model_compile_is_refused_under_a_pipeline_on_every_rank(tiny_data, tmp_path):
+    result = run_job(tiny_train_args(tiny_data, tmp_path / "run", "parallel.pipeline=2", "train.compile=model",
+                                     "train.grad_accum_steps=2"), np_=2, launcher="mpi", check=False, timeout=300)
+    assert result.returncode == 2
+    message = "train.compile=model compiles the whole model's loss, which no pipeline stage runs"
+    assert sum(message in line for line in (result.stdout + result.stderr).splitlines()) == 2  # one per rank

@@ -2,7 +2,9 @@
 batches, under Horovod on however many ranks launched it: prints, from rank 0, the largest
 differences in loss and weights, and whether the compiled replicas agree across ranks.
 
-    horovodrun -np 2 -H localhost:2 --gloo python tests/workers/compile_equivalence.py DATA MODE PRECISION STEPS
+    horovodrun -np 2 -H localhost:2 --gloo python tests/workers/compile_equivalence.py DATA MODE PRECISION STEPS [OVERRIDE...]
+
+OVERRIDEs (a layout, activation checkpointing) apply to both runs.
 """
 import json
 import sys
@@ -13,7 +15,7 @@ from omegaconf import OmegaConf
 from app import cli, dist, models, runtime
 from app.step import PhaseTimer, build_training, train_step
 
-data_dir, mode, precision, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+data_dir, mode, precision, steps, overrides = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:]
 
 
 def run(compile_mode: str):
@@ -22,7 +24,7 @@ def run(compile_mode: str):
     cfg = cli.compose_config([
         "model=llama_tiny", "data.vocab_size=512", f"data.dir={data_dir}", "train.micro_batch_size=2",
         "train.grad_accum_steps=2", f"train.precision={precision}", f"train.compile={compile_mode}",
-        "optim.warmup_steps=1",
+        "optim.warmup_steps=1", *overrides,
     ])
     OmegaConf.resolve(cfg)
     training = build_training(cfg, runtime.pick_device("cpu"))
@@ -34,7 +36,10 @@ def run(compile_mode: str):
         losses.append(dist.sum_over_ranks(output.loss.detach().double(), name=f"loss.{compile_mode}.{step}").item()
                       / dist.size())
     training.batches.close()
-    return losses, {k: v.detach().clone() for k, v in training.model.state_dict().items()}, training.model
+    # The full model's weights on every rank (a sharded layout gathers them, as its checkpoint does).
+    with training.parallel.full_model() as model:
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return losses, weights, training.parallel.model
 
 
 dist.init()
