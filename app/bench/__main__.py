@@ -1,7 +1,7 @@
 """python -m app.bench: how fast this machine trains, and where the time goes.
 
-    python -m app.bench                    # every section, about 8.5 minutes on a quiet 2-core machine
-    python -m app.bench preset=quick       # every section in about 1.5 minutes
+    python -m app.bench                    # every section, 8.5 minutes on a quiet 2-core machine, plus compilations
+    python -m app.bench preset=quick       # every section in about 1.5 minutes, plus three small compilations
     python -m app.bench sections=[throughput] throughput.precisions=[bf16] out=runs/bench/tp
     python -m app.bench sections=[memory]  # ZeRO stages 0-3 x activation checkpointing, llama_125m
 
