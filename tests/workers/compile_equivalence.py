@@ -2,7 +2,7 @@
 batches, under Horovod on however many ranks launched it: prints, from rank 0, the largest
 differences in loss and weights, and whether the compiled replicas agree across ranks.
 
-    horovodrun -np 2 -H localhost:2 --gloo python tests/workers/compile_equivalence.py DATA MODE PRECISION STEPS [OVERRIDE...]
+    mpirun -np 2 python tests/workers/compile_equivalence.py DATA MODE PRECISION STEPS [OVERRIDE...]
 
 OVERRIDEs (a layout, activation checkpointing) apply to both runs.
 """
