@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import Dataset, SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from app import cli, cores, data, fileio, models, prepare
+from app import cli, cores, data, fileio, models, prepared
 from app.bench import launch
 
 
@@ -83,7 +83,7 @@ def main() -> None:
     # The trainer's placement rule for one process, so every method runs on the same cores.
     threads = cores.place(0, 1, [cores.affinity()], spec["threads"], cfg.train.bind_cores)
     torch.set_num_threads(threads)
-    meta = prepare.read_meta(cfg.data.dir)
+    meta = prepared.read_meta(cfg.data.dir)
     windows = data.TokenWindows(Path(cfg.data.dir) / "train.bin", meta["dtype"],
                                 cfg.train.seq_len or cfg.model.max_seq_len, cfg.train.seed)
     steps = spec["warmup_steps"] + spec["measure_steps"]
