@@ -12,6 +12,10 @@ from app import checkpoint, cores
 from conftest import last_json_line, read_metrics, read_summary, run_job, run_worker, tiny_train_args
 
 
+# Horovod's timeline and autotuner stay off unless horovod.timeline / horovod.autotune ask.
+TOOLS_OFF = {"HOROVOD_TIMELINE": "default", "HOROVOD_AUTOTUNE": "default", "HOROVOD_AUTOTUNE_LOG": "default"}
+
+
 def latest_weights(run_dir):
     return checkpoint.latest(run_dir) / "model.safetensors"
 
@@ -24,7 +28,7 @@ def test_two_rank_gloo_run_keeps_replicas_identical_and_loss_falls(tiny_data, tm
     assert summary["world_size"] == 2 and summary["controller"] == "gloo"
     # The config reached Horovod, which reads these before Hydra composes the run's config.
     assert summary["horovod"] == {"HOROVOD_CYCLE_TIME": "7", "HOROVOD_FUSION_THRESHOLD": str(8 * 2**20),
-                                  "OMPI_MCA_mpi_yield_when_idle": "1"}
+                                  "OMPI_MCA_mpi_yield_when_idle": "1", **TOOLS_OFF}
     # horovodrun does not bind; each rank pinned itself to its own half of the cores.
     all_cores = sorted(os.sched_getaffinity(0))
     half = len(all_cores) // 2
@@ -60,7 +64,7 @@ def test_mpirun_initialises_horovod_from_mpi_comm_world(tiny_data, tmp_path):
     summary = read_summary(run_dir)
     assert summary["controller"] == "mpi" and summary["replicas_identical"] is True
     assert summary["horovod"] == {"HOROVOD_CYCLE_TIME": "7", "HOROVOD_FUSION_THRESHOLD": "default",
-                                  "OMPI_MCA_mpi_yield_when_idle": "0"}
+                                  "OMPI_MCA_mpi_yield_when_idle": "0", **TOOLS_OFF}
 
 
 def test_ranks_share_one_run_dir_and_only_rank_0_writes(tiny_data, tmp_path):
