@@ -202,7 +202,7 @@ say "runs as uid $(head -1 <<<"$user_and_compilers"), no compilers"
 start=$SECONDS
 run "${engine[@]}" run --rm --network host "$IMAGE" 2>&1 | tee "$tmp/smoke.log"
 smoke_s=$((SECONDS - start))
-grep -q "parameters identical on all $EXPECTED_RANKS ranks: True" "$tmp/smoke.log" \
+grep -q "parameters identical on all $EXPECTED_RANKS ranks holding the same part: True" "$tmp/smoke.log" \
     || die "the default command's smoke run did not end with parameters identical on $EXPECTED_RANKS ranks (log above)"
 
 # 2. The same run with a work directory from the host: its summary.json lands there.

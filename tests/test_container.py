@@ -57,7 +57,7 @@ def test_the_image_runs_its_smoke_run_and_a_mounted_run_with_identical_parameter
     commands = [line for line in result.stderr.splitlines() if line.startswith(f"+ {built_engine}")]
     assert any(c.endswith(f" run --rm --network host {IMAGE}") for c in commands), commands
     assert any(f"--volume {tmp_path}:/workspace {IMAGE} -np 2 experiment=smoke" in c for c in commands), commands
-    assert "parameters identical on all 2 ranks: True" in result.stdout
+    assert "parameters identical on all 2 ranks holding the same part: True" in result.stdout
 
     summary = read_summary(tmp_path / "runs" / "container-test")
     assert summary["world_size"] == SMOKE_RANKS
