@@ -165,8 +165,10 @@ class TrainConfig:
     # compilation is reported as time/compile_warmup_s and left out of tokens/s.
     compile: str = "false"
     # Keep freed host memory for the next step instead of returning it to the kernel (glibc's
-    # mallopt; app/runtime.py keep_freed_memory says why): fewer page faults per step.
-    keep_freed_memory: bool = True
+    # mallopt; app/runtime.py says why): fewer page faults per step. false: return every block
+    # of 128 KiB or more when freed. null: keep, except under ZeRO (parallel.zero_stage >= 1),
+    # whose point is memory (keeps_freed_memory).
+    keep_freed_memory: Optional[bool] = None
     # Steps whose micro-batches a background thread prepares ahead (app/prefetch.py); 0: each
     # step reads its own batches when it starts.
     prefetch_steps: int = 2
@@ -442,6 +444,13 @@ def check_divisible_by_tensor(sizes: dict, tensor: int) -> None:
         if value is not None and value % tensor:
             raise ConfigError(f"{key}={value} is not divisible by parallel.tensor={tensor}; set {key} to a "
                               f"multiple of {tensor} or pick a parallel.tensor that divides it")
+
+
+def keeps_freed_memory(cfg) -> bool:
+    """train.keep_freed_memory, its null resolved: kept unless ZeRO shards the model."""
+    if cfg.train.keep_freed_memory is None:
+        return cfg.parallel.zero_stage == 0
+    return bool(cfg.train.keep_freed_memory)
 
 
 def compilation_mode(value) -> str:

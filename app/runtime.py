@@ -45,8 +45,11 @@ def configure_logging(run_dir: Path, rank: int) -> None:
         root.addHandler(file_handler)
 
 
-# glibc's mallopt parameters (malloc.h) and the value both get: 1 GiB.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _KEEP_BELOW_BYTES = -1, -3, 1 << 30
+# glibc's mallopt parameters (malloc.h); blocks at or above the mmap threshold get their own
+# mapping, and free space above the trim threshold at the heap's top goes back to the kernel.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_BELOW_BYTES = 1 << 30  # keep: everything a step frees below 1 GiB stays for reuse
+_RETURN_FROM_BYTES = 128 << 10  # return: glibc's own starting threshold, fixed so it cannot grow
 
 
 def keep_freed_memory() -> bool:
@@ -56,9 +59,26 @@ def keep_freed_memory() -> bool:
     and unmaps them on free, so every step faults in and zeroes fresh pages, and it trims the
     heap's top whenever enough is free. (Intel's CPU launcher swaps in jemalloc or tcmalloc for
     the same reason.) False where the C library is not glibc; memory stays at its peak."""
+    return _set_thresholds(_KEEP_BELOW_BYTES)
+
+
+def return_freed_memory() -> bool:
+    """Have glibc hand every block of 128 KiB or more back to the kernel when it is freed. For
+    sharded training (ZeRO), whose point is memory: a layer's gathered parameters, its flat
+    gradients and its reduce-scatter buffers are freed within the step, and kept blocks would
+    hold on to them; glibc's default raises the threshold to 32 MiB after the first such free,
+    and scattered heap blocks that size cannot be returned. Costs page faults on each reuse."""
+    return _set_thresholds(_RETURN_FROM_BYTES)
+
+
+def _set_thresholds(size: int) -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BELOW_BYTES)) and bool(
-            libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BELOW_BYTES))
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, size)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, size))
     except (OSError, AttributeError):
         return False
+
+
+def set_freed_memory(keep: bool) -> bool:
+    """keep_freed_memory or return_freed_memory; whether glibc took the setting."""
+    return keep_freed_memory() if keep else return_freed_memory()

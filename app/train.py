@@ -50,8 +50,10 @@ def place_threads(cfg) -> None:
     """Pin this rank to its share of its host's cores; a collective (ranks compare core masks)."""
     threads = dist.place_rank(cfg.train.threads_per_rank, cfg.train.bind_cores)
     torch.set_num_threads(threads)
-    kept = cfg.train.keep_freed_memory and runtime.keep_freed_memory()
-    log.info("%d threads per rank; freed memory %s", threads, "kept for reuse" if kept else "returned (allocator default)")
+    keep = config.keeps_freed_memory(cfg)
+    taken = runtime.set_freed_memory(keep)
+    log.info("%d threads per rank; freed memory %s", threads,
+             "(allocator default: not glibc)" if not taken else "kept for reuse" if keep else "returned to the kernel")
 
 
 def copy_tokenizer(cfg, run_dir: Path) -> None:

@@ -3,7 +3,7 @@ rank's cores, and the trainer's own step pieces (app/step.py), synchronised and 
 import torch
 from omegaconf import OmegaConf
 
-from app import cli, dist, runtime
+from app import cli, config, dist, runtime
 from app.bench import launch
 from app.step import Training, build_training
 
@@ -14,8 +14,7 @@ def start_training(spec: dict):
     OmegaConf.resolve(cfg)
     dist.init(cfg.horovod, cfg.parallel)
     torch.set_num_threads(dist.place_rank(spec["threads"], cfg.train.bind_cores))
-    if cfg.train.keep_freed_memory:  # as app.train's place_threads does
-        runtime.keep_freed_memory()
+    runtime.set_freed_memory(config.keeps_freed_memory(cfg))  # as app.train's place_threads does
     training: Training = build_training(cfg, runtime.pick_device(cfg.train.device, dist.local_rank()))
     training.parallel.start(None)
     training.model.train()

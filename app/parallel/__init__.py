@@ -21,7 +21,7 @@ def build(cfg, model: torch.nn.Module) -> Parallelism:
     if cfg.parallel.zero_stage:
         # Shards over the ranks that hold replicas: the world, or under tensor or pipeline
         # parallelism this rank's data-parallel group.
-        return Zero(model, cfg.parallel.zero_stage, cfg.sync, dist.process_set("data"))
+        return Zero(model, cfg.parallel.zero_stage, cfg.sync, cfg.train.grad_accum_steps, dist.process_set("data"))
     if not cfg.sync.gradient_allreduce:
         return LocalSGD(model, cfg.sync, cfg.train.grad_accum_steps)
     if cfg.sync.op == "adasum":

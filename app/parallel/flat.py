@@ -37,7 +37,12 @@ class FlatShard:
         # Stages 1-2 keep the whole buffer, so the optimizer can step on a view of it; stage 3
         # frees the buffer between uses, so the rank's slice must live on its own.
         self.shard_is_view = shard_is_view
-        self.grad_full: Optional[torch.Tensor] = None  # stage 1 only
+        # The flat gradients: stage 1's for good (the parameters' .grad are views of it), stages
+        # 2-3's from a unit's first gradient in backward until its reduce-scatter is sent.
+        self.grad_full: Optional[torch.Tensor] = None
+        self.grads_are_views = False
+        self.slot_of = {id(p): i for i, p in enumerate(params)}
+        self.offsets = [sum(self.numels[:i]) for i in range(len(params))]
         owned = self.full[self.start : self.end]
         self.shard = torch.nn.Parameter(owned if shard_is_view else owned.clone())
 
@@ -67,27 +72,35 @@ class FlatShard:
     def keep_grads_in_flat_buffer(self) -> None:
         """Stage 1: the parameters' gradients become views of one flat buffer, which backward
         accumulates into in place (DDP's gradient_as_bucket_view), so the reduce-scatter needs
-        no flat copy of the whole model's gradients beside them."""
+        no flat copy of the gradients beside them."""
         self.grad_full = torch.zeros_like(self.full)
+        self.grads_are_views = True
         for param, view in zip(self.params, self.grad_full.split(self.numels)):
             param.grad = view.view_as(param)
 
+    def absorb_grad(self, param: torch.nn.Parameter) -> None:
+        """Stages 2-3: a parameter's fresh gradient is added into the unit's flat buffer (made
+        at the unit's first gradient of the pass) and released, so a unit in backward holds one
+        flat copy of its gradients and one parameter's gradient, not two copies of all of them."""
+        if self.grad_full is None:
+            self.grad_full = torch.zeros(self.numel, dtype=torch.float32, device=self.full.device)
+        slot = self.slot_of[id(param)]
+        self.grad_full[self.offsets[slot] : self.offsets[slot] + self.numels[slot]].add_(param.grad.reshape(-1))
+        param.grad = None
+
     def take_flat_grad(self) -> torch.Tensor:
-        """The parameters' gradients in one flat fp32 buffer (zeros for a parameter that got
-        none); the parameters' own gradients are released (kept, in the stage-1 buffer)."""
-        if self.grad_full is not None:
+        """The flat fp32 gradients to reduce-scatter (zeros for parameters that got none). The
+        stage-1 buffer stays with the parameters; a stage-2/3 buffer goes to the collective."""
+        if self.grads_are_views:
             return self.grad_full
-        grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device)
-                 for p in self.params]
-        flat = torch.cat(grads).float()
-        for param in self.params:
-            param.grad = None
+        flat = self.grad_full if self.grad_full is not None else torch.zeros(self.numel, device=self.full.device)
+        self.grad_full = None
         return flat
 
     def add_grad(self, reduced: torch.Tensor) -> None:
         """The reduce-scatter is done: its result is this rank's slice; the stage-1 buffer
         starts the next step from zero."""
-        if self.grad_full is not None:
+        if self.grads_are_views:
             self.grad_full.zero_()
         reduced = reduced.float()
         if self.shard.grad is None:
@@ -111,6 +124,7 @@ class Unit:
     def __init__(self, index: int, module: Optional[torch.nn.Module], flats: List[FlatShard], process_set):
         self.index, self.module, self.flats, self.process_set = index, module, flats, process_set
         self.params = [p for flat in flats for p in flat.params]
+        self.flat_of = {id(p): flat for flat in flats for p in flat.params}
         self.grads_ready = 0  # parameters whose gradient is in, this backward pass
         self.reductions = 0  # reduce-scatters issued this step (one per micro-batch)
         self.gathering = None  # the handle of an allgather in flight

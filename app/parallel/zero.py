@@ -6,12 +6,17 @@ encoder layer, or the rest of the model: embeddings, final norm, head) live in o
 buffer; rank r owns the contiguous slice Horovod's reducescatter gives it, and a plain torch
 optimizer of the same class steps on those slices alone (DeepSpeed's stage_1_and_2 layout).
 
-- Stage 1: one unit. After the micro-batches, one grouped reducescatter (Average) of the flat
-  gradients gives each rank its slice's mean gradient; the optimizer steps on the slice; one
-  grouped allgather writes the updated slices back into every rank's parameters.
-- Stage 2: a unit per layer. As backward finishes a layer's gradients (post-accumulate hooks)
-  they are reduce-scattered while backward goes on and the full gradients are dropped; at most
-  `MAX_REDUCES_IN_FLIGHT` units' full gradients are alive at once.
+A unit is a decoder or encoder layer, or the rest of the model (torchtitan's root unit); its
+collectives are grouped (one negotiation, one fused buffer) and at most two units' are in flight,
+so the transient copies stay a layer or two whatever the model's size.
+
+- Stage 1: the parameters' gradients are views of the units' flat buffers and accumulate there
+  over the micro-batches; in the last backward each unit is reduce-scattered (Average) as soon as
+  its gradients are complete, overlapping the rest of backward (DeepSpeed's overlap_comm); the
+  optimizer steps on the rank's slices; allgathers write the updated slices back.
+- Stage 2: gradients sharded too: each micro-batch's gradients of a unit are added into a flat
+  buffer as they arrive (post-accumulate hooks), reduce-scattered once the unit is complete, and
+  dropped; each rank keeps its slice's sum.
 - Stage 3: stage 2, and a layer's full parameters exist only around its use: gathered before its
   forward (the next layer's gather issued at once, FSDP's prefetch), freed after it, gathered
   again when the gradient of its output arrives (prefetching the layer before it) and freed
@@ -35,8 +40,11 @@ from app.parallel.base import Parallelism, held_bytes, load_model_state
 from app.parallel.flat import FlatShard, Unit
 from app.parallel.layers import transformer_layers
 
-# Units whose reduce-scatter may be outstanding (their full gradients alive) during backward.
+# Units whose reduce-scatter may be outstanding (their full gradients alive) during backward,
+# and whose allgather may be outstanding when every unit is gathered: enough to keep the wire
+# busy while one unit is copied, few enough that in-flight copies stay a unit or two.
 MAX_REDUCES_IN_FLIGHT = 2
+MAX_GATHERS_IN_FLIGHT = 2
 
 
 def build_units(model, groups: List[dict], layers: List[torch.nn.Module], process_set, shard_is_view: bool):
@@ -67,11 +75,15 @@ def local_optimizer(plain: torch.optim.Optimizer, shards_per_group: List[List[to
 
 
 class Zero(Parallelism):
-    def __init__(self, model: torch.nn.Module, stage: int, sync_cfg, process_set=hvd.global_process_set):
+    def __init__(self, model: torch.nn.Module, stage: int, sync_cfg, grad_accum_steps: int,
+                 process_set=hvd.global_process_set):
         super().__init__(model)
         self.stage, self.process_set = stage, process_set
+        # Stage 1 keeps whole gradients, summed over the micro-batches in place: a unit is reduced
+        # once its parameters' last micro-batch is in. Stages 2-3 reduce each micro-batch's.
+        self.passes_per_reduce = grad_accum_steps if stage == 1 else 1
         self.wire_dtype = torch.float16 if sync_cfg.compression == "fp16" else torch.float32
-        self.layers = transformer_layers(model) if stage >= 2 else []
+        self.layers = transformer_layers(model)
         self.units: List[Unit] = []
         self.pending = []  # (unit, handle) of reduce-scatters in flight
         self.whole = False  # stage 3 after finish(): every parameter gathered, hooks idle
@@ -94,10 +106,9 @@ class Zero(Parallelism):
         if self.stage == 1:
             for flat in self.flats:
                 flat.keep_grads_in_flat_buffer()
-        if self.stage >= 2:
-            for unit in self.units:
-                for param in unit.params:
-                    param.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, unit))
+        for unit in self.units:
+            for param in unit.params:
+                param.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, unit))
         if self.stage == 3:
             self._install_gather_hooks()
         return self.optimizer
@@ -181,8 +192,10 @@ class Zero(Parallelism):
 
     # --- one step -----------------------------------------------------------------------------
     def _grad_ready(self, unit: Unit, param) -> None:
+        if self.stage >= 2:
+            unit.flat_of[id(param)].absorb_grad(param)
         unit.grads_ready += 1
-        if unit.grads_ready == len(unit.params):
+        if unit.grads_ready == len(unit.params) * self.passes_per_reduce:
             self._reduce(unit)
 
     def _reduce(self, unit: Unit) -> None:
@@ -199,9 +212,9 @@ class Zero(Parallelism):
     def sync_gradients(self) -> None:
         """Every rank holds its slice's gradient, averaged over ranks and summed over micro-batches."""
         for unit in self.units:
-            # Stage 1 reduces everything now; stages 2-3 a unit whose parameters got no gradient
-            # from some micro-batch (its hooks never completed), and it then counts as zero.
-            if self.stage == 1 or unit.grads_ready:
+            # A unit some of whose parameters got no gradient from some micro-batch (its count
+            # never completed): reduced now, the missing gradients counting as zero.
+            if unit.grads_ready:
                 self._reduce(unit)
         while self.pending:
             self._finish_oldest_reduce()
@@ -227,11 +240,18 @@ class Zero(Parallelism):
             self._gather_all()  # stage 3 gathers each layer when it is next used
 
     def _gather_all(self) -> bool:
-        """Every unit's full buffer rebuilt from the ranks' slices, all allgathers in flight at once."""
+        """Every unit's full buffer rebuilt from the ranks' slices, the next unit's allgather in
+        flight while one is copied in (Horovod's output is a second copy of a unit: all at once
+        would hold the whole model twice)."""
         for unit in self.units:
             if unit.gathering is not None:  # a stage-3 prefetch: complete it, its name is reused
                 self._gather(unit)
-        handles = [(unit, unit.gather_async()) for unit in self.units]
+        handles = []
+        for unit in self.units:
+            handles.append((unit, unit.gather_async()))
+            if len(handles) > MAX_GATHERS_IN_FLIGHT:
+                done, handle = handles.pop(0)
+                done.finish_gather(handle)
         for unit, handle in handles:
             unit.finish_gather(handle)
         return True
