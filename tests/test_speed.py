@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from app import cli, compilation, models
+from app import cli, compilation, config, models
 from app.prefetch import BatchPrefetcher
 from app.tasks import CausalLM
 from conftest import ROOT, TINY_VOCAB, last_json_line, read_metrics, read_summary, run_job, run_worker, tiny_train_args
@@ -169,6 +169,38 @@ def test_kept_freed_memory_is_reused_without_new_page_faults():
     assert kept == "True"
     # By default each 64 MiB block is a fresh mmap: 16,384 pages faulted in, five times over.
     assert int(default) > 5 * 16_000 and int(after) < int(default) / 20, output.stdout
+
+
+# Resident memory after a 16 MiB tensor is made and freed twice, with glibc told to return freed
+# memory (ZeRO's default), to keep it, or left alone, each in a fresh interpreter. Left alone,
+# glibc raises its mmap threshold to 16 MiB at the first free and keeps the second block.
+_HOLD = """
+import sys, psutil, torch
+from app import runtime
+taken = {"return": runtime.return_freed_memory, "keep": runtime.keep_freed_memory, "default": lambda: True}
+print(taken[sys.argv[1]]())
+before = psutil.Process().memory_info().rss
+for _ in range(2):
+    block = torch.ones(4 << 20)
+    del block
+print(psutil.Process().memory_info().rss - before)
+"""
+
+
+@pytest.mark.parametrize("policy, returned", [("return", True), ("keep", False), ("default", False)])
+def test_returned_freed_memory_leaves_the_resident_set(policy, returned):
+    output = subprocess.run([sys.executable, "-c", _HOLD, policy], cwd=ROOT, capture_output=True, text=True,
+                            check=True)
+    taken, grown = output.stdout.split()
+    assert taken == "True"
+    assert (int(grown) < 2 << 20) if returned else (int(grown) > 14 << 20), output.stdout
+
+
+@pytest.mark.parametrize("setting, stage, keeps", [(None, 0, True), (None, 1, False), (None, 3, False),
+                                                   (True, 3, True), (False, 0, False)])
+def test_freed_memory_is_kept_by_default_unless_zero_shards_the_model(setting, stage, keeps):
+    cfg = OmegaConf.create({"train": {"keep_freed_memory": setting}, "parallel": {"zero_stage": stage}})
+    assert config.keeps_freed_memory(cfg) is keeps
 
 
 def test_whole_model_compile_is_refused_under_a_pipeline_on_every_rank(tiny_data, tmp_path):

@@ -199,17 +199,23 @@ def test_planner_counts_the_7b_preset_without_memory_and_shards_by_stage():
 def test_bench_memory_targets_are_the_issues_ratios_of_measured_values():
     from app.bench import memory, report
 
-    def run(stage, optimizer_state, model_state, tokens_per_second):
+    def run(stage, optimizer_state, model_state, tokens_per_second, freed="kept", default=True):
         return {"zero_stage": stage, "activation_checkpointing": "none", "peak_bytes_per_rank": [2**30, 2**30],
+                "freed_memory": freed, "default_allocator": default,
                 "model_state_bytes": model_state, "tokens_per_second": tokens_per_second,
                 "held_bytes_rank0": {"parameters": 4, "gradients": 0, "optimizer_state": optimizer_state},
                 "predicted_model_state_bytes": {"parameters": 4, "gradients": 4, "optimizer_state": 8}}
-    runs = [run(0, 800, 1600, 100.0), run(1, 420, 1200, 96.0), run(3, 400, 900, 80.0)]
+    runs = [run(0, 800, 1600, 100.0), run(1, 420, 1200, 96.0, "returned"), run(3, 400, 900, 80.0, "returned"),
+            run(0, 800, 1700, 90.0, "returned", default=False)]
     found = {t["name"]: t for t in memory.targets(runs)}
     assert found["stage 1 / stage 0 optimizer-state bytes per rank"]["value"] == 420 / 800
     assert found["stage 1 / stage 0 optimizer-state bytes per rank"]["met"]  # 0.525 <= 0.55
     assert found["stage 3 / stage 0 model-state bytes per rank"]["value"] == 900 / 1600
     assert not found["stage 3 / stage 0 model-state bytes per rank"]["met"]  # 0.5625 > 0.55
+    # The like-for-like ratio divides by the stage-0 run that returned freed memory, not the default one.
+    like = found["stage 3 / stage 0 model-state bytes per rank, both returning freed memory"]
+    assert like["value"] == 900 / 1700 and like["met"]
+    # Throughput compares with the default stage-0 run (100 tokens/s), not the extra one.
     assert found["stage 1 / stage 0 tokens/s"]["met"] and not found["stage 3 / stage 0 tokens/s"]["met"]
     section = {"model": "llama_tiny", "parameters": 10**6, "processes": 2, "launcher": "mpi", "precision": "fp32",
                "optimizer": "adamw", "micro_batch_size": 2, "seq_len": 64, "runs": runs, "targets": list(found.values())}
