@@ -148,6 +148,9 @@ class TrainConfig:
     # Validation batches per evaluation; 0: the whole split.
     eval_batches: int = 8
     checkpoint_every: int = 0  # 0: only at the end
+    # false: no checkpoint when the run ends (benchmarks; a model whose whole state, which a
+    # checkpoint gathers on rank 0, does not fit there beside its own share).
+    final_checkpoint: bool = True
     keep_last: int = 2
     resume: str = "auto"  # auto | never | a checkpoint directory
     device: str = "auto"  # auto | cpu | cuda

@@ -117,10 +117,16 @@ def count_parameters(model: torch.nn.Module, include_embeddings: bool = True) ->
 def parameter_checksum(model: torch.nn.Module) -> str:
     """A hash of every parameter's bytes: equal on all ranks exactly when replicas agree."""
     digest = hashlib.sha256()
-    for name, param in model.named_parameters():
-        digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    add_to_checksum(digest, model.named_parameters())
     return digest.hexdigest()[:16]
+
+
+def add_to_checksum(digest, named_parameters) -> None:
+    """Feed (name, parameter) pairs to a running hash, for callers that hold a part at a time."""
+    for name, param in named_parameters:
+        digest.update(name.encode())
+        # A copy: numpy() pins a storage's size for good, and ZeRO frees storages by resizing them.
+        digest.update(param.detach().to("cpu", copy=True).contiguous().view(torch.uint8).numpy().tobytes())
 
 
 def flops_per_token(model: torch.nn.Module, num_layers: int, hidden_size: int, seq_len: int) -> float:

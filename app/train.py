@@ -189,7 +189,7 @@ def finish_run(cfg, run_dir: Path, training: Training, state, last: dict, logger
     )
     replicas = dist.allgather_object(
         {"rank": dist.rank(), "host": socket.gethostname(), "cores": cores.affinity(), "run_dir": str(run_dir),
-         "param_sha256": models.parameter_checksum(training.parallel.model),
+         "param_sha256": training.parallel.parameter_checksum(),
          "replica_group": training.parallel.replica_group(), "memory": memory},
         name="replicas",
     )
@@ -205,8 +205,8 @@ def finish_run(cfg, run_dir: Path, training: Training, state, last: dict, logger
             "replicas_identical": identical,
         })
     # Eagerly: generation grows its input token by token, no shape to compile once.
-    with training.parallel.full_model() as model, compilation.eager():
-        training.task.finish(model, run_dir, logger, log)
+    with compilation.eager():
+        training.task.finish(training.parallel.full_model, run_dir, logger, log)
 
 
 def measure_peak(cfg, device: torch.device) -> float:
@@ -345,7 +345,7 @@ def train_steps(cfg, run_dir: Path, training: Training, state, run: Run) -> dict
 
     run.memory["training_peak_bytes"] = metrics.peak_memory_bytes(training.device)  # before the final gathers
     training.parallel.finish()
-    if not cfg.train.checkpoint_every or state.step % cfg.train.checkpoint_every:
+    if cfg.train.final_checkpoint and (not cfg.train.checkpoint_every or state.step % cfg.train.checkpoint_every):
         save_checkpoint(cfg, run_dir, training, state, window)
     stop_recording(run_dir, training, run.profiler)
     finish_run(cfg, run_dir, training, state, last, run.logger, run.memory)

@@ -56,7 +56,9 @@ def runs(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("zero")
     found = {"one": launch(tiny_data, root / "one", 1)}
     for stage in (1, 2, 3):
-        found[stage] = launch(tiny_data, root / f"stage{stage}", 2, f"parallel.zero_stage={stage}")
+        # Stage 3 also ends with a sample, which gathers the whole model only then.
+        sample = ["train.sample_tokens=4"] if stage == 3 else []
+        found[stage] = launch(tiny_data, root / f"stage{stage}", 2, f"parallel.zero_stage={stage}", *sample)
     # Across stage and world size, both ways, from the step-3 checkpoints.
     found["3_to_1rank_stage0"] = launch(tiny_data, root / "to0", 1, f"train.resume={step_dir(found[3], 3)}")
     found["1rank_stage0_to_3"] = launch(tiny_data, root / "to3", 2, "parallel.zero_stage=3",
@@ -71,6 +73,22 @@ def test_each_stage_on_two_ranks_takes_the_steps_of_one_process_with_the_whole_b
     assert max_abs_difference(weights(runs[stage]), reference) < ADAM_ATOL
     summary = read_summary(runs[stage])
     assert summary["layout"]["mode"] == f"zero{stage}" and summary["replicas_identical"]
+
+
+def test_stage_3_ends_sharded_and_gathers_the_whole_model_only_for_the_sample(runs):
+    log = (runs[3] / "train.log").read_text()
+    assert "sample:" in log and "parameters identical on all 2 ranks holding the same part: True" in log
+    # The memory at rest is recorded after the last step: the slices, not the gathered model.
+    assert read_summary(runs[3])["layout"]["state_bytes"]["parameters"] < 0.55 * read_summary(runs["one"])[
+        "layout"]["state_bytes"]["parameters"]
+
+
+def test_a_run_without_a_final_checkpoint_writes_none(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    run_job(tiny_train_args(tiny_data, run_dir, "train.max_steps=2", "train.final_checkpoint=false"), np_=1,
+            launcher="none")
+    assert read_summary(run_dir)["step"] == 2
+    assert not checkpoint.checkpoints_root(run_dir).exists() or not any(checkpoint.checkpoints_root(run_dir).iterdir())
 
 
 def test_clipping_was_active_so_the_global_norm_was_tested(runs):

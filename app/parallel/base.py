@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from app import dist
+from app import dist, models
 from app.checkpoint import SavedState
 
 
@@ -79,6 +79,11 @@ class Parallelism:
         """The whole model, usable as a plain one (evaluation, generating a sample), on every rank;
         a collective where ranks hold only parts of it."""
         yield self.model
+
+    def parameter_checksum(self) -> str:
+        """A hash of this rank's parameters, equal on ranks that should hold the same ones; a
+        collective where ranks hold only parts of them."""
+        return models.parameter_checksum(self.model)
 
     def counts_tokens(self) -> bool:
         """Whether this rank's tokens count toward throughput: one rank per data-parallel

@@ -27,6 +27,7 @@ Checkpoints hold the full model and the plain optimizer's state dict (app/checkp
 run resumes at any stage and world size. Every collective is named from the unit's index.
 """
 import functools
+import hashlib
 import inspect
 from contextlib import contextmanager
 from typing import Dict, List, Optional
@@ -34,7 +35,7 @@ from typing import Dict, List, Optional
 import horovod.torch as hvd
 import torch
 
-from app import dist
+from app import dist, models
 from app.checkpoint import SavedState
 from app.parallel.base import Parallelism, held_bytes, load_model_state
 from app.parallel.flat import FlatShard, Unit
@@ -165,11 +166,7 @@ class Zero(Parallelism):
     def saved_state(self) -> Optional[SavedState]:
         """Collective: the full model (stage 3 gathers it) and the plain optimizer's state dict,
         each slice's state allgathered and cut back into parameter shapes."""
-        gathered_here = self._gather_all() if self.stage == 3 and not self.whole else False
-        model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if dist.is_main() else None
-        if gathered_here:
-            for unit in self.units:
-                unit.free()
+        model_state = self._model_state()
         state = {}
         for flat in self._flats_in_optimizer_order():
             entry = self.optimizer.state.get(flat.shard)
@@ -180,8 +177,9 @@ class Zero(Parallelism):
                     values = flat.split_full(full)
                 else:  # a copy each: a shared step counter would be bumped once per parameter
                     values = [value.clone() if torch.is_tensor(value) else value for _ in flat.indices]
-                for index, piece in zip(flat.indices, values):
-                    state.setdefault(index, {})[key] = piece
+                if dist.is_main():  # the others only take part in the allgathers
+                    for index, piece in zip(flat.indices, values):
+                        state.setdefault(index, {})[key] = piece
         if not dist.is_main():
             return None
         local_groups = self.optimizer.state_dict()["param_groups"]
@@ -189,6 +187,28 @@ class Zero(Parallelism):
                   for own, plain in zip(local_groups, self.plain_groups)]
         return SavedState(model=model_state, optimizer={"state": dict(sorted(state.items())), "param_groups": groups},
                           world_size=dist.size())
+
+    def _model_state(self) -> Optional[Dict[str, torch.Tensor]]:
+        """Rank 0's copy of the model's state dict; stage 3 gathers one unit at a time, so no
+        rank ever holds the whole model twice."""
+        entries = self.model.state_dict(keep_vars=True)
+        if self.stage < 3 or self.whole:
+            return {k: v.detach().clone() for k, v in entries.items()} if dist.is_main() else None
+        keys_of = {}
+        for key, value in entries.items():
+            keys_of.setdefault(id(value), []).append(key)
+        copies = {}
+        for unit in self.units:
+            self._gather(unit)
+            for param in unit.params:
+                for key in keys_of.pop(id(param), []):
+                    if dist.is_main():
+                        copies[key] = param.detach().clone()
+            unit.free()
+        if not dist.is_main():
+            return None
+        buffers = {key: entries[key].detach().clone() for keys in keys_of.values() for key in keys}
+        return {key: copies.get(key, buffers.get(key)) for key in entries}
 
     # --- one step -----------------------------------------------------------------------------
     def _grad_ready(self, unit: Unit, param) -> None:
@@ -325,12 +345,21 @@ class Zero(Parallelism):
                 unit.free()
 
     def finish(self) -> None:
-        """Stage 3: the whole model on every rank for what follows training (final checks,
-        samples), its memory at rest recorded first."""
+        """Memory at rest recorded for the summary. Stage 3 stays sharded: what follows training
+        gathers a unit (checksum) or the whole model (a sample) only for as long as it needs it."""
         self.resting_bytes = self.state_bytes()
-        if self.stage == 3:
-            self._gather_all()
-            self.whole = True
+
+    def parameter_checksum(self) -> str:
+        """Stage 3: each unit gathered, hashed and freed in turn (the whole model never held)."""
+        if self.stage < 3 or self.whole:
+            return super().parameter_checksum()
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        digest = hashlib.sha256()
+        for unit in self.units:
+            self._gather(unit)
+            models.add_to_checksum(digest, [(names[id(p)], p) for p in unit.params])
+            unit.free()
+        return digest.hexdigest()[:16]
 
     def layout(self) -> dict:
         return {**super().layout(), "zero_stage": self.stage, "units": len(self.units),

@@ -33,8 +33,9 @@ class Task(Protocol):
                  step: int = 0) -> dict:
         """Validation metrics over every rank's share of the split (a collective)."""
 
-    def finish(self, model, run_dir: Path, logger, log) -> None:
-        """Anything the task does once training ends (a generated sample)."""
+    def finish(self, whole_model, run_dir: Path, logger, log) -> None:
+        """Anything the task does once training ends (a generated sample); `whole_model()` gives
+        a context holding the whole model, a collective that every rank must enter or none."""
 
 
 TASKS = {"clm": CausalLM, "classify": Classify, "mlm": MaskedLM}

@@ -59,13 +59,17 @@ class CausalLM:
         return {"val/loss": loss, "val/perplexity": math.exp(loss),
                 "val/windows": min(total, self.eval_windows.windows_per_epoch)}
 
-    def finish(self, model, run_dir: Path, logger, log) -> None:
-        """A sample from the trained model, printed and logged, on rank 0."""
+    def finish(self, whole_model, run_dir: Path, logger, log) -> None:
+        """A sample from the trained model, printed and logged, on rank 0. `whole_model()` is a
+        collective on sharded layouts: every rank enters it, and only when a sample is asked for."""
         train_cfg = self.cfg.train
-        if not dist.is_main() or train_cfg.sample_tokens <= 0:
+        if train_cfg.sample_tokens <= 0:
             return
-        tok = tokenizer.load(checkpoint.run_tokenizer_dir(run_dir))
-        sample = generate_text(model, tok, train_cfg.sample_prompt, train_cfg.sample_tokens,
-                               train_cfg.sample_temperature, train_cfg.sample_top_k, seed=train_cfg.seed)
+        with whole_model() as model:
+            if not dist.is_main():
+                return
+            tok = tokenizer.load(checkpoint.run_tokenizer_dir(run_dir))
+            sample = generate_text(model, tok, train_cfg.sample_prompt, train_cfg.sample_tokens,
+                                   train_cfg.sample_temperature, train_cfg.sample_top_k, seed=train_cfg.seed)
         log.info("sample:\n%s", sample)
         logger.text("sample", sample)

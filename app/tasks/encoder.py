@@ -62,7 +62,7 @@ class EncoderTask:
         for start in range(0, len(mine), batch_size):
             yield mine[start : start + batch_size]
 
-    def finish(self, model, run_dir, logger, log) -> None:
+    def finish(self, whole_model, run_dir, logger, log) -> None:
         pass
 
 
