@@ -17,14 +17,16 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast_context(precision: str, device: torch.device):
-    """bf16 autocast on CPU and GPU; fp16 only on CUDA (it needs a GradScaler, see train.py)."""
+def autocast_context(precision: str, device: torch.device, cache_casts: bool = True):
+    """bf16 autocast on CPU and GPU; fp16 only on CUDA (it needs a GradScaler, see train.py).
+    cache_casts=False where weights are gathered and freed layer by layer (ZeRO stage 3): the
+    cache would keep every layer's low-precision copy alive until the forward ends."""
     if precision == "fp32":
         return nullcontext()
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 on CPU")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache_casts)
 
 
 def configure_logging(run_dir: Path, rank: int) -> None:

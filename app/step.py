@@ -99,7 +99,8 @@ def build_training(cfg, device: torch.device) -> Training:
     return Training(
         task=task, loss_of=loss_of, model=model, optimizer=optimizer, parallel=layout, device=device,
         parameters=parameters, flops_per_token=flops_per_token,
-        precision_ctx=runtime.autocast_context(cfg.train.precision, device),
+        precision_ctx=runtime.autocast_context(cfg.train.precision, device,
+                                               cache_casts=cfg.parallel.zero_stage < 3),
         scaler=torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None,
         grad_accum_steps=cfg.train.grad_accum_steps, grad_clip=cfg.train.grad_clip,
         batches=BatchPrefetcher(task, cfg.train.grad_accum_steps, cfg.train.prefetch_steps,

@@ -238,3 +238,13 @@ def test_bench_memory_targets_are_the_issues_ratios_of_measured_values():
     section = {"model": "llama_tiny", "parameters": 10**6, "processes": 2, "launcher": "mpi", "precision": "fp32",
                "optimizer": "adamw", "micro_batch_size": 2, "seq_len": 64, "runs": runs, "targets": list(found.values())}
     assert "## Memory per rank under ZeRO" in report.memory(section)
+
+
+@pytest.mark.parametrize("cache_casts", [True, False])
+def test_stage_3_autocast_keeps_no_cast_of_a_freed_layer(cache_casts):
+    # Stage 3 frees each layer's gathered weights after its forward; a cached bf16 cast would
+    # keep a copy of every layer alive until the forward ends (app/step.py turns it off).
+    from app import runtime
+
+    with runtime.autocast_context("bf16", torch.device("cpu"), cache_casts=cache_casts):
+        assert torch.is_autocast_cache_enabled() is cache_casts
