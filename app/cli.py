@@ -2,7 +2,7 @@
 reported as one line on stderr and exit status 2."""
 import sys
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, NoReturn
 
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -34,7 +34,7 @@ def startup_config(argv: List[str]) -> config.Config:
         return OmegaConf.structured(config.Config)
 
 
-def fail(message: str) -> "NoReturn":  # noqa: F821
+def fail(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
