@@ -27,9 +27,10 @@ install_system_packages() {
 }
 
 make_venv() {
-    if [ ! -x "$VENV/bin/python" ]; then
+    # pip is the last thing a venv gets: without it the venv was cut short, so it is made anew.
+    if [ ! -x "$VENV/bin/pip" ]; then
         say "creating $VENV"
-        "$PYTHON" -m venv "$VENV"
+        "$PYTHON" -m venv --clear "$VENV"
         "$VENV/bin/pip" install -q --upgrade pip wheel setuptools
     fi
 }
