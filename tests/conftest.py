@@ -96,6 +96,16 @@ def tiny_train_args(data_dir: Path, run_dir: Path, *extra) -> list:
 
 
 @pytest.fixture(scope="session")
+def untrained_run(tiny_data, tmp_path_factory) -> Path:
+    """A run of tiny_train_args that stops before its first step: its checkpoint holds the weights
+    every tiny run starts from (optimizer and sync settings do not change them), which tests
+    measure updates against."""
+    run_dir = tmp_path_factory.mktemp("untrained") / "run"
+    run_job(tiny_train_args(tiny_data, run_dir, "train.max_steps=0"), launcher="none")
+    return run_dir
+
+
+@pytest.fixture(scope="session")
 def tiny_genre_data(tmp_path_factory) -> Path:
     """Genre-labelled Shakespeare passages with a 2048-token WordPiece vocabulary."""
     data_dir = tmp_path_factory.mktemp("data") / "genre2048"
