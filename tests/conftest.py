@@ -1,4 +1,5 @@
 """Shared fixtures: a small prepared Shakespeare dataset and a runner for real Horovod jobs."""
+import functools
 import json
 import os
 import re
@@ -60,6 +61,19 @@ def run_worker(script: str, args=(), np_=2, launcher="gloo", timeout=300):
     result = subprocess.run(command, cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{script} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
+
+
+def launched_once(tmp_path_factory, launch):
+    """A function (np_, *overrides) -> run dir that calls launch(run_dir, np_, *overrides) the first
+    time it meets those arguments and returns that run dir every time: tests that read the same
+    run (a reference several comparisons share) share one launch of it."""
+    @functools.cache
+    def run_dir_of(np_, *extra):
+        run_dir = tmp_path_factory.mktemp("run") / "run"
+        launch(run_dir, np_, *extra)
+        return run_dir
+
+    return run_dir_of
 
 
 def last_json_line(output: str) -> dict:

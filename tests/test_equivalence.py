@@ -8,7 +8,6 @@ of size ~0.02; Adam divides by sqrt(v), which can amplify rounding where gradien
 so its bound is looser. A real bug (a missing average, a double-counted micro-batch, a wrong
 learning rate) moves weights by ~lr = 1e-3 or more: far outside both bounds.
 """
-import functools
 import math
 
 import pytest
@@ -16,7 +15,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from app import checkpoint, config, optim
-from conftest import read_metrics, run_job, tiny_train_args
+from conftest import launched_once, read_metrics, run_job, tiny_train_args
 
 SGD_ATOL = 2e-6
 ADAM_ATOL = 1e-5
@@ -37,17 +36,13 @@ def update_size(before, after) -> float:
 
 @pytest.fixture(scope="module")
 def trained(tiny_data, tmp_path_factory):
-    """train(np_, *overrides) -> the run dir of that run, launched the first time it is asked for:
-    several tests read the same runs (the two layouts of SGD with momentum serve four of them),
-    and one launch of each serves them all."""
-    @functools.cache
-    def train(np_, *extra):
-        run_dir = tmp_path_factory.mktemp("equivalence") / "run"
+    """train(np_, *overrides) -> the run dir of that run, launched once for the module: the two
+    layouts of SGD with momentum serve four tests."""
+    def launch(run_dir, np_, *extra):
         run_job(tiny_train_args(tiny_data, run_dir, "train.log_every=1", *extra), np_=np_,
                 launcher="gloo" if np_ > 1 else "none")
-        return run_dir
 
-    return train
+    return launched_once(tmp_path_factory, launch)
 
 
 def two_ranks(trained, *extra):
