@@ -1,4 +1,5 @@
 """Shared fixtures: a small prepared Shakespeare dataset and a runner for real Horovod jobs."""
+import functools
 import json
 import os
 import re
@@ -62,6 +63,19 @@ def run_worker(script: str, args=(), np_=2, launcher="gloo", timeout=300):
     return result
 
 
+def launched_once(tmp_path_factory, launch):
+    """A function (np_, *overrides) -> run dir that calls launch(run_dir, np_, *overrides) the first
+    time it meets those arguments and returns that run dir every time: tests that read the same
+    run (a reference several comparisons share) share one launch of it."""
+    @functools.cache
+    def run_dir_of(np_, *extra):
+        run_dir = tmp_path_factory.mktemp("run") / "run"
+        launch(run_dir, np_, *extra)
+        return run_dir
+
+    return run_dir_of
+
+
 def last_json_line(output: str) -> dict:
     """The last JSON object printed, without horovodrun's `[rank]<stdout>:` prefix."""
     lines = [re.sub(r"^\[\d+\]<stdout>:", "", line).strip() for line in output.splitlines()]
@@ -93,6 +107,16 @@ def tiny_train_args(data_dir: Path, run_dir: Path, *extra) -> list:
         "train.precision=fp32", "train.deterministic=true", "train.peak_tflops=1.0",
         "optim.warmup_steps=2", f"hydra.run.dir={run_dir}", *extra,
     ]
+
+
+@pytest.fixture(scope="session")
+def untrained_run(tiny_data, tmp_path_factory) -> Path:
+    """A run of tiny_train_args that stops before its first step: its checkpoint holds the weights
+    every tiny run starts from (optimizer and sync settings do not change them), which tests
+    measure updates against."""
+    run_dir = tmp_path_factory.mktemp("untrained") / "run"
+    run_job(tiny_train_args(tiny_data, run_dir, "train.max_steps=0"), launcher="none")
+    return run_dir
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
 """Checkpoints lose nothing: kill -9 and resume equals an uninterrupted run, writes are atomic,
 signals stop every rank cleanly, exports load in plain transformers."""
+import collections
 import json
 import math
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,22 +93,38 @@ def test_kill_9_mid_run_then_rerun_equals_an_uninterrupted_run_bitwise(tiny_data
 def test_killing_during_checkpoint_writes_never_leaves_a_broken_latest(tmp_path):
     rng = random.Random(0)
     run_dir = tmp_path / "run"
-    env = job_env()
-    for attempt in range(8):
-        writer = subprocess.Popen([sys.executable, str(ROOT / "tests/workers/checkpoint_writer.py"), str(run_dir)],
-                                  env=env, stdout=subprocess.PIPE, text=True)
-        assert writer.stdout.readline().strip() == "ready"
-        time.sleep(rng.random() * 1.5)
-        writer.send_signal(signal.SIGKILL)
-        writer.wait()
-        found = checkpoint.latest(run_dir)
-        if found is None:
-            continue  # killed before the first checkpoint completed: nothing claimed, nothing broken
-        state = checkpoint.read_state(found)
-        model = checkpoint.load_trained_model(found)
-        assert float(next(model.parameters()).detach().flatten()[0]) == float(state.step)
-        assert checkpoint.load_optimizer_state(found)["param_groups"]
-        assert len(checkpoint.complete_checkpoints(run_dir / "checkpoints")) <= 3
+    attempts, started_ahead = 8, 2
+
+    def start_writer():
+        return subprocess.Popen([sys.executable, str(ROOT / "tests/workers/checkpoint_writer.py"), str(run_dir)],
+                                env=job_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    # A writer's start-up (imports, building the model) takes seconds, most of this test's time:
+    # the next writers start while one is tested, and wait for "go" before they read the run dir.
+    waiting = collections.deque(start_writer() for _ in range(started_ahead))
+    try:
+        for attempt in range(attempts):
+            writer = waiting.popleft()
+            if attempt + started_ahead < attempts:
+                waiting.append(start_writer())
+            assert writer.stdout.readline().strip() == "ready"
+            writer.stdin.write("go\n")
+            writer.stdin.flush()
+            time.sleep(rng.random() * 1.5)
+            writer.send_signal(signal.SIGKILL)
+            writer.wait()
+            found = checkpoint.latest(run_dir)
+            if found is None:
+                continue  # killed before the first checkpoint completed: nothing claimed, nothing broken
+            state = checkpoint.read_state(found)
+            model = checkpoint.load_trained_model(found)
+            assert float(next(model.parameters()).detach().flatten()[0]) == float(state.step)
+            assert checkpoint.load_optimizer_state(found)["param_groups"]
+            assert len(checkpoint.complete_checkpoints(run_dir / "checkpoints")) <= 3
+    finally:
+        for writer in waiting:  # a failed attempt leaves writers that never got their turn
+            writer.kill()
+            writer.wait()
     assert checkpoint.latest(run_dir) is not None, "no checkpoint ever completed; the writer is too slow to test"
 
 
@@ -166,21 +184,29 @@ def test_a_signal_during_start_up_still_ends_in_a_checkpoint(tiny_data, tmp_path
     assert latest_step(run_dir) == 2  # the first log step (train.log_every=2)
 
 
-def test_a_checkpoint_of_another_model_shape_is_refused_with_the_reason(tiny_data, tmp_path):
+@pytest.fixture(scope="module")
+def finished_run(tiny_data, tmp_path_factory):
+    """A finished one-process run, 8 steps with a checkpoint every 2 and the last 2 kept, for the
+    tests that only read it (pruning, export, generate, evaluate): one launch serves them all."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    run_job(tiny_train_args(tiny_data, run_dir, "train.max_steps=8", "train.checkpoint_every=2", "train.keep_last=2"),
+            np_=1, launcher="none")
+    return run_dir
+
+
+def test_old_checkpoints_are_pruned_to_keep_last(finished_run):
+    names = [p.name for p in checkpoint.complete_checkpoints(finished_run / "checkpoints")]
+    assert names == ["step-000006", "step-000008"]
+    assert (finished_run / "checkpoints" / "latest").read_text().strip() == "step-000008"
+
+
+def test_a_checkpoint_of_another_model_shape_is_refused_with_the_reason(tiny_data, finished_run, tmp_path):
     run_dir = tmp_path / "run"
-    run_job(tiny_train_args(tiny_data, run_dir, "train.max_steps=2"), np_=2)
-    result = run_job(tiny_train_args(tiny_data, run_dir, "train.max_steps=4", "model.hidden_size=32"), np_=2, check=False)
+    shutil.copytree(finished_run, run_dir)  # a copy: the other tests read the original
+    result = run_job(tiny_train_args(tiny_data, run_dir, "train.max_steps=10", "model.hidden_size=32"), np_=2,
+                     check=False)
     assert result.returncode != 0
     assert "another model shape (hidden_size: checkpoint 64 vs config 32)" in result.stdout + result.stderr
-
-
-def test_old_checkpoints_are_pruned_to_keep_last(tiny_data, tmp_path):
-    run_dir = tmp_path / "run"
-    run_job(tiny_train_args(tiny_data, run_dir, "train.max_steps=8", "train.checkpoint_every=2", "train.keep_last=2"), np_=1,
-            launcher="none")
-    names = [p.name for p in checkpoint.complete_checkpoints(run_dir / "checkpoints")]
-    assert names == ["step-000006", "step-000008"]
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000008"
 
 
 PLAIN_TRANSFORMERS = r"""
@@ -198,9 +224,8 @@ print(json.dumps({"text": tok.decode(out[0]), "new_tokens": out.shape[1] - ids.s
 """
 
 
-def test_export_loads_and_generates_in_plain_transformers_with_matching_logits(tiny_data, tmp_path):
-    run_dir, out = tmp_path / "run", tmp_path / "exported"
-    run_job(tiny_train_args(tiny_data, run_dir), np_=1, launcher="none")
+def test_export_loads_and_generates_in_plain_transformers_with_matching_logits(finished_run, tmp_path):
+    run_dir, out = finished_run, tmp_path / "exported"
     run_job([f"checkpoint={run_dir}", f"out={out}"], launcher="none", module="app.export")
     script = tmp_path / "plain.py"
     script.write_text(PLAIN_TRANSFORMERS)
@@ -218,25 +243,22 @@ def test_export_loads_and_generates_in_plain_transformers_with_matching_logits(t
     torch.testing.assert_close(our_logits, plain["logits"], rtol=0, atol=1e-6)
 
 
-def test_generate_is_reproducible_by_seed_and_greedy_is_deterministic(tiny_data, tmp_path):
-    run_dir = tmp_path / "run"
-    run_job(tiny_train_args(tiny_data, run_dir), np_=1, launcher="none")
-
+def test_generate_is_reproducible_by_seed_and_greedy_is_deterministic(finished_run):
     def generate(*extra):
-        return run_job([f"checkpoint={run_dir}", "max_new_tokens=12", "stream=false", *extra], launcher="none",
+        return run_job([f"checkpoint={finished_run}", "max_new_tokens=12", "stream=false", *extra], launcher="none",
                        module="app.generate").stdout
 
-    assert generate("seed=1") == generate("seed=1")
-    assert generate("seed=1") != generate("seed=2")
+    seed_1 = generate("seed=1")
+    assert generate("seed=1") == seed_1
+    assert generate("seed=2") != seed_1
     assert generate("greedy=true", "seed=1") == generate("greedy=true", "seed=2")
-    bad = run_job([f"checkpoint={run_dir}", "max_new_tokenz=3"], launcher="none", module="app.generate", check=False)
+    bad = run_job([f"checkpoint={finished_run}", "max_new_tokenz=3"], launcher="none", module="app.generate",
+                  check=False)
     assert bad.returncode == 2 and "max_new_tokenz" in bad.stderr
 
 
-def test_evaluate_on_two_ranks_equals_one_rank(tiny_data, tmp_path):
-    run_dir = tmp_path / "run"
-    run_job(tiny_train_args(tiny_data, run_dir), np_=1, launcher="none")
-    args = [f"checkpoint={run_dir}", "batch_size=5", "max_batches=7"]
+def test_evaluate_on_two_ranks_equals_one_rank(finished_run):
+    args = [f"checkpoint={finished_run}", "batch_size=5", "max_batches=7"]
     one = last_json_line(run_job(args, launcher="none", module="app.evaluate").stdout)
     two = last_json_line(run_job(args, np_=2, module="app.evaluate").stdout)
     assert one["val/windows"] == two["val/windows"] == 35 and two["ranks"] == 2

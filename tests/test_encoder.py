@@ -106,9 +106,23 @@ def test_classification_metrics_from_a_known_confusion_matrix():
     assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
 
 
-def test_evaluation_on_two_ranks_equals_one_rank_exactly_on_an_odd_sized_set(tiny_genre_data, tmp_path):
-    run_dir = tmp_path / "run"
-    run_job(tiny_encoder_args("classify", tiny_genre_data, run_dir), np_=1, launcher="none")
+@pytest.fixture(scope="module")
+def pretrained_then_fine_tuned(tiny_genre_data, tmp_path_factory):
+    """Masked-LM pretraining on 2 ranks, then classifiers started from its checkpoint: one not
+    trained at all (one process, max_steps=0) and one fine-tuned on 2 ranks. Their run dirs."""
+    root = tmp_path_factory.mktemp("encoder")
+    mlm_dir, start_dir, tuned_dir = root / "mlm", root / "start", root / "tuned"
+    run_job(tiny_encoder_args("mlm", tiny_genre_data, mlm_dir, "train.eval_every=6", "train.eval_batches=2"))
+    run_job(tiny_encoder_args("classify", tiny_genre_data, start_dir, f"model.init_from={mlm_dir}",
+                              "train.max_steps=0"), np_=1, launcher="none")
+    run_job(tiny_encoder_args("classify", tiny_genre_data, tuned_dir, f"model.init_from={mlm_dir}",
+                              "train.eval_every=6", "train.eval_batches=4"))
+    return mlm_dir, start_dir, tuned_dir
+
+
+def test_evaluation_on_two_ranks_equals_one_rank_exactly_on_an_odd_sized_set(tiny_genre_data,
+                                                                             pretrained_then_fine_tuned):
+    _, _, run_dir = pretrained_then_fine_tuned  # any trained classifier: the fine-tuned one is there
     for batch_size, batches in ((5, 3), (7, 0)):  # 15 passages; and the whole (odd-split) val set
         args = [f"checkpoint={run_dir}", f"batch_size={batch_size}", f"max_batches={batches}"]
         one = last_json_line(run_job(args, launcher="none", module="app.evaluate").stdout)
@@ -122,22 +136,17 @@ def test_evaluation_on_two_ranks_equals_one_rank_exactly_on_an_odd_sized_set(tin
         assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-6)
 
 
-def test_mlm_pretraining_then_fine_tuning_from_its_checkpoint(tiny_genre_data, tmp_path):
-    mlm_dir, start_dir, tuned_dir = tmp_path / "mlm", tmp_path / "start", tmp_path / "tuned"
-    run_job(tiny_encoder_args("mlm", tiny_genre_data, mlm_dir, "train.eval_every=6", "train.eval_batches=2"))
+def test_mlm_pretraining_then_fine_tuning_from_its_checkpoint(pretrained_then_fine_tuned):
+    mlm_dir, start_dir, tuned_dir = pretrained_then_fine_tuned
     mlm = read_summary(mlm_dir)
     assert mlm["replicas_identical"] and 0 < mlm["metrics"]["val/masked_accuracy"] < 1
     assert mlm["metrics"]["train/loss"] < np.log(2048)
 
-    run_job(tiny_encoder_args("classify", tiny_genre_data, start_dir, f"model.init_from={mlm_dir}",
-                              "train.max_steps=0"), np_=1, launcher="none")
     pretrained = load_file(str(checkpoint.latest(mlm_dir) / "model.safetensors"))
     started = load_file(str(checkpoint.latest(start_dir) / "model.safetensors"))
     encoder = [k for k in started if k.startswith("bert.encoder.") or k.startswith("bert.embeddings.")]
     assert encoder and all(torch.equal(started[k], pretrained[k]) for k in encoder)
 
-    run_job(tiny_encoder_args("classify", tiny_genre_data, tuned_dir, f"model.init_from={mlm_dir}",
-                              "train.eval_every=6", "train.eval_batches=4"))
     tuned = read_summary(tuned_dir)
     assert tuned["replicas_identical"] and tuned["metrics"]["val/examples"] == 4 * 8
 

@@ -10,16 +10,24 @@ normalised per micro-batch moves weights by ~lr = 1e-3: far outside both bounds.
 """
 import pytest
 
-from conftest import last_json_line, read_metrics, run_job, tiny_encoder_args
+from conftest import last_json_line, launched_once, read_metrics, run_job, tiny_encoder_args
 from test_equivalence import ADAM_ATOL, SGD_ATOL, max_abs_difference, update_size, weights
 
 LOSS_RTOL = 1e-5
 
 
-def run_mlm(data, run_dir, np_, *extra):
-    run_job(tiny_encoder_args("mlm", data, run_dir, "train.log_every=1", "train.deterministic=true",
-                              "model.dropout=0.0", *extra), np_=np_, launcher="gloo" if np_ > 1 else "none")
-    return weights(run_dir)
+@pytest.fixture(scope="module")
+def trained(tiny_genre_data, tmp_path_factory):
+    """train(np_, *overrides) -> the run dir of that masked-LM run, launched once for the module:
+    the untrained weights serve both optimizers, and evaluation scores the one-rank AdamW run."""
+    def launch(run_dir, np_, *extra):
+        run_job(tiny_encoder_args("mlm", tiny_genre_data, run_dir, "train.log_every=1", "train.deterministic=true",
+                                  "model.dropout=0.0", *extra), np_=np_, launcher="gloo" if np_ > 1 else "none")
+
+    return launched_once(tmp_path_factory, launch)
+
+
+ONE_RANK = ("train.micro_batch_size=8",)
 
 
 @pytest.mark.parametrize("optimizer,atol,two_rank_batch", [
@@ -27,24 +35,23 @@ def run_mlm(data, run_dir, np_, *extra):
     # Accumulation too: each rank's 4 samples as 2 micro-batches of 2.
     ("adamw", ADAM_ATOL, ["train.micro_batch_size=2", "train.grad_accum_steps=2"]),
 ])
-def test_mlm_two_ranks_with_batch_b_take_the_steps_of_one_rank_with_batch_2b(tiny_genre_data, tmp_path, optimizer,
-                                                                             atol, two_rank_batch):
-    two = run_mlm(tiny_genre_data, tmp_path / "two", 2, f"optim={optimizer}", *two_rank_batch)
-    one = run_mlm(tiny_genre_data, tmp_path / "one", 1, f"optim={optimizer}", "train.micro_batch_size=8")
-    initial = run_mlm(tiny_genre_data, tmp_path / "init", 1, f"optim={optimizer}", "train.max_steps=0")
+def test_mlm_two_ranks_with_batch_b_take_the_steps_of_one_rank_with_batch_2b(trained, optimizer, atol, two_rank_batch):
+    two_dir, one_dir = trained(2, f"optim={optimizer}", *two_rank_batch), trained(1, f"optim={optimizer}", *ONE_RANK)
+    two, one = weights(two_dir), weights(one_dir)
+    # No step taken: the weights both optimizers start from.
+    initial = weights(trained(1, "train.max_steps=0"))
     assert update_size(initial, one) > 100 * atol, "the runs barely moved: the comparison would prove nothing"
     difference = max_abs_difference(two, one)
     print(f"{optimizer}: max |two - one| = {difference:.3g} (bound {atol:g}); update {update_size(initial, one):.3g}")
     assert difference < atol
     # The logged loss is the global batch's mean over its masked tokens, on both layouts.
-    losses_two = [row["train/loss"] for row in read_metrics(tmp_path / "two")]
-    losses_one = [row["train/loss"] for row in read_metrics(tmp_path / "one")]
+    losses_two = [row["train/loss"] for row in read_metrics(two_dir)]
+    losses_one = [row["train/loss"] for row in read_metrics(one_dir)]
     assert len(losses_one) == 6 and losses_two == pytest.approx(losses_one, rel=LOSS_RTOL)
 
 
-def test_mlm_evaluation_is_the_same_on_one_and_two_ranks(tiny_genre_data, tmp_path):
-    run_dir = tmp_path / "run"
-    run_mlm(tiny_genre_data, run_dir, 1, "train.max_steps=4")
+def test_mlm_evaluation_is_the_same_on_one_and_two_ranks(trained):
+    run_dir = trained(1, "optim=adamw", *ONE_RANK)  # the one-rank AdamW run above: any trained checkpoint does
     # 21 passages: rank 0 evaluates 11 in batches of 7 and 4, rank 1 10 in 7 and 3, while 1 rank
     # has 7, 7, 7: other batches, other padded widths, the same masked tokens.
     args = [f"checkpoint={run_dir}", "batch_size=7", "max_batches=3"]

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from app import checkpoint, config, optim
-from conftest import read_metrics, run_job, tiny_train_args
+from conftest import launched_once, read_metrics, run_job, tiny_train_args
 
 SGD_ATOL = 2e-6
 ADAM_ATOL = 1e-5
@@ -34,70 +34,82 @@ def update_size(before, after) -> float:
     return max((after[k] - before[k]).abs().max().item() for k in before)
 
 
-def run(data, run_dir, np_, *extra, launcher="gloo"):
-    run_job(tiny_train_args(data, run_dir, "train.log_every=1", *extra), np_=np_,
-            launcher=launcher if np_ > 1 else "none")
-    return weights(run_dir)
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """train(np_, *overrides) -> the run dir of that run, launched once for the module: the two
+    layouts of SGD with momentum serve four tests."""
+    def launch(run_dir, np_, *extra):
+        run_job(tiny_train_args(tiny_data, run_dir, "train.log_every=1", *extra), np_=np_,
+                launcher="gloo" if np_ > 1 else "none")
+
+    return launched_once(tmp_path_factory, launch)
+
+
+def two_ranks(trained, *extra):
+    """2 ranks x micro-batch 4: the data-parallel layout most tests here train."""
+    return trained(2, "train.micro_batch_size=4", *extra)
+
+
+def one_rank(trained, *extra):
+    """1 rank x micro-batch 8: the same global batch in one process."""
+    return trained(1, "train.micro_batch_size=8", *extra)
 
 
 @pytest.mark.parametrize("optimizer,atol", [("sgd_momentum", SGD_ATOL), ("adamw", ADAM_ATOL)])
-def test_two_ranks_with_batch_b_take_the_steps_of_one_rank_with_batch_2b(tiny_data, tmp_path, optimizer, atol):
-    two = run(tiny_data, tmp_path / "two", 2, f"optim={optimizer}", "train.micro_batch_size=4")
-    one = run(tiny_data, tmp_path / "one", 1, f"optim={optimizer}", "train.micro_batch_size=8")
-    initial = run(tiny_data, tmp_path / "init", 1, f"optim={optimizer}", "train.max_steps=0")
-    assert update_size(initial, one) > 100 * atol, "the runs barely moved: the comparison would prove nothing"
+def test_two_ranks_with_batch_b_take_the_steps_of_one_rank_with_batch_2b(trained, untrained_run, optimizer, atol):
+    two = weights(two_ranks(trained, f"optim={optimizer}"))
+    one = weights(one_rank(trained, f"optim={optimizer}"))
+    moved = update_size(weights(untrained_run), one)
+    assert moved > 100 * atol, "the runs barely moved: the comparison would prove nothing"
     assert max_abs_difference(two, one) < atol
 
 
-def test_accumulating_k_micro_batches_equals_one_batch_k_times_larger(tiny_data, tmp_path):
-    accumulated = run(tiny_data, tmp_path / "acc", 2, "optim=sgd_momentum", "train.micro_batch_size=2",
-                      "train.grad_accum_steps=3")
-    large = run(tiny_data, tmp_path / "large", 2, "optim=sgd_momentum", "train.micro_batch_size=6")
+def test_accumulating_k_micro_batches_equals_one_batch_k_times_larger(trained):
+    accumulated = weights(trained(2, "optim=sgd_momentum", "train.micro_batch_size=2", "train.grad_accum_steps=3"))
+    large = weights(trained(2, "optim=sgd_momentum", "train.micro_batch_size=6"))
     assert max_abs_difference(accumulated, large) < SGD_ATOL
 
 
-def test_rank_0_reports_the_mean_loss_over_ranks(tiny_data, tmp_path):
-    run(tiny_data, tmp_path / "two", 2, "optim=sgd_momentum", "train.micro_batch_size=4")
-    run(tiny_data, tmp_path / "one", 1, "optim=sgd_momentum", "train.micro_batch_size=8")
-    two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
+def test_rank_0_reports_the_mean_loss_over_ranks(trained):
+    two = read_metrics(two_ranks(trained, "optim=sgd_momentum"))
+    one = read_metrics(one_rank(trained, "optim=sgd_momentum"))
     # Equal-sized rank batches: the mean of the two ranks' losses is the loss of their union.
+    assert len(two) == len(one) == 6
     for row_two, row_one in zip(two, one):
         assert row_two["train/loss"] == pytest.approx(row_one["train/loss"], abs=1e-5)
     assert [r["tokens_seen"] for r in two] == [r["tokens_seen"] for r in one]
 
 
-def test_fp16_gradient_compression_stays_within_half_precision_of_fp32(tiny_data, tmp_path):
-    initial = run(tiny_data, tmp_path / "init", 1, "optim=sgd_momentum", "train.max_steps=0")
-    fp32 = run(tiny_data, tmp_path / "fp32", 2, "optim=sgd_momentum")
-    fp16 = run(tiny_data, tmp_path / "fp16", 2, "optim=sgd_momentum", "sync=fp16_compression")
+def test_fp16_gradient_compression_stays_within_half_precision_of_fp32(trained, untrained_run):
+    fp32 = weights(two_ranks(trained, "optim=sgd_momentum"))
+    fp16 = weights(two_ranks(trained, "optim=sgd_momentum", "sync=fp16_compression"))
     # fp16 keeps 11 significant bits: each gradient element is off by at most 2^-11 of itself,
     # so the weight change may differ by that fraction of its size, plus rounding.
-    assert max_abs_difference(fp16, fp32) <= 2**-11 * update_size(initial, fp32) + SGD_ATOL
+    assert max_abs_difference(fp16, fp32) <= 2**-11 * update_size(weights(untrained_run), fp32) + SGD_ATOL
     assert max_abs_difference(fp16, fp32) > 0, "compression changed nothing: was it applied?"
 
 
-def test_parameter_averaging_with_gradient_averaging_changes_nothing_when_replicas_agree(tiny_data, tmp_path):
-    plain = run(tiny_data, tmp_path / "plain", 2, "optim=sgd_momentum")
-    averaged = run(tiny_data, tmp_path / "avg", 2, "optim=sgd_momentum", "sync=param_average",
-                   "sync.param_average_every=2")
+def test_parameter_averaging_with_gradient_averaging_changes_nothing_when_replicas_agree(trained):
+    plain = weights(two_ranks(trained, "optim=sgd_momentum"))
+    averaged = weights(two_ranks(trained, "optim=sgd_momentum", "sync=param_average", "sync.param_average_every=2"))
     assert max_abs_difference(plain, averaged) < SGD_ATOL
 
 
-def test_local_sgd_steps_alone_so_it_is_not_synchronous_sgd_in_disguise(tiny_data, tmp_path):
+def test_local_sgd_steps_alone_so_it_is_not_synchronous_sgd_in_disguise(trained):
     """Meeting only at step 6, local SGD's replicas follow their own gradients in between:
     the averaged result must differ from synchronous SGD by far more than rounding."""
-    local = run(tiny_data, tmp_path / "local", 2, "optim=sgd", "optim.warmup_steps=1", "sync=local_sgd",
-                "sync.param_average_every=6")
-    synced = run(tiny_data, tmp_path / "synced", 2, "optim=sgd", "optim.warmup_steps=1")
+    local = weights(two_ranks(trained, "optim=sgd", "optim.warmup_steps=1", "sync=local_sgd",
+                              "sync.param_average_every=6"))
+    synced = weights(two_ranks(trained, "optim=sgd", "optim.warmup_steps=1"))
     assert max_abs_difference(local, synced) > 100 * SGD_ATOL
 
 
-def test_learning_rate_scaled_by_world_size_follows_the_schedule_exactly(tiny_data, tmp_path):
-    run(tiny_data, tmp_path / "run", 2, "optim.scale_lr_by_world_size=true", "optim.warmup_steps=2",
-        "optim.decay=cosine", "train.max_steps=6")
+def test_learning_rate_scaled_by_world_size_follows_the_schedule_exactly(trained):
+    run_dir = two_ranks(trained, "optim.scale_lr_by_world_size=true", "optim.warmup_steps=2", "optim.decay=cosine",
+                        "train.max_steps=6")
     optim_cfg = OmegaConf.merge(OmegaConf.structured(config.OptimConfig),
                                 {"lr": 1e-3, "warmup_steps": 2, "decay": "cosine", "scale_lr_by_world_size": True})
-    logged = [(row["step"], row["lr"]) for row in read_metrics(tmp_path / "run")]
+    logged = [(row["step"], row["lr"]) for row in read_metrics(run_dir)]
     assert [step for step, _ in logged] == [1, 2, 3, 4, 5, 6]
     for step, lr in logged:
         assert lr == optim.lr_at(step - 1, optim_cfg, 6, world_size=2)

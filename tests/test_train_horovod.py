@@ -3,6 +3,7 @@ runs, loss falls, and all ranks share one run directory written by rank 0 alone.
 import math
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -67,12 +68,21 @@ def test_mpirun_initialises_horovod_from_mpi_comm_world(tiny_data, tmp_path):
                                   "OMPI_MCA_mpi_yield_when_idle": "0", **TOOLS_OFF}
 
 
-def test_ranks_share_one_run_dir_and_only_rank_0_writes(tiny_data, tmp_path):
-    args = [a for a in tiny_train_args(tiny_data, tmp_path / "unused", "train.bind_cores=false")
-            if not a.startswith("hydra.run.dir")]
+@pytest.fixture(scope="module")
+def launched_from_a_work_dir(tiny_data, tmp_path_factory):
+    """The working directory of a 2-rank Gloo run that picks its own run dir there, with cores
+    unbound, a cycle time the user set, and 3 micro-batches accumulated per step: one launch
+    for the two tests below, which check different parts of it."""
+    work_dir = tmp_path_factory.mktemp("work_dir")
+    args = [a for a in tiny_train_args(tiny_data, work_dir / "unused", "train.bind_cores=false",
+                                       "train.grad_accum_steps=3") if not a.startswith("hydra.run.dir")]
     # A variable the user set (horovodrun --cycle-time-ms sets it) wins over the config's 10 ms.
-    run_job(args, cwd=tmp_path, launcher="gloo", env={"HOROVOD_CYCLE_TIME": "3"})
-    run_dirs = list((tmp_path / "runs").iterdir())
+    run_job(args, cwd=work_dir, launcher="gloo", env={"HOROVOD_CYCLE_TIME": "3"})
+    return work_dir
+
+
+def test_ranks_share_one_run_dir_and_only_rank_0_writes(launched_from_a_work_dir):
+    run_dirs = list((launched_from_a_work_dir / "runs").iterdir())
     assert len(run_dirs) == 1, run_dirs
     summary = read_summary(run_dirs[0])
     assert summary["horovod"]["HOROVOD_CYCLE_TIME"] == "3"
@@ -102,35 +112,43 @@ def test_each_sync_mode_trains_with_replicas_in_sync(tiny_data, tmp_path, sync, 
     assert losses[-1] < losses[0] - 0.3, losses  # it learned: a sync mode that drops updates stays at ln 512
 
 
-def test_adasum_clips_each_ranks_gradients_before_its_update(tiny_data, tmp_path):
+def test_adasum_clips_each_ranks_gradients_before_its_update(tiny_data, untrained_run, tmp_path):
     """With sgd at lr 0.1 and gradients clipped to norm 1e-3, each rank's update has norm at most
     1e-4 and Adasum's combination of two at most twice that: 6 steps move the weights by at most
     1.2e-3 in norm. Unclipped (the clip applied after Horovod's wrapper has stepped), the
     gradients of norm ~1 move them by ~0.1 a step."""
-    initial, clipped = tmp_path / "init", tmp_path / "clipped"
+    clipped = tmp_path / "clipped"
     args = ["optim=sgd", "optim.lr=0.1", "optim.warmup_steps=1", "optim.decay=constant", "sync=adasum"]
-    run_job(tiny_train_args(tiny_data, initial, *args, "train.max_steps=0"), np_=1, launcher="none")
     run_job(tiny_train_args(tiny_data, clipped, *args, "train.grad_clip=1e-3"), launcher="mpi")
     assert read_summary(clipped)["replicas_identical"] is True
-    before, after = load_file(str(latest_weights(initial))), load_file(str(latest_weights(clipped)))
+    before, after = load_file(str(latest_weights(untrained_run))), load_file(str(latest_weights(clipped)))
     moved = math.sqrt(sum((after[k] - before[k]).double().square().sum().item() for k in before))
     assert 0 < moved <= 6 * 2 * 0.1 * 1e-3 * (1 + 1e-4), moved
 
 
-def test_local_sgd_ends_with_a_meeting_whatever_max_steps_is(tiny_data, tmp_path):
-    run_dir = tmp_path / "run"
-    run_job(tiny_train_args(tiny_data, run_dir, "sync=local_sgd", "sync.param_average_every=4"))  # met at 4, ends at 6
-    assert read_summary(run_dir)["replicas_identical"] is True
+LOCAL_SGD = ["sync=local_sgd", "sync.param_average_every=4", "optim.decay=constant", "train.checkpoint_every=3"]
 
 
-def test_local_sgd_resumed_between_meetings_equals_an_uninterrupted_run(tiny_data, tmp_path):
+@pytest.fixture(scope="module")
+def local_sgd_stopped_at_6(tiny_data, tmp_path_factory):
+    """Local SGD meeting every 4 steps, stopped at step 6, between the meetings at 4 and 8."""
+    run_dir = tmp_path_factory.mktemp("local_sgd") / "run"
+    run_job(tiny_train_args(tiny_data, run_dir, *LOCAL_SGD, "train.max_steps=6"))
+    return run_dir
+
+
+def test_local_sgd_ends_with_a_meeting_whatever_max_steps_is(local_sgd_stopped_at_6):
+    # Met at 4, stopped at 6: the replicas agree only if the end was a meeting of its own.
+    assert read_summary(local_sgd_stopped_at_6)["replicas_identical"] is True
+
+
+def test_local_sgd_resumed_between_meetings_equals_an_uninterrupted_run(tiny_data, tmp_path, local_sgd_stopped_at_6):
     """A checkpoint between meetings holds every rank's replica and optimizer state."""
-    args = ["sync=local_sgd", "sync.param_average_every=4", "optim.decay=constant", "train.checkpoint_every=3"]
     whole, halves = tmp_path / "whole", tmp_path / "halves"
-    run_job(tiny_train_args(tiny_data, whole, *args, "train.max_steps=9"))
-    run_job(tiny_train_args(tiny_data, halves, *args, "train.max_steps=6"))  # stops at 6, between meetings 4 and 8
+    run_job(tiny_train_args(tiny_data, whole, *LOCAL_SGD, "train.max_steps=9"))
+    shutil.copytree(local_sgd_stopped_at_6, halves)  # resumed in a copy: the test above reads the original
     assert (checkpoint.latest(halves) / "replicas.pt").is_file()
-    run_job(tiny_train_args(tiny_data, halves, *args, "train.max_steps=9"))
+    run_job(tiny_train_args(tiny_data, halves, *LOCAL_SGD, "train.max_steps=9"))
     expected, got = load_file(str(latest_weights(whole))), load_file(str(latest_weights(halves)))
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
@@ -149,9 +167,8 @@ def test_an_error_in_rank_0s_data_preparation_reaches_every_rank_as_one_line(tin
     assert not re.search(r"\[\d+\]<std\w+>:Traceback", output) and "HorovodInternalError" not in output
 
 
-def test_gradient_accumulation_runs_without_per_micro_batch_allreduce(tiny_data, tmp_path):
-    run_dir = tmp_path / "run"
-    run_job(tiny_train_args(tiny_data, run_dir, "train.grad_accum_steps=3"))
+def test_gradient_accumulation_runs_without_per_micro_batch_allreduce(launched_from_a_work_dir):
+    (run_dir,) = (launched_from_a_work_dir / "runs").iterdir()
     summary = read_summary(run_dir)
     assert summary["replicas_identical"] is True
     assert summary["tokens_seen"] == 6 * 2 * 3 * 4 * 64  # steps x ranks x accum x micro-batch x seq_len

@@ -12,9 +12,13 @@ run_dir = Path(sys.argv[1])
 model_cfg = OmegaConf.merge(OmegaConf.structured(config.ModelConfig), OmegaConf.load(Path(__file__).parents[2] / "conf/model/llama_small.yaml"))
 model = models.build_causal_lm(model_cfg, vocab_size=4096)
 optimizer = optim.build_optimizer(model, OmegaConf.structured(config.OptimConfig), lr=1e-3)
+print("ready", flush=True)
+# The test starts writers ahead of their turn, so their start-ups overlap: each touches the run
+# dir only when told to go, after the writer before it was killed. No word (the test is gone): exit.
+if sys.stdin.readline().strip() != "go":
+    sys.exit(0)
 found = checkpoint.latest(run_dir)
 step = checkpoint.read_state(found).step if found else 0
-print("ready", flush=True)
 while True:
     step += 1
     with torch.no_grad():
