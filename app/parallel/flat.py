@@ -57,11 +57,24 @@ class FlatShard:
         self.full.untyped_storage().resize_(0)
 
     def fill(self, gathered: torch.Tensor) -> None:
+        if self.shard_is_view:
+            self._adopt(gathered)
+            return
         if not self.materialized:
             self.full.untyped_storage().resize_(self.numel * self.full.element_size())
         # Through .data: a refill between forward and backward must not bump the version
         # counter autograd checks on the views it saved.
         self.full.data.copy_(gathered)
+
+    def _adopt(self, gathered: torch.Tensor) -> None:
+        """Stages 1-2: the allgather's output becomes the full buffer, the parameters and the
+        rank's slice views of it: no copy of the whole model a step. Between a step and the next
+        forward no autograd graph holds the old buffer's views; the optimizer state stays with
+        the slice's Parameter object, whose data alone moves."""
+        self.full = gathered
+        for param, view in zip(self.params, gathered.split(self.numels)):
+            param.data = view.view_as(param)
+        self.shard.data = gathered[self.start : self.end]
 
     def take_shard(self) -> None:
         """After the full buffer was loaded or broadcast: a stage-3 slice copies it in."""
@@ -128,10 +141,16 @@ class Unit:
         self.grads_ready = 0  # parameters whose gradient is in, this backward pass
         self.reductions = 0  # reduce-scatters issued this step (one per micro-batch)
         self.gathering = None  # the handle of an allgather in flight
+        self.stale = False  # an optimizer step changed the slices since the full buffers were filled
 
     @property
     def materialized(self) -> bool:
         return all(flat.materialized for flat in self.flats)
+
+    @property
+    def current(self) -> bool:
+        """The full buffers hold every rank's latest slice."""
+        return self.materialized and not self.stale
 
     def free(self) -> None:
         for flat in self.flats:
@@ -144,6 +163,7 @@ class Unit:
     def finish_gather(self, handle) -> None:
         for flat, gathered in zip(self.flats, hvd.synchronize(handle)):
             flat.fill(gathered)
+        self.stale = False
 
     def reduce_async(self, wire_dtype: torch.dtype):
         """Reduce-scatter (average) the unit's gradients; fp32 on the wire unless fp16 compression."""

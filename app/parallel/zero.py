@@ -13,7 +13,9 @@ so the transient copies stay a layer or two whatever the model's size.
 - Stage 1: the parameters' gradients are views of the units' flat buffers and accumulate there
   over the micro-batches; in the last backward each unit is reduce-scattered (Average) as soon as
   its gradients are complete, overlapping the rest of backward (DeepSpeed's overlap_comm); the
-  optimizer steps on the rank's slices; allgathers write the updated slices back.
+  optimizer steps on the rank's slices; each unit's allgather, issued after the step, is waited
+  for just before the unit's next forward, the next unit's already in flight (FSDP's forward
+  prefetch without resharding), so the gathers overlap the forward instead of stalling the step.
 - Stage 2: gradients sharded too: each micro-batch's gradients of a unit are added into a flat
   buffer as they arrive (post-accumulate hooks), reduce-scattered once the unit is complete, and
   dropped; each rank keeps its slice's sum.
@@ -84,6 +86,9 @@ class Zero(Parallelism):
         # once its parameters' last micro-batch is in. Stages 2-3 reduce each micro-batch's.
         self.passes_per_reduce = grad_accum_steps if stage == 1 else 1
         self.wire_dtype = torch.float16 if sync_cfg.compression == "fp16" else torch.float32
+        # Units whose gather is issued ahead of the forward reaching them: stage 3 one, as each
+        # gathered unit is memory that sharding gave back; stages 1-2 hold every full buffer anyway.
+        self.gathers_ahead = 1 if stage == 3 else MAX_GATHERS_IN_FLIGHT
         self.layers = transformer_layers(model)
         self.units: List[Unit] = []
         self.pending = []  # (unit, handle) of reduce-scatters in flight
@@ -110,8 +115,7 @@ class Zero(Parallelism):
         for unit in self.units:
             for param in unit.params:
                 param.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, unit))
-        if self.stage == 3:
-            self._install_gather_hooks()
+        self._install_gather_hooks()
         return self.optimizer
 
     # --- start and checkpoints ----------------------------------------------------------------
@@ -193,6 +197,7 @@ class Zero(Parallelism):
         rank ever holds the whole model twice."""
         entries = self.model.state_dict(keep_vars=True)
         if self.stage < 3 or self.whole:
+            self._gather_all()
             return {k: v.detach().clone() for k, v in entries.items()} if dist.is_main() else None
         keys_of = {}
         for key, value in entries.items():
@@ -246,7 +251,9 @@ class Zero(Parallelism):
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """The global norm from the slices' squared norms summed over ranks; torch's clip rule."""
         grads = [f.shard.grad for f in self.flats if f.shard.grad is not None]
-        squares = torch.stack([g.pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+        # One fused norm kernel per dtype, as torch's clip_grad_norm_ (a pow and a sum per slice
+        # cost stage 1 twice the time of the norms).
+        squares = torch.stack(torch._foreach_norm(grads)).square().sum() if grads else torch.zeros(())
         total = hvd.allreduce(squares.reshape(1), op=hvd.Sum, name="zero.grad_norm",
                               process_set=self.process_set)[0].sqrt()
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
@@ -256,51 +263,58 @@ class Zero(Parallelism):
 
     def optimizer_step(self, scaler) -> None:
         super().optimizer_step(scaler)
-        if self.stage < 3 or self.whole:
-            self._gather_all()  # stage 3 gathers each layer when it is next used
-
-    def _gather_all(self) -> bool:
-        """Every unit's full buffer rebuilt from the ranks' slices, the next unit's allgather in
-        flight while one is copied in (Horovod's output is a second copy of a unit: all at once
-        would hold the whole model twice)."""
         for unit in self.units:
-            if unit.gathering is not None:  # a stage-3 prefetch: complete it, its name is reused
+            unit.stale = True
+        if self.stage < 3:  # the first units' gathers start now; stage 3's at their first use
+            for index in range(self.gathers_ahead):
+                self._prefetch(index)
+
+    def _gather_all(self) -> None:
+        """Every unit's full buffer rebuilt from the ranks' slices where a step changed them, the
+        next unit's allgather in flight while one is copied in (Horovod's output is a second copy
+        of a unit: all at once would hold the whole model twice)."""
+        for unit in self.units:
+            if unit.gathering is not None:  # a prefetch: complete it, its name is reused
                 self._gather(unit)
         handles = []
         for unit in self.units:
+            if unit.current:
+                continue
             handles.append((unit, unit.gather_async()))
             if len(handles) > MAX_GATHERS_IN_FLIGHT:
                 done, handle = handles.pop(0)
                 done.finish_gather(handle)
         for unit, handle in handles:
             unit.finish_gather(handle)
-        return True
 
-    # --- stage 3: parameters gathered around their use ---------------------------------------
+    # --- parameters gathered at their first use after a step; at stage 3, around each use -----
     def _install_gather_hooks(self) -> None:
         self.model.register_forward_pre_hook(lambda module, args: self._before_forward(self.units[0]))
-        self.model.register_forward_hook(self._after_model)
         for unit in self.units[1:]:
             unit.module.register_forward_pre_hook(lambda module, args, unit=unit: self._before_forward(unit))
-            unit.module.register_forward_hook(functools.partial(self._after_layer, unit))
+        if self.stage == 3:
+            self.model.register_forward_hook(self._after_model)
+            for unit in self.units[1:]:
+                unit.module.register_forward_hook(functools.partial(self._after_layer, unit))
 
     def _gather(self, unit: Unit) -> None:
         if unit.gathering is not None:
             handle, unit.gathering = unit.gathering, None
             unit.finish_gather(handle)
-        elif not unit.materialized:
+        elif not unit.current:
             unit.finish_gather(unit.gather_async())
 
     def _prefetch(self, index: int) -> None:
-        if 0 < index < len(self.units):
+        if 0 <= index < len(self.units):
             unit = self.units[index]
-            if unit.gathering is None and not unit.materialized:
+            if unit.gathering is None and not unit.current:
                 unit.gathering = unit.gather_async()
 
     def _before_forward(self, unit: Unit) -> None:
         if not self.whole:
             self._gather(unit)
-            self._prefetch(unit.index + 1)
+            for ahead in range(1, self.gathers_ahead + 1):
+                self._prefetch(unit.index + ahead)
 
     def _after_model(self, module, args, output) -> None:
         # In training the rest of the model stays until its gradients are reduced; in
@@ -331,11 +345,12 @@ class Zero(Parallelism):
     def full_model(self):
         """Stage 3: every unit gathered for the duration and freed after (FSDP's
         summon_full_params; evaluation's ranks run different numbers of batches, so no gather
-        may sit inside its forward); the forward hooks stand idle meanwhile."""
+        may sit inside its forward); the forward hooks stand idle meanwhile. Stages 1-2: the
+        gathers the last step left pending, completed."""
+        self._gather_all()
         if self.stage < 3 or self.whole:
             yield self.model
             return
-        self._gather_all()
         self.whole = True
         try:
             yield self.model
@@ -347,11 +362,14 @@ class Zero(Parallelism):
     def finish(self) -> None:
         """Memory at rest recorded for the summary. Stage 3 stays sharded: what follows training
         gathers a unit (checksum) or the whole model (a sample) only for as long as it needs it."""
+        if self.stage < 3:
+            self._gather_all()  # the last step's: the model is whole again
         self.resting_bytes = self.state_bytes()
 
     def parameter_checksum(self) -> str:
         """Stage 3: each unit gathered, hashed and freed in turn (the whole model never held)."""
         if self.stage < 3 or self.whole:
+            self._gather_all()
             return super().parameter_checksum()
         names = {id(p): name for name, p in self.model.named_parameters()}
         digest = hashlib.sha256()
