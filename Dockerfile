@@ -65,7 +65,7 @@ FROM ${BASE_IMAGE} AS runtime
 ENV DEBIAN_FRONTEND=noninteractive
 # hadolint ignore=DL3008
 RUN apt-get update -q \
-    && apt-get install -y -q --no-install-recommends python3 openmpi-bin openssh-server openssh-client procps \
+    && apt-get install -y -q --no-install-recommends python3 openmpi-bin openssh-server openssh-client procps libjemalloc2 \
     && rm -rf /var/lib/apt/lists/* \
     && mkdir -p /run/sshd
 RUN useradd --create-home --uid 1000 --shell /bin/bash llama \

@@ -172,6 +172,11 @@ class TrainConfig:
     # of 128 KiB or more when freed. null: keep, except under ZeRO (parallel.zero_stage >= 1),
     # whose point is memory (keeps_freed_memory).
     keep_freed_memory: Optional[bool] = None
+    # The ranks' malloc (app/allocator.py): glibc | jemalloc (preloaded: a rank re-executes
+    # itself with LD_PRELOAD before Horovod starts). null: jemalloc under ZeRO when installed
+    # (it reuses freed blocks within a step and returns idle ones, so ZeRO's memory is saved
+    # without glibc's page faults on every reuse), else glibc. keep_freed_memory is glibc's.
+    allocator: Optional[str] = None
     # Steps whose micro-batches a background thread prepares ahead (app/prefetch.py); 0: each
     # step reads its own batches when it starts.
     prefetch_steps: int = 2
@@ -294,6 +299,7 @@ def validate(cfg: Config) -> None:
         "train.activation_checkpointing": (cfg.train.activation_checkpointing, ("none", "full", "every_k")),
         "parallel.zero_stage": (cfg.parallel.zero_stage, (0, 1, 2, 3)),
         "train.compile": (compilation_mode(cfg.train.compile), ("false", "model", "regional")),
+        "train.allocator": (cfg.train.allocator or "null", ("null", "glibc", "jemalloc")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -454,6 +460,14 @@ def keeps_freed_memory(cfg) -> bool:
     if cfg.train.keep_freed_memory is None:
         return cfg.parallel.zero_stage == 0
     return bool(cfg.train.keep_freed_memory)
+
+
+def allocator(cfg) -> str:
+    """train.allocator, its null resolved: jemalloc under ZeRO (when installed: app/allocator.py
+    falls back to glibc), glibc otherwise."""
+    if cfg.train.allocator is None:
+        return "jemalloc" if cfg.parallel.zero_stage > 0 else "glibc"
+    return cfg.train.allocator
 
 
 def compilation_mode(value) -> str:

@@ -23,8 +23,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from app import (checkpoint, cli, compilation, config, cores, dist, elastic, fileio, metrics, models, optim, plan,
-                 prepare, runtime, stop, tokenizer)
+from app import (allocator, checkpoint, cli, compilation, config, cores, dist, elastic, fileio, metrics, models,
+                 optim, plan, prepare, runtime, stop, tokenizer)
 from app.profiling import StepProfiler
 from app.step import PhaseTimer, StepOutput, Training, build_training, train_step
 
@@ -50,9 +50,15 @@ def place_threads(cfg) -> None:
     """Pin this rank to its share of its host's cores; a collective (ranks compare core masks)."""
     threads = dist.place_rank(cfg.train.threads_per_rank, cfg.train.bind_cores)
     torch.set_num_threads(threads)
+    malloc = allocator.active()
+    if malloc != config.allocator(cfg) == allocator.JEMALLOC:
+        log.warning("jemalloc is not installed: glibc's malloc runs (apt-get install libjemalloc2)")
+    if malloc == allocator.JEMALLOC:
+        log.info("%d threads per rank; malloc: jemalloc (train.keep_freed_memory is glibc's)", threads)
+        return
     keep = config.keeps_freed_memory(cfg)
     taken = runtime.set_freed_memory(keep)
-    log.info("%d threads per rank; freed memory %s", threads,
+    log.info("%d threads per rank; malloc: glibc, freed memory %s", threads,
              "(allocator default: not glibc)" if not taken else "kept for reuse" if keep else "returned to the kernel")
 
 
@@ -249,7 +255,7 @@ def train(cfg, run_dir: Path) -> dict:
         place_threads(cfg)
         dist.run_on_main(lambda: prepare_data(cfg, run_dir), name="prepare")  # its errors reach every rank
     # Model-state memory is the peak less this: the interpreter and libraries do not shrink with sharding.
-    memory = {"before_model_bytes": metrics.process_memory_bytes(device)}
+    memory = {"before_model_bytes": metrics.process_memory_bytes(device), "malloc": allocator.active()}
     training = build_training(cfg, device)  # task, plain model, optimizer, parallelism
     if cfg.train.elastic and dist.is_main():
         copy_tokenizer(cfg, run_dir)
@@ -366,6 +372,7 @@ def hydra_main(cfg) -> None:
 def main() -> None:
     stop.install()  # first: a signal during start-up still ends in a checkpoint
     startup = cli.startup_config(sys.argv[1:])
+    allocator.ensure(startup)  # may re-execute this process: before Horovod starts
     try:
         dist.init(startup.horovod, startup.parallel)
         stamp = dist.run_stamp()

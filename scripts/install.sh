@@ -23,7 +23,7 @@ say() { printf '[install] %s\n' "$*"; }
 source "$ROOT/scripts/apt.sh"
 
 install_system_packages() {
-    apt_install_missing install openmpi-bin libopenmpi-dev cmake g++ make patch
+    apt_install_missing install openmpi-bin libopenmpi-dev cmake g++ make patch libjemalloc2
 }
 
 make_venv() {
