@@ -130,9 +130,9 @@ class BenchMemoryConfig:
     seq_len: int = 256
     micro_batch_size: int = 2
     warmup_steps: int = 1
-    measure_steps: int = 2
-    # One more stage-0 run that returns freed memory as ZeRO stages do by default
-    # (train.keep_freed_memory), so stage 3 is also compared with the same allocator.
+    measure_steps: int = 4
+    # One more stage-0 run under jemalloc, the malloc ZeRO stages run by default
+    # (train.allocator), so they are also compared with stage 0 on the same allocator.
     like_for_like: bool = True
 
 

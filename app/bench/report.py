@@ -183,10 +183,10 @@ def memory(section: dict) -> str:
     for r in section["runs"]:
         held, predicted = r["held_bytes_rank0"], r["predicted_model_state_bytes"]
         peaks = " / ".join(_mib(b) for b in r["peak_bytes_per_rank"])
-        rows.append([r["zero_stage"], r["activation_checkpointing"], r["freed_memory"], peaks,
+        rows.append([r["zero_stage"], r["activation_checkpointing"], r["malloc"], peaks,
                      _mib(r["model_state_bytes"]), _mib(sum(predicted.values())),
                      f"{_mib(held['parameters'])} / {_mib(held['optimizer_state'])}", f"{r['tokens_per_second']:,.0f}"])
-    header = ["ZeRO stage", "activation checkpointing", "freed memory", "peak MiB per rank", "model state MiB (peak - before model)",
+    header = ["ZeRO stage", "activation checkpointing", "malloc", "peak MiB per rank", "model state MiB (peak - before model)",
               "predicted model state MiB", "held at rest MiB (params / optimizer), rank 0", "tokens/s"]
     note = (f"{section['model']} ({section['parameters'] / 1e6:.1f}M parameters), {section['processes']} ranks under "
             f"{_LAUNCHED_BY[section['launcher']]}, {section['precision']}, {section['optimizer']}, micro-batch "
