@@ -51,7 +51,7 @@ def place_threads(cfg) -> None:
     threads = dist.place_rank(cfg.train.threads_per_rank, cfg.train.bind_cores)
     torch.set_num_threads(threads)
     malloc = allocator.active()
-    if malloc != config.allocator(cfg) == allocator.JEMALLOC:
+    if config.allocator(cfg) == allocator.JEMALLOC and malloc != allocator.JEMALLOC:
         log.warning("jemalloc is not installed: glibc's malloc runs (apt-get install libjemalloc2)")
     if malloc == allocator.JEMALLOC:
         log.info("%d threads per rank; malloc: jemalloc (train.keep_freed_memory is glibc's)", threads)
