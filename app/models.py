@@ -1,6 +1,7 @@
 """Hugging Face models built from our presets (no hub), and the one place that counts their
 parameters and training FLOPs. Knows nothing of Horovod."""
 import hashlib
+import logging
 from pathlib import Path
 
 import torch
@@ -8,6 +9,8 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from app import checkpoint
+
+log = logging.getLogger("app.models")
 
 
 def llama_config(model_cfg, vocab_size: int) -> LlamaConfig:
@@ -53,9 +56,20 @@ def init_source(init_from: str) -> str:
     return str(path)
 
 
+def load_pretrained(model_class, init_from: str, **extra):
+    """model.init_from's weights in float32, whatever dtype they were saved in: under
+    transformers 5 a bf16 checkpoint (most published LLaMAs) would otherwise stay bf16, which
+    Horovod's collectives refuse and which would train with bf16 optimizer state."""
+    source = init_source(init_from)
+    model = model_class.from_pretrained(source, dtype=torch.float32, **extra)
+    log.info("model.init_from: %s loaded from %s (%s parameters, float32)", model_class.__name__, source,
+             f"{count_parameters(model):,}")
+    return model
+
+
 def build_causal_lm(model_cfg, vocab_size: int) -> LlamaForCausalLM:
     if model_cfg.init_from:
-        return LlamaForCausalLM.from_pretrained(init_source(model_cfg.init_from))
+        return load_pretrained(LlamaForCausalLM, model_cfg.init_from)
     config = llama_config(model_cfg, resolve_vocab_size(model_cfg, vocab_size))
     # sdpa is the fused attention kernel; eager would materialise the T x T matrix in Python ops.
     config._attn_implementation = "sdpa"
@@ -85,7 +99,7 @@ def build_encoder(model_cfg, vocab_size: int, pad_token_id: int, task: str, num_
     model_class = BertForSequenceClassification if task == "classify" else BertForMaskedLM
     if model_cfg.init_from:
         extra = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if task == "classify" else {}
-        return model_class.from_pretrained(init_source(model_cfg.init_from), **extra)
+        return load_pretrained(model_class, model_cfg.init_from, **extra)
     config = bert_config(model_cfg, resolve_vocab_size(model_cfg, vocab_size), pad_token_id, num_labels)
     config._attn_implementation = "sdpa"
     return model_class(config)

@@ -5,6 +5,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from app.config import ConfigError
 
@@ -41,10 +42,18 @@ def configure_logging(run_dir: Path, rank: int) -> None:
             handler.close()
         else:
             handler.setFormatter(logging.Formatter(f"[%(asctime)s][rank {rank}][%(levelname)s] %(message)s"))
+    # transformers reports loads (progress bars, a model.init_from's load report) itself: once
+    # per job is enough, and rank 0 says what it loaded (app/models.py).
     if rank == 0:
-        file_handler = logging.FileHandler(Path(run_dir) / "train.log")
-        file_handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s"))
-        root.addHandler(file_handler)
+        hf_logging.set_verbosity_warning()
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        return
+    file_handler = logging.FileHandler(Path(run_dir) / "train.log")
+    file_handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s"))
+    root.addHandler(file_handler)
 
 
 # glibc's mallopt parameters (malloc.h); blocks at or above the mmap threshold get their own
