@@ -1,5 +1,6 @@
 """Configuration for the command-line tools: Hydra's compose API over `conf/`, with bad input
 reported as one line on stderr and exit status 2."""
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Callable, List, NoReturn
@@ -54,12 +55,27 @@ def run(main: Callable[[config.Config], None], validate: Callable[[config.Config
     call_reporting_bad_input(main, cfg)
 
 
+def tool_overrides(schema, argv: List[str]) -> dict:
+    """`key=value` arguments as a dict. A string field takes its value as typed: the shell has
+    dropped the quotes of `prompt="ROMEO:"`, and YAML would read `ROMEO:` as a mapping. Other
+    fields, and unknown keys (which the schema then refuses), are parsed as YAML values."""
+    text_fields = {field.name for field in dataclasses.fields(schema) if field.type is str}
+    overrides = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in text_fields:
+            overrides[key] = value
+        else:
+            overrides.update(OmegaConf.to_container(OmegaConf.from_dotlist([arg])))
+    return overrides
+
+
 def parse_tool_args(schema, argv: List[str]):
     """`key=value` arguments checked against a dataclass schema: a typo is an error, not ignored."""
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(argv))
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), tool_overrides(schema, argv))
         OmegaConf.to_container(cfg, throw_on_missing=True)
     except OmegaConfBaseException as error:
         fail(" ".join(str(error).split()) + f"; usage: {schema.__doc__}")
