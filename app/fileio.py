@@ -10,6 +10,23 @@ from typing import Iterator, Union
 PathLike = Union[str, Path]
 
 
+def umask() -> int:
+    """The process's file-creation mask (Linux reports it without changing it)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("Umask:"):
+            return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, then put it back
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: PathLike, mode: int) -> None:
+    """tempfile makes files 0600 and directories 0700, private even when the user's umask
+    shares them: a teammate on a shared cluster could not read a run or load an export. What
+    is renamed into place gets the mode a plain open() or mkdir() would have given it."""
+    os.chmod(path, mode & ~umask())
+
+
 def fsync_dir(directory: PathLike) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -23,6 +40,7 @@ def write_bytes(path: PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        follow_umask(tmp, 0o666)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -49,9 +67,11 @@ def staged_directory(final: PathLike) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
+        follow_umask(staging, 0o777)
         yield staging
         for path in staging.rglob("*"):
             if path.is_file():
+                follow_umask(path, 0o666)  # safetensors writes 0600 too
                 with open(path, "rb") as handle:
                     os.fsync(handle.fileno())
         fsync_dir(staging)
