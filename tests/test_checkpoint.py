@@ -5,7 +5,9 @@ import json
 import math
 import random
 import shutil
+import shlex
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -15,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from app import checkpoint
+from app import checkpoint, fileio
 from conftest import (ROOT, job_env, last_json_line, launcher_command, read_metrics, read_summary, run_job,
                       tiny_train_args)
 
@@ -255,6 +257,52 @@ def test_generate_is_reproducible_by_seed_and_greedy_is_deterministic(finished_r
     bad = run_job([f"checkpoint={finished_run}", "max_new_tokenz=3"], launcher="none", module="app.generate",
                   check=False)
     assert bad.returncode == 2 and "max_new_tokenz" in bad.stderr
+
+
+def test_the_readme_generation_line_runs_as_typed(finished_run):
+    """The shell drops the quotes of prompt="ROMEO:", so the tool sees ROMEO: bare: still a string."""
+    line = next(line for line in (ROOT / "README.md").read_text().splitlines()
+                if line.startswith("python -m app.generate checkpoint=runs/<stamp>"))
+    command = line.replace("python", shlex.quote(sys.executable), 1).replace("runs/<stamp>", str(finished_run))
+    result = subprocess.run(["bash", "-c", command], cwd=ROOT, env=job_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("ROMEO:") and len(result.stdout) > len("ROMEO:") + 20
+
+
+@pytest.fixture(scope="module")
+def bf16_export(finished_run, tmp_path_factory):
+    """The finished run exported in bfloat16, as most published LLaMA checkpoints are."""
+    out = tmp_path_factory.mktemp("export") / "bf16"
+    run_job([f"checkpoint={finished_run}", f"out={out}", "dtype=bfloat16"], launcher="none", module="app.export")
+    return out
+
+
+def test_fine_tuning_from_a_bf16_export_trains_in_float32_and_says_once_what_it_loaded(tiny_data, bf16_export,
+                                                                                        tmp_path):
+    exported = load_file(str(bf16_export / "model.safetensors"))
+    assert {t.dtype for t in exported.values()} == {torch.bfloat16}
+    run_dir = tmp_path / "run"
+    result = run_job(tiny_train_args(tiny_data, run_dir, f"model.init_from={bf16_export}", "train.max_steps=2"), np_=2)
+    trained = load_file(str(checkpoint.latest(run_dir) / "model.safetensors"))
+    assert {t.dtype for t in trained.values()} == {torch.float32}
+    moved = max((trained[k] - exported[k].float()).abs().max().item() for k in exported)
+    assert moved > 1e-4, "the run did not train from the exported weights"
+    output = result.stdout + result.stderr
+    assert output.count(f"model.init_from: LlamaForCausalLM loaded from {bf16_export}") == 1
+    # transformers' own load messages come from rank 0 only.
+    assert not [line for line in output.splitlines() if line.startswith("[1]") and "Loading weights" in line]
+
+
+def test_runs_and_exports_are_readable_as_the_umask_allows(finished_run, bf16_export):
+    """Files follow the umask (0644 under 022), as save_pretrained's do, not tempfile's 0600."""
+    mask = fileio.umask()
+    files = [finished_run / "config.yaml", finished_run / "summary.json", bf16_export / "model.safetensors",
+             checkpoint.latest(finished_run) / "state.json", checkpoint.latest(finished_run) / "model.safetensors"]
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
+    for path in [bf16_export, checkpoint.latest(finished_run), finished_run / "checkpoints"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~mask, path
 
 
 def test_evaluate_on_two_ranks_equals_one_rank(finished_run):
