@@ -327,16 +327,28 @@ def validate(cfg: Config) -> None:
                           "or more (null: Horovod's 64)")
     if cfg.train.max_steps < 0:
         raise ConfigError(f"train.max_steps={cfg.train.max_steps} must be 0 (initial checkpoint only) or more")
-    if not cfg.sync.gradient_allreduce and cfg.sync.param_average_every < 1:
-        raise ConfigError(
-            "sync.gradient_allreduce=false needs sync.param_average_every >= 1, or ranks never meet"
-        )
+    validate_sync(cfg.sync)
     validate_zero(cfg)
     validate_task(cfg)
     check_elastic(cfg)
     if cfg.parallel.tensor > 1:
         validate_tensor_parallel(cfg)
     validate_pipeline(cfg)
+
+
+def validate_sync(sync: SyncConfig) -> None:
+    """Local SGD (no gradient allreduce) has nothing for Adasum or fp16 compression to act on:
+    refused, not run as plain local SGD under another name."""
+    if sync.gradient_allreduce:
+        return
+    if sync.param_average_every < 1:
+        raise ConfigError("sync.gradient_allreduce=false needs sync.param_average_every >= 1, or ranks never meet")
+    if sync.op == "adasum":
+        raise ConfigError("sync.op=adasum combines every step's updates, which sync.gradient_allreduce=false turns "
+                          "off (that is local SGD); use sync=adasum with gradient_allreduce=true, or sync=local_sgd")
+    if sync.compression != "none":
+        raise ConfigError(f"sync.compression={sync.compression} compresses the gradient allreduce, which "
+                          "sync.gradient_allreduce=false turns off; set sync.compression=none")
 
 
 def validate_task(cfg: Config) -> None:

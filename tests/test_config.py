@@ -1,7 +1,7 @@
 """Configuration mistakes fail at once, on every rank, with a message naming the key."""
 import pytest
 
-from app import cli
+from app import cli, config
 from conftest import run_job, tiny_train_args
 
 
@@ -38,3 +38,17 @@ def test_horovod_settings_come_from_the_overrides_hydra_composes_later():
     assert cfg.horovod.cycle_time_ms == 2.5 and cfg.model.name == "llama_tiny"
     # Overrides that do not compose leave the schema's values; Hydra reports the error itself.
     assert cli.startup_config(["train.max_stepz=3"]).horovod.cycle_time_ms is None  # auto: 10 ms on CPU ranks
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["sync=adasum", "sync.gradient_allreduce=false", "sync.param_average_every=2"],
+     "sync.op=adasum combines every step's updates, which sync.gradient_allreduce=false turns off"),
+    (["sync=local_sgd", "sync.compression=fp16"],
+     "sync.compression=fp16 compresses the gradient allreduce, which sync.gradient_allreduce=false turns off"),
+    (["sync=local_sgd", "sync.param_average_every=0"], "sync.gradient_allreduce=false needs sync.param_average_every"),
+])
+def test_sync_settings_that_would_silently_do_something_else_are_refused(overrides, message):
+    cfg = cli.compose_config(["model=llama_tiny", *overrides])
+    with pytest.raises(config.ConfigError, match=message):
+        config.validate(cfg)
+    config.validate(cli.compose_config(["model=llama_tiny", "sync=local_sgd"]))  # local SGD itself is fine
