@@ -8,12 +8,12 @@
 # so a run can be told which link to use and be seen to use it. The hosts share this machine's
 # filesystem, so paths and the venv are the same on both, as on a cluster with a shared home.
 #
-#   export NETNS_DIR=$(mktemp -d)
 #   scripts/netns_hosts.sh up              # apt-get installs openssh-server if missing
 #   scripts/netns_hosts.sh exec a CMD...   # run CMD on host a (its network and hostname)
 #   scripts/netns_hosts.sh down            # whatever state `up` got to
 #
-# Launchers reach host b with ssh: put $NETNS_DIR/bin first in PATH. Its `ssh` uses a key and
+# Keys, configs and logs live in $NETNS_DIR (default /tmp/llama-horovod-netns).
+# Launchers reach host b with ssh: put $NETNS_DIR/bin first in PATH (`up` prints the line). Its `ssh` uses a key and
 # config generated in $NETNS_DIR, so ~/.ssh is never read or written. Each host resolves the two
 # hostnames through /etc/netns/<namespace>/hosts, which `ip netns exec` mounts over /etc/hosts
 # for that namespace only (Horovod's Gloo binds to the address its hostname resolves to).
@@ -24,8 +24,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 
 die() { echo "netns_hosts.sh: $*" >&2; exit 1; }
 
-[ $# -ge 1 ] || die "usage: NETNS_DIR=DIR $0 up|down|exec a|b CMD..."
-[ -n "${NETNS_DIR:-}" ] || die "set NETNS_DIR to a directory for keys, configs and logs"
+[ $# -ge 1 ] || die "usage: [NETNS_DIR=DIR] $0 up|down|exec a|b CMD..."
+NETNS_DIR=${NETNS_DIR:-/tmp/llama-horovod-netns}
 [ "$(id -u)" -eq 0 ] || die "must run as root (network namespaces, sshd)"
 DIR=$(mkdir -p "$NETNS_DIR" && cd "$NETNS_DIR" && pwd)
 PREFIX=${NETNS_PREFIX:-lh}

@@ -1,24 +1,24 @@
 #!/usr/bin/env bash
 # A real one-node SLURM cluster on this host, for tests and for trying slurm/*.sbatch locally:
 # munged, slurmctld and slurmd run as root with every file (config, key, state, logs, pids) in
-# $SLURM_CLUSTER_DIR, on non-default ports, so nothing in /etc is touched and a site's own
-# SLURM, if any, is left alone.
+# $SLURM_CLUSTER_DIR (default /tmp/llama-horovod-slurm), on non-default ports, so nothing in
+# /etc is touched and a site's own SLURM, if any, is left alone.
 #
-#   export SLURM_CLUSTER_DIR=$(mktemp -d)
 #   scripts/slurm_cluster.sh start        # apt-get installs slurm-wlm and munge if missing
-#   export SLURM_CONF=$SLURM_CLUSTER_DIR/slurm.conf
+#   export SLURM_CONF=/tmp/llama-horovod-slurm/slurm.conf   # start prints this line
 #   sbatch --wrap hostname; squeue
 #   scripts/slurm_cluster.sh status | stop
 #
-# Knobs: SLURMCTLD_PORT (16817), SLURMD_PORT (16818), SLURM_CPUS (nproc), START_TIMEOUT_S (60).
+# Knobs: SLURM_CLUSTER_DIR, SLURMCTLD_PORT (16817), SLURMD_PORT (16818), SLURM_CPUS (nproc),
+# START_TIMEOUT_S (60).
 set -euo pipefail
 # shellcheck source=scripts/apt.sh
 source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 
 die() { echo "slurm_cluster.sh: $*" >&2; exit 1; }
 
-[ $# -eq 1 ] || die "usage: SLURM_CLUSTER_DIR=DIR $0 start|stop|status"
-[ -n "${SLURM_CLUSTER_DIR:-}" ] || die "set SLURM_CLUSTER_DIR to a directory for the cluster's state"
+[ $# -eq 1 ] || die "usage: [SLURM_CLUSTER_DIR=DIR] $0 start|stop|status"
+SLURM_CLUSTER_DIR=${SLURM_CLUSTER_DIR:-/tmp/llama-horovod-slurm}
 [ "$(id -u)" -eq 0 ] || die "must run as root (slurmd starts jobs as any user)"
 DIR=$(mkdir -p "$SLURM_CLUSTER_DIR" && cd "$SLURM_CLUSTER_DIR" && pwd)
 export SLURM_CONF=$DIR/slurm.conf
@@ -67,6 +67,9 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/builtin
+# A job this one node can never run (more nodes or CPUs than it has) is refused when
+# submitted, with the reason, instead of pending forever with reason PartitionConfig.
+EnforcePartLimits=ALL
 # Look at pending jobs every 2 s, not 60: a requeued job becomes eligible with no event to
 # wake the scheduler.
 SchedulerParameters=sched_interval=2

@@ -153,3 +153,13 @@ def test_sweep_array_trains_one_run_per_learning_rate(slurm, tiny_data, tmp_path
         run_dir = tmp_path / "runs" / f"slurm-{job}_{task}"
         assert read_summary(run_dir)["step"] == 4
         assert f"\n  lr: {lr}\n" in (run_dir / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("request_", [["--nodes=2", "--ntasks-per-node=4"], ["--ntasks-per-node=2", "--cpus-per-task=4"]])
+def test_a_job_the_cluster_can_never_run_is_refused_at_submission_not_left_pending(slurm, request_):
+    """The main README's multi-node line and the sweep's default size on the one-node cluster:
+    refused with the reason, where they used to pend forever with reason PartitionConfig."""
+    result = subprocess.run(["sbatch", "--parsable", *request_, "--wrap", "true"], env=slurm.env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0, f"accepted as job {result.stdout.strip()}: {slurm.run('squeue')}"
+    assert "More processors requested than permitted" in result.stderr
