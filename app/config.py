@@ -181,7 +181,7 @@ class TrainConfig:
     # step reads its own batches when it starts.
     prefetch_steps: int = 2
     # [first, last]: a torch.profiler trace of optimizer steps first..last (counted from 1) in
-    # <run dir>/profile/, for TensorBoard or Perfetto; []: none.
+    # <run dir>/profile/, a Chrome trace for Perfetto; []: none.
     profile_steps: List[int] = field(default_factory=list)
     # task=mlm: the fraction of tokens chosen for prediction (BERT's 15%).
     mlm_probability: float = 0.15

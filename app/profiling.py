@@ -3,7 +3,8 @@ chosen steps (train.profile_steps) and Horovod's own timeline and autotune log (
 horovod.autotune; switched on in app/dist.py before hvd.init). All land in the run directory.
 
     python -m app.train train.profile_steps=[5,6] horovod.timeline=true
-    tensorboard --logdir RUN_DIR/profile      # or open the .pt.trace.json in ui.perfetto.dev
+    # open RUN_DIR/profile/*.pt.trace.json in ui.perfetto.dev (or chrome://tracing);
+    python scripts/step_timeline.py RUN_DIR 6 step.png   # one step's phases and Horovod ops as a PNG
 """
 import logging
 from pathlib import Path
@@ -17,7 +18,7 @@ PROFILE_DIR = "profile"
 
 
 def trace_path(run_dir: Path, first: int, last: int, rank: int = 0) -> Path:
-    # *.pt.trace.json in a directory of its own: the name TensorBoard's profiler plugin lists.
+    # The Chrome trace format (Kineto's *.pt.trace.json), which Perfetto and chrome://tracing read.
     return Path(run_dir) / PROFILE_DIR / f"rank{rank}.steps_{first}-{last}.pt.trace.json"
 
 
