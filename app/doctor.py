@@ -3,6 +3,8 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -15,11 +17,24 @@ def horovod_report() -> list:
         f"horovod {horovod.__version__}: GPU ops {'NCCL' if hvd.nccl_built() else 'none (CPU build)'}",
         f"  controllers: MPI {'yes' if hvd.mpi_built() else 'no'}, Gloo {'yes' if hvd.gloo_built() else 'no'}",
     ]
-    horovodrun = shutil.which("horovodrun")
+    # The venv's own horovodrun first: `.venv/bin/python -m app.doctor` runs without activating it.
+    beside_python = Path(sys.executable).parent / "horovodrun"
+    horovodrun = str(beside_python) if beside_python.exists() else shutil.which("horovodrun")
     if horovodrun is None:
         return lines + ["  horovodrun: not on PATH (activate .venv)"]
     build = subprocess.run([horovodrun, "-cb"], capture_output=True, text=True).stdout
-    return lines + [f"  {line.strip()}" for line in build.splitlines() if "[X]" in line or "[ ]" in line]
+    return lines + [f"  horovodrun -cb ({horovodrun}):"] + build_check_lines(build)
+
+
+def build_check_lines(build: str) -> list:
+    """horovodrun -cb's sections ("Available Controllers:") and their [X]/[ ] rows, indented under them."""
+    lines = []
+    for line in build.splitlines():
+        if line.strip().endswith(":") and not line.startswith("Horovod"):
+            lines.append(f"    {line.strip()}")
+        elif "[X]" in line or "[ ]" in line:
+            lines.append(f"      {line.strip()}")
+    return lines
 
 
 def mpi_report() -> list:

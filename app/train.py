@@ -297,6 +297,7 @@ def end_compile_warmup(window: Window, timer: PhaseTimer, state, logger, seconds
     warmup_s /= dist.size()
     logger.log(state.step, {"time/compile_warmup_s": warmup_s, "tokens_seen": state.tokens_seen})
     log.info("step %d also compiled the model: %.1f s, left out of tokens/s and MFU", state.step, warmup_s)
+    logger.progress(window.steps)  # the window is dropped, its step still done
     return Window(window.device)
 
 
