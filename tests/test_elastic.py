@@ -1,23 +1,28 @@
 """Elastic training for real: scripts/launch.sh --elastic on two hosts (the loopback names
 `localhost` and `127.0.0.1`, one slot each, as Horovod's own elastic tests do), the host file
 edited while the job runs, and a worker killed with SIGKILL. Every run is checked against its
-journal (run_dir/elastic.jsonl): each optimizer step's global sample range, world size and time.
+journal (run_dir/elastic.jsonl): each optimizer step's global sample range, world size and time;
+and against what the ranks really read (train.record_samples: each rank's own record of the
+sample indices of the micro-batches it trained on), which must cover the stream once.
 
 Steps are paced by Horovod's cycle time (horovod.cycle_time_ms): every step waits for at least
 one round of the background thread, so a fast machine cannot finish the run before a change of
 hosts, which Horovod notices within about a second, has taken effect.
 """
+import collections
 import json
 import os
 import shlex
 import signal
 import subprocess
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from app import checkpoint, cli, config, elastic
+from app import checkpoint, cli, config, elastic, step
 from conftest import ROOT, job_env, read_metrics, read_summary, run_job, tiny_train_args
 
 LAUNCH_SH = ROOT / "scripts" / "launch.sh"
@@ -39,7 +44,8 @@ class ElasticJob:
     def __init__(self, tmp_path, data_dir, *overrides, hosts=BOTH_HOSTS, launch_args=()):
         self.run_dir, self.hostfile, self.output = tmp_path / "run", tmp_path / "hosts.txt", tmp_path / "launch.log"
         set_hosts(self.hostfile, hosts)
-        args = tiny_train_args(data_dir, self.run_dir, "horovod.cycle_time_ms=250", *overrides)
+        args = tiny_train_args(data_dir, self.run_dir, "horovod.cycle_time_ms=250", "train.record_samples=true",
+                               *overrides)
         command = [str(LAUNCH_SH), "--elastic", "--min-np", "1", "--max-np", "2", "--hostfile", str(self.hostfile),
                    "--network-interface", "lo", *launch_args, *args]
         with open(self.output, "w") as output:
@@ -109,15 +115,36 @@ def world_sizes(rows) -> list:
     return [size for i, size in enumerate(sizes) if i == 0 or size != sizes[i - 1]]
 
 
+def trained_samples(job: ElasticJob) -> list:
+    """The global sample indices the ranks recorded as trained on, each as often as trained, less
+    the steps that a restart or a rollback undid (as elastic.replay reads the journal): a row of
+    step s written before a start or rollback event that went back below s."""
+    undoing = [row for row in job.rows() if row.get("event") in ("start", "rollback")]
+    trained = []
+    for path in job.run_dir.glob("samples.rank*.jsonl"):
+        for row in map(json.loads, path.read_text().splitlines()):
+            if not any(event["step"] < row["step"] and event["time"] > row["time"] for event in undoing):
+                trained += row["samples"]
+    return sorted(trained)
+
+
 def assert_one_run_with_every_sample_once(job: ElasticJob, max_steps: int) -> list:
     """The run's steps are 1..max_steps, each on the next world_size x micro-batch samples of the
-    global stream; the checkpoint ends where the last step did; the replicas agree; the metrics
-    log each step once. Returns the replayed step rows."""
+    global stream, and the ranks really read each sample of that stream once; the checkpoint
+    ends where the last step did; the replicas agree; the metrics log each step once. Returns
+    the replayed step rows."""
     steps = elastic.replay(job.rows())
     assert [row["step"] for row in steps] == list(range(1, max_steps + 1))
     ends = [0] + [row["samples"][1] for row in steps]
     for row, start in zip(steps, ends):
         assert row["samples"] == [start, start + row["world_size"] * MICRO_BATCH], row
+    # The journal counts; this is what the ranks' data path handed their steps, whichever rank
+    # each process was in each world.
+    trained = trained_samples(job)
+    twice = sorted(index for index, times in collections.Counter(trained).items() if times > 1)
+    missed = sorted(set(range(ends[-1])) - set(trained))
+    assert trained == list(range(ends[-1])), f"trained twice: {twice}; never: {missed}; beyond {ends[-1]}: " \
+                                             f"{[index for index in trained if index >= ends[-1]]}"
     state = checkpoint.read_state(checkpoint.latest(job.run_dir))
     assert (state.step, state.samples_seen) == (max_steps, ends[-1])
     # One optimizer step per training step on every rank that ever held the state: a spurious
@@ -194,6 +221,29 @@ def test_a_job_that_cannot_go_on_in_place_is_restarted_from_its_checkpoint(tiny_
 
 
 # --- what is refused, and the scripts' command lines, without running a job --------------------
+
+def test_a_new_world_reads_its_own_slice_and_scales_the_masked_lm_loss_by_its_size(tiny_genre_data):
+    """Training.use_world, which join_world calls after every reset: rank 1 of 2 becomes rank 0
+    of 1 (its peer was lost), and the next step's batches come from the new world's slice,
+    their masked-LM loss scaled for one rank, not from the old prefetcher's thread."""
+    cfg = cli.compose_config(["task=mlm", "model=bert_tiny", "data=shakespeare_genre", "data.vocab_size=2048",
+                              f"data.dir={tiny_genre_data}", f"train.micro_batch_size={MICRO_BATCH}",
+                              "train.prefetch_steps=2"])
+    OmegaConf.resolve(cfg)
+    task, batches = step.build_data(cfg, torch.device("cpu"), 1, 2)
+    # What use_world touches of a Training; the model and layout play no part in it.
+    training = SimpleNamespace(device=torch.device("cpu"), task=task, batches=batches)
+    try:
+        old, _, old_samples = training.batches.get(0)  # the old world's thread is now reading ahead
+        assert old_samples == [range(4, 8)]
+        assert old[0]["loss_scale"].item() == pytest.approx(2 / task.masked_samples.masked_tokens(0, 8))
+        step.Training.use_world(training, cfg, 0, 1)
+        new, _, new_samples = training.batches.get(8)
+        assert new_samples == [range(8, 12)]
+        assert new[0]["loss_scale"].item() == pytest.approx(1 / training.task.masked_samples.masked_tokens(8, 4))
+    finally:
+        training.batches.close()
+
 
 @pytest.mark.parametrize("override, message", [
     ("parallel.tensor=2", "train.elastic=true cannot run with parallel.tensor: a reset restarts Horovod without"),
