@@ -1,6 +1,7 @@
 """Elastic training for real: scripts/launch.sh --elastic on two hosts (the loopback names
 `localhost` and `127.0.0.1`, one slot each, as Horovod's own elastic tests do), the host file
-edited while the job runs, and a worker killed with SIGKILL. Every run is checked against its
+edited while the job runs, and a worker killed with SIGKILL. No job is given --network-interface,
+as a user's first try is not: launch.sh finds the loopback interface itself. Every run is checked against its
 journal (run_dir/elastic.jsonl): each optimizer step's global sample range, world size and time;
 and against what the ranks really read (train.record_samples: each rank's own record of the
 sample indices of the micro-batches it trained on), which must cover the stream once.
@@ -14,8 +15,10 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -47,7 +50,7 @@ class ElasticJob:
         args = tiny_train_args(data_dir, self.run_dir, "horovod.cycle_time_ms=250", "train.record_samples=true",
                                *overrides)
         command = [str(LAUNCH_SH), "--elastic", "--min-np", "1", "--max-np", "2", "--hostfile", str(self.hostfile),
-                   "--network-interface", "lo", *launch_args, *args]
+                   *launch_args, *args]
         with open(self.output, "w") as output:
             self.process = subprocess.Popen(command, cwd=ROOT, env=job_env(), stdout=output, stderr=subprocess.STDOUT,
                                             start_new_session=True)
@@ -205,7 +208,8 @@ def test_rank_0_killed_mid_step_is_survived_and_its_host_rejoins(tiny_data, tmp_
 def test_a_job_that_cannot_go_on_in_place_is_restarted_from_its_checkpoint(tiny_data, tmp_path):
     """Both ranks on one host: Horovod blacklists hosts, not ranks, so a SIGKILLed rank takes its
     host's survivor out of the job with it and horovodrun fails (this build's behaviour);
-    launch.sh --max-restarts then starts the job again from its last checkpoint."""
+    launch.sh --max-restarts then starts the job again from its last checkpoint. One host, and
+    no --network-interface: horovodrun's elastic driver alone would wait for a second host."""
     max_steps = 9
     job = ElasticJob(tmp_path, tiny_data, f"train.max_steps={max_steps}", "train.checkpoint_every=3",
                      hosts="localhost:2\n", launch_args=("--max-restarts", "1"))
@@ -290,17 +294,51 @@ def test_discovery_reads_the_host_file_at_every_call_and_a_slurm_jobs_nodes(tmp_
     assert missing.returncode == 2 and "not found" in missing.stderr
 
 
-def test_launch_sh_elastic_prints_horovodruns_elastic_command(tmp_path):
+def loopback_interface_names() -> list:
+    """This machine's loopback interfaces, from the kernel's flags (IFF_LOOPBACK)."""
+    return [path.name for path in Path("/sys/class/net").iterdir() if int((path / "flags").read_text(), 16) & 0x8]
+
+
+def launch_dry_run(hostfile, *args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(LAUNCH_SH), "--dry-run", "--elastic", "--hostfile", str(hostfile), *args], cwd=ROOT,
+                          env=job_env(env), capture_output=True, text=True, timeout=60)
+
+
+def test_launch_sh_elastic_prints_horovodruns_elastic_command_with_the_loopback_interface(tmp_path):
     hostfile = tmp_path / "hosts.txt"
     hostfile.write_text(BOTH_HOSTS)
-    result = subprocess.run([str(LAUNCH_SH), "--dry-run", "--elastic", "--min-np", "1", "--max-np", "2", "--hostfile",
-                             str(hostfile), "--blacklist-cooldown-range", "10", "60", "model=llama_tiny"], cwd=ROOT,
-                            env=job_env(), capture_output=True, text=True, timeout=30)
+    result = launch_dry_run(hostfile, "--min-np", "1", "--max-np", "2", "--blacklist-cooldown-range", "10", "60",
+                            "model=llama_tiny")
     assert result.returncode == 0, result.stderr
     command = shlex.split(result.stdout.removeprefix("launch: "))[1:]
+    [loopback] = loopback_interface_names()
     assert command == ["horovodrun", "--gloo", "-np", "2", "--min-np", "1", "--host-discovery-script",
                        str(ROOT / "scripts" / "discover_hosts.sh"), "--max-np", "2", "--blacklist-cooldown-range",
-                       "10", "60", "python", "-m", "app.train", "model=llama_tiny", "train.elastic=true"]
+                       "10", "60", "--network-interface", loopback, "python", "-m", "app.train", "model=llama_tiny",
+                       "train.elastic=true"]
+    # This machine by its own name, and by a loopback address other than 127.0.0.1, is this machine too.
+    hostfile.write_text(f"{socket.gethostname()}:1\n127.0.1.1:1\n")
+    assert f" --network-interface {loopback} " in launch_dry_run(hostfile).stdout
+    # An interface given is used as it is: no probe, so a host that would fail it does not matter.
+    hostfile.write_text("localhost:1\nno-such-host.invalid:1\n")
+    given = launch_dry_run(hostfile, "--network-interface", loopback)
+    assert given.returncode == 0 and f" --network-interface {loopback} " in given.stdout, given.stderr
+
+
+@pytest.mark.parametrize("hosts, reason", [
+    ("localhost:1\nno-such-host.invalid:1\n", "host 'no-such-host.invalid' does not resolve ("),
+    # Not this machine, and (here) no answer: the probe over ssh waits its time, no longer.
+    ("10.255.255.1:1\nlocalhost:1\n", ""),
+])
+def test_launch_sh_elastic_that_cannot_find_the_interface_ends_in_one_line_naming_the_option(tmp_path, hosts, reason):
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text(hosts)
+    started = time.monotonic()
+    result = launch_dry_run(hostfile, env={"NIC_PROBE_TIMEOUT_S": "3"})
+    assert time.monotonic() - started < 30
+    assert (result.returncode, result.stdout, result.stderr.count("\n")) == (2, "", 1), result.stderr
+    assert result.stderr.startswith(f"launch.sh: --elastic found no network interface for the hosts ({reason}")
+    assert result.stderr.endswith("); give --network-interface IF, the interface they reach each other through\n")
 
 
 @pytest.mark.parametrize("args, error", [
