@@ -57,7 +57,9 @@ def probed_interface(hosts: List[str], probe_timeout_s: int) -> str:
 
 
 def main(argv: List[str]) -> None:
-    """Prints one interface (launch.sh passes one), or exits 1 with the reason in one line."""
+    """Prints one interface (launch.sh passes one), or exits 1 with the reason in one line that
+    starts with `app.network: ` (other lines may follow: multiprocessing's resource tracker
+    warns of the semaphores that Horovod's probe leaves behind)."""
     if len(argv) < 2 or not argv[0].isdigit():
         sys.exit("usage: python -m app.network PROBE_TIMEOUT_S HOST [HOST...]")
     hosts = argv[1:]
@@ -69,8 +71,8 @@ def main(argv: List[str]) -> None:
         print(probed_interface(hosts, int(argv[0])), flush=True)
         status = 0
     except Exception as error:  # noqa: BLE001 -- Horovod's probe raises bare Exceptions, of many lines
-        print(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__, file=sys.stderr,
-              flush=True)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"app.network: {reason}", file=sys.stderr, flush=True)
         status = 1
     # Horovod's probe leaves threads waiting on its ssh sessions (horovodrun, unlike this, goes on
     # to use them): end here, not when they do.

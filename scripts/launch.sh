@@ -121,7 +121,7 @@ if ((elastic)) && [ -z "$nic" ]; then
     probe_errors=$(mktemp)
     if ! nic=$(timeout -k 5 $((probe_s + 5)) "${PYTHON:-python}" -m app.network "$probe_s" "${entries[@]%:*}" \
         2>"$probe_errors"); then
-        reason=$(head -n 1 "$probe_errors")
+        reason=$(sed -n 's/^app\.network: //p' "$probe_errors" | head -n 1)
         rm -f "$probe_errors"
         die "--elastic found no network interface for the hosts (${reason:-the probe over ssh failed or took \
 over $probe_s s}); give --network-interface IF, the interface they reach each other through"

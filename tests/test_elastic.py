@@ -98,18 +98,23 @@ class ElasticJob:
             frontier = children
         return found
 
-    def kill_worker(self, rank: int) -> int:
-        """SIGKILL the training process horovodrun started as `rank`; return its pid."""
+    def worker(self, rank: int) -> tuple:
+        """The training process horovodrun started as `rank`: its pid and its environment."""
         for pid in self.descendants():
             try:
-                env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+                env = open(f"/proc/{pid}/environ", "rb").read().decode(errors="replace").split("\0")
                 cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
             except OSError:
                 continue
-            if f"HOROVOD_RANK={rank}".encode() in env and b"app.train" in cmdline:
-                os.kill(pid, signal.SIGKILL)
-                return pid
+            if f"HOROVOD_RANK={rank}" in env and b"app.train" in cmdline:
+                return pid, dict(item.split("=", 1) for item in env if "=" in item)
         pytest.fail(f"no worker of rank {rank}\n{self.log()}")
+
+    def kill_worker(self, rank: int) -> int:
+        """SIGKILL the training process horovodrun started as `rank`; return its pid."""
+        pid, _ = self.worker(rank)
+        os.kill(pid, signal.SIGKILL)
+        return pid
 
 
 def world_sizes(rows) -> list:
@@ -171,7 +176,10 @@ def test_two_ranks_shrink_to_one_and_grow_back_training_each_sample_once(tiny_da
     job = ElasticJob(tmp_path, tiny_data, f"train.max_steps={max_steps}", "train.elastic_commit_every=2",
                      "optim.lr=3e-3")
     job.wait_for("step 4 on two ranks", lambda row: row.get("step", 0) >= 4 and row.get("world_size") == 2)
-    set_hosts(job.hostfile, "localhost:1\n")
+    # Rank 0's host leaves (Horovod orders the hosts at random): the survivor, rank 1, becomes
+    # rank 0 of one, and must read that world's slice, not its old one.
+    leaving = job.worker(rank=0)[1]["HOROVOD_HOSTNAME"]
+    set_hosts(job.hostfile, "".join(f"{host}\n" for host in BOTH_HOSTS.split() if not host.startswith(f"{leaving}:")))
     shrunk = job.wait_for("a world of one", lambda row: row.get("event") == "world" and row["world_size"] == 1)
     job.wait_for("two steps on one rank", lambda row: row.get("step", 0) >= shrunk["step"] + 2)
     set_hosts(job.hostfile, BOTH_HOSTS)
