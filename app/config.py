@@ -199,6 +199,10 @@ class TrainConfig:
     # Under elastic, the optimizer steps between in-memory commits: a lost worker costs at most
     # this many steps of work, and a change of hosts takes effect at the next commit.
     elastic_commit_every: int = 10
+    # A check of what each rank really trained on, not a log: every rank appends a row per
+    # optimizer step (step, rank, world size, time, the global sample indices of its
+    # micro-batches) to <run dir>/samples.rank<R>.jsonl. tests/test_elastic.py reads them.
+    record_samples: bool = False
 
 
 @dataclass

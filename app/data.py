@@ -61,10 +61,16 @@ class RankStream:
         self.per_rank = micro_batch * accum_steps
         self.global_batch = self.per_rank * world
 
+    def samples_at(self, samples_before: int, micro_step: int) -> range:
+        """The global sample indices of micro-batch `micro_step` of the step whose global batch
+        starts at `samples_before`: this rank's slice."""
+        first = samples_before + self.rank * self.per_rank + micro_step * self.micro_batch
+        return range(first, first + self.micro_batch)
+
     def micro_batch_at(self, samples_before: int, micro_step: int):
         """Micro-batch `micro_step` of the step whose global batch starts at `samples_before`."""
-        first = samples_before + self.rank * self.per_rank + micro_step * self.micro_batch
-        return self.windows.batch(first, self.micro_batch)
+        samples = self.samples_at(samples_before, micro_step)
+        return self.windows.batch(samples.start, len(samples))
 
 
 def evaluation_batches(windows: TokenWindows, rank: int, world: int, batch_size: int, total_windows: int):

@@ -30,7 +30,7 @@ import horovod.torch as hvd
 import torch
 from horovod.common.elastic import State
 
-from app import checkpoint, dist, runtime, tasks
+from app import checkpoint, dist, runtime
 from app.config import ConfigError
 from app.parallel.data import load_into
 
@@ -163,13 +163,14 @@ class ElasticState(State):
 def join_world(cfg, training, progress: checkpoint.TrainState, run, journal: Journal) -> None:
     """On entering the loop, first or after a reset, every rank rebuilds what depends on the
     world: logging and rank 0's sinks, thread placement, its slice of every global batch (the
-    task), its dropout noise. The learning rate follows dist.size() at every step."""
+    task and the prefetcher reading it), its dropout noise. The learning rate follows
+    dist.size() at every step."""
     runtime.configure_logging(run.run_dir, dist.rank())
     # Rank 0 (maybe another process than before) reopens its logs at this step: metrics a failed
     # world logged after its last commit are dropped, since this world trains those steps again.
     run.open_logger(progress.step)
     torch.set_num_threads(dist.place_rank(cfg.train.threads_per_rank, cfg.train.bind_cores))
-    training.task = tasks.build(cfg, *dist.data_position())
+    training.use_world(cfg, *dist.data_position())
     torch.manual_seed(cfg.train.seed + dist.rank() + 1_000_003 * progress.step)
     journal.event("world", step=progress.step, world_size=dist.size())
     journal.write_pending()

@@ -12,12 +12,16 @@ from typing import List, Optional, Tuple
 
 import torch
 
-Prepared = Tuple[List[dict], int]  # the micro-batches (CPU tensors) and their real tokens
+# The micro-batches (CPU tensors), their real tokens, and the global sample indices each holds.
+Prepared = Tuple[List[dict], int, List[range]]
 # How long a blocked thread waits before looking at its stop flag again.
 _POLL_S = 0.1
 
 
 class BatchPrefetcher:
+    """Serves one task: one rank's slice of one world's global batches. A rank of another
+    world needs another prefetcher (app/step.py, Training.use_world)."""
+
     def __init__(self, task, accum_steps: int, depth: int, pin_memory: bool = False):
         """`depth` steps are prepared ahead (0: each step's batches are made when asked for);
         `pin_memory` for a faster asynchronous copy to a GPU."""
@@ -34,9 +38,10 @@ class BatchPrefetcher:
     def prepare(self, samples_before: int) -> Prepared:
         batches = [self.task.micro_batch(samples_before, i) for i in range(self.accum_steps)]
         tokens = sum(self.task.tokens_in(batch) for batch in batches)
+        samples = [self.task.stream.samples_at(samples_before, i) for i in range(self.accum_steps)]
         if self.pin_memory:
             batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
-        return batches, tokens
+        return batches, tokens, samples
 
     def get(self, samples_before: int) -> Prepared:
         """The micro-batches of the step whose global batch starts at sample `samples_before`."""

@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -56,8 +56,10 @@ class PhaseTimer:
 @dataclass
 class Training:
     """Everything a step needs."""
-    task: tasks.Task
-    loss_of: Callable  # task.loss, or its compiled graph (train.compile=model)
+    task: tasks.Task  # this rank's slice of the world's global batches: replaced with the world (use_world)
+    # task.loss, or its compiled graph (train.compile=model): a static method of the task's
+    # class, the same for any world, so it outlives the task it came from.
+    loss_of: Callable
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     parallel: Parallelism
@@ -71,19 +73,36 @@ class Training:
     parameters: int = 0  # of the whole model, however a layout splits it
     flops_per_token: float = 0.0
 
+    def use_world(self, cfg, data_rank: int, data_replicas: int) -> None:
+        """Read this rank's slice of another world's batches from here on (elastic, after a
+        reset): the task is rebuilt for its place, and the prefetcher, whose thread was reading
+        the old world's slice (and masking it for the old world size), with it."""
+        self.batches.close()
+        self.task, self.batches = build_data(cfg, self.device, data_rank, data_replicas)
+
 
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # this rank's mean loss, on the device: reading it back would sync a GPU
     grad_norm: Optional[torch.Tensor]
     tokens: int  # this rank's tokens (padding excluded); 0 where another rank of its pipeline counts them
+    samples: List[range]  # the global sample indices of each micro-batch this rank trained on
+
+
+def build_data(cfg, device: torch.device, data_rank: int, data_replicas: int) -> Tuple[tasks.Task, BatchPrefetcher]:
+    """What depends on this rank's place among the data replicas: its task, which slices every
+    global batch (and, for masked LM, scales the loss by the world size), and the prefetcher
+    that reads that slice ahead."""
+    task = tasks.build(cfg, data_rank, data_replicas)
+    return task, BatchPrefetcher(task, cfg.train.grad_accum_steps, cfg.train.prefetch_steps,
+                                 pin_memory=device.type == "cuda")
 
 
 def build_training(cfg, device: torch.device) -> Training:
     """The task, a plain model, its optimizer and the layout that parallelizes them (not yet
     synchronised: Parallelism.start does that, after any resume)."""
     data_rank, data_replicas = dist.data_position()
-    task = tasks.build(cfg, data_rank, data_replicas)
+    task, batches = build_data(cfg, device, data_rank, data_replicas)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = task.build_model().to(device)
     torch.manual_seed(cfg.train.seed + dist.rank())  # dropout noise differs per rank
@@ -103,8 +122,7 @@ def build_training(cfg, device: torch.device) -> Training:
                                                cache_casts=cfg.parallel.zero_stage < 3),
         scaler=torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None,
         grad_accum_steps=cfg.train.grad_accum_steps, grad_clip=cfg.train.grad_clip,
-        batches=BatchPrefetcher(task, cfg.train.grad_accum_steps, cfg.train.prefetch_steps,
-                                pin_memory=device.type == "cuda"),
+        batches=batches,
         compiled=config.compilation_mode(cfg.train.compile) != "false",
     )
 
@@ -117,7 +135,7 @@ def train_step(training: Training, samples_before: int, step: int, timer: PhaseT
     """Optimizer step `step` (0-based), whose global batch starts at sample `samples_before`."""
     run = training
     with timer.phase("data"):  # near zero when the batches were prepared ahead
-        batches, tokens = run.batches.get(samples_before)
+        batches, tokens, samples = run.batches.get(samples_before)
         tokens = tokens if run.parallel.counts_tokens() else 0
         batches = [_to_device(batch, run.device) for batch in batches]
     loss = run.parallel.forward_backward(run.loss_of, batches, run.precision_ctx, run.scaler, timer)
@@ -130,4 +148,4 @@ def train_step(training: Training, samples_before: int, step: int, timer: PhaseT
         run.parallel.optimizer_step(run.scaler)
     with timer.phase("parameter_average"):
         run.parallel.after_step(step + 1)
-    return StepOutput(loss=loss, grad_norm=grad_norm, tokens=tokens)
+    return StepOutput(loss=loss, grad_norm=grad_norm, tokens=tokens, samples=samples)

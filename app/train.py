@@ -10,13 +10,14 @@ slice of the global batch; the layout (app/parallel) reduces the gradients, whic
 unscaled, clipped by their global norm and applied. Around the step this file logs, evaluates,
 checkpoints and stops on a signal; rank 0 alone writes, into the run directory all ranks share.
 """
+import json
 import logging
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import hydra
 import torch
@@ -288,6 +289,16 @@ def train(cfg, run_dir: Path) -> dict:
     return train_steps(cfg, run_dir, training, state, run)
 
 
+def record_samples(run_dir: Path, step: int, samples: List[range]) -> None:
+    """train.record_samples: the global sample indices this rank trained on in optimizer step
+    `step`, appended to its own file. Every rank writes here, as it checks what each rank read;
+    a line is one write, whole even when the process is killed right after."""
+    row = {"step": step, "rank": dist.rank(), "world_size": dist.size(), "time": time.time(),
+           "samples": [index for micro_batch in samples for index in micro_batch]}
+    with open(run_dir / f"samples.rank{dist.rank()}.jsonl", "a", encoding="utf-8") as file:
+        file.write(json.dumps(row) + "\n")
+
+
 def end_compile_warmup(window: Window, timer: PhaseTimer, state, logger, seconds: float) -> Window:
     """The first step also compiled the model: its time is reported on its own
     (time/compile_warmup_s, the mean over ranks) and throughput is measured from the next step."""
@@ -324,6 +335,8 @@ def train_steps(cfg, run_dir: Path, training: Training, state, run: Run) -> dict
         output = train_step(training, state.samples_seen, state.step, timer)
         state.step += 1
         state.samples_seen += training.task.stream.global_batch
+        if cfg.train.record_samples:
+            record_samples(run_dir, state.step, output.samples)
         window.add(output)
         run.profiler.after_step(state.step)
         if warmup_pending:

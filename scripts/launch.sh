@@ -12,7 +12,9 @@
 #   -np N                   ranks (default: all slots of the hosts)
 #   -H host:slots,...       hosts (default localhost:N); or
 #   --hostfile FILE         lines "host slots=N", the format both launchers read
-#   --network-interface IF  the NIC the ranks talk over (collectives and the launcher's own traffic)
+#   --network-interface IF  the NIC the ranks talk over (collectives and the launcher's own traffic);
+#                           --elastic finds it when not given (app/network.py): the loopback one
+#                           when every host is this machine, else by Horovod's probe over ssh
 #   --dry-run               print the command and stop
 # Elastic training (Gloo; app/elastic.py): ranks come and go with the hosts while the job runs.
 #   --elastic               horovodrun --host-discovery-script scripts/discover_hosts.sh, which
@@ -23,7 +25,8 @@
 #                           to K times (default 0), as torchrun --max-restarts does
 #   --blacklist-cooldown-range LO HI   seconds before a host whose rank failed is tried again
 #                           (default: never); LO >= 1
-# Environment: PYTHON (python), OMP_NUM_THREADS (default: this host's cores / its ranks).
+# Environment: PYTHON (python), OMP_NUM_THREADS (default: this host's cores / its ranks),
+#   NIC_PROBE_TIMEOUT_S (60): how long --elastic probes the hosts for --network-interface.
 # Hosts are assumed alike: the same cores, paths and venv everywhere (what remote ranks get).
 set -euo pipefail
 
@@ -108,6 +111,23 @@ if ((elastic)); then
 fi
 ((np <= total_slots)) || die "-np $np is more than the $total_slots slots of the hosts"
 
+if ((elastic)) && [ -z "$nic" ]; then
+    # Given no interface, horovodrun's elastic driver waits for two hosts before it probes them
+    # (up to --elastic-timeout, 600 s, printing nothing): a job on this machine alone never
+    # started. app/network.py answers instead, in bounded time (a name that never resolves too).
+    probe_s=${NIC_PROBE_TIMEOUT_S:-60}
+    [[ $probe_s =~ ^[1-9][0-9]*$ ]] || die "NIC_PROBE_TIMEOUT_S must be a positive integer, not '$probe_s'"
+    IFS=, read -ra entries <<<"$hosts"
+    probe_errors=$(mktemp)
+    if ! nic=$(timeout -k 5 $((probe_s + 5)) "${PYTHON:-python}" -m app.network "$probe_s" "${entries[@]%:*}" \
+        2>"$probe_errors"); then
+        reason=$(sed -n 's/^app\.network: //p' "$probe_errors" | head -n 1)
+        rm -f "$probe_errors"
+        die "--elastic found no network interface for the hosts (${reason:-the probe over ssh failed or took \
+over $probe_s s}); give --network-interface IF, the interface they reach each other through"
+    fi
+    rm -f "$probe_errors"
+fi
 if [ -n "$nic" ]; then
     # /proc/net/dev lists the interfaces of this process's network namespace.
     grep -q "^ *$nic:" /proc/net/dev || die "network interface '$nic' does not exist on this host"

@@ -1,23 +1,31 @@
 """Elastic training for real: scripts/launch.sh --elastic on two hosts (the loopback names
 `localhost` and `127.0.0.1`, one slot each, as Horovod's own elastic tests do), the host file
-edited while the job runs, and a worker killed with SIGKILL. Every run is checked against its
-journal (run_dir/elastic.jsonl): each optimizer step's global sample range, world size and time.
+edited while the job runs, and a worker killed with SIGKILL. No job is given --network-interface,
+as a user's first try is not: launch.sh finds the loopback interface itself. Every run is checked against its
+journal (run_dir/elastic.jsonl): each optimizer step's global sample range, world size and time;
+and against what the ranks really read (train.record_samples: each rank's own record of the
+sample indices of the micro-batches it trained on), which must cover the stream once.
 
 Steps are paced by Horovod's cycle time (horovod.cycle_time_ms): every step waits for at least
 one round of the background thread, so a fast machine cannot finish the run before a change of
 hosts, which Horovod notices within about a second, has taken effect.
 """
+import collections
 import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from app import checkpoint, cli, config, elastic
+from app import checkpoint, cli, config, elastic, step
 from conftest import ROOT, job_env, read_metrics, read_summary, run_job, tiny_train_args
 
 LAUNCH_SH = ROOT / "scripts" / "launch.sh"
@@ -39,9 +47,10 @@ class ElasticJob:
     def __init__(self, tmp_path, data_dir, *overrides, hosts=BOTH_HOSTS, launch_args=()):
         self.run_dir, self.hostfile, self.output = tmp_path / "run", tmp_path / "hosts.txt", tmp_path / "launch.log"
         set_hosts(self.hostfile, hosts)
-        args = tiny_train_args(data_dir, self.run_dir, "horovod.cycle_time_ms=250", *overrides)
+        args = tiny_train_args(data_dir, self.run_dir, "horovod.cycle_time_ms=250", "train.record_samples=true",
+                               *overrides)
         command = [str(LAUNCH_SH), "--elastic", "--min-np", "1", "--max-np", "2", "--hostfile", str(self.hostfile),
-                   "--network-interface", "lo", *launch_args, *args]
+                   *launch_args, *args]
         with open(self.output, "w") as output:
             self.process = subprocess.Popen(command, cwd=ROOT, env=job_env(), stdout=output, stderr=subprocess.STDOUT,
                                             start_new_session=True)
@@ -89,18 +98,23 @@ class ElasticJob:
             frontier = children
         return found
 
-    def kill_worker(self, rank: int) -> int:
-        """SIGKILL the training process horovodrun started as `rank`; return its pid."""
+    def worker(self, rank: int) -> tuple:
+        """The training process horovodrun started as `rank`: its pid and its environment."""
         for pid in self.descendants():
             try:
-                env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+                env = open(f"/proc/{pid}/environ", "rb").read().decode(errors="replace").split("\0")
                 cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
             except OSError:
                 continue
-            if f"HOROVOD_RANK={rank}".encode() in env and b"app.train" in cmdline:
-                os.kill(pid, signal.SIGKILL)
-                return pid
+            if f"HOROVOD_RANK={rank}" in env and b"app.train" in cmdline:
+                return pid, dict(item.split("=", 1) for item in env if "=" in item)
         pytest.fail(f"no worker of rank {rank}\n{self.log()}")
+
+    def kill_worker(self, rank: int) -> int:
+        """SIGKILL the training process horovodrun started as `rank`; return its pid."""
+        pid, _ = self.worker(rank)
+        os.kill(pid, signal.SIGKILL)
+        return pid
 
 
 def world_sizes(rows) -> list:
@@ -109,15 +123,36 @@ def world_sizes(rows) -> list:
     return [size for i, size in enumerate(sizes) if i == 0 or size != sizes[i - 1]]
 
 
+def trained_samples(job: ElasticJob) -> list:
+    """The global sample indices the ranks recorded as trained on, each as often as trained, less
+    the steps that a restart or a rollback undid (as elastic.replay reads the journal): a row of
+    step s written before a start or rollback event that went back below s."""
+    undoing = [row for row in job.rows() if row.get("event") in ("start", "rollback")]
+    trained = []
+    for path in job.run_dir.glob("samples.rank*.jsonl"):
+        for row in map(json.loads, path.read_text().splitlines()):
+            if not any(event["step"] < row["step"] and event["time"] > row["time"] for event in undoing):
+                trained += row["samples"]
+    return sorted(trained)
+
+
 def assert_one_run_with_every_sample_once(job: ElasticJob, max_steps: int) -> list:
     """The run's steps are 1..max_steps, each on the next world_size x micro-batch samples of the
-    global stream; the checkpoint ends where the last step did; the replicas agree; the metrics
-    log each step once. Returns the replayed step rows."""
+    global stream, and the ranks really read each sample of that stream once; the checkpoint
+    ends where the last step did; the replicas agree; the metrics log each step once. Returns
+    the replayed step rows."""
     steps = elastic.replay(job.rows())
     assert [row["step"] for row in steps] == list(range(1, max_steps + 1))
     ends = [0] + [row["samples"][1] for row in steps]
     for row, start in zip(steps, ends):
         assert row["samples"] == [start, start + row["world_size"] * MICRO_BATCH], row
+    # The journal counts; this is what the ranks' data path handed their steps, whichever rank
+    # each process was in each world.
+    trained = trained_samples(job)
+    twice = sorted(index for index, times in collections.Counter(trained).items() if times > 1)
+    missed = sorted(set(range(ends[-1])) - set(trained))
+    assert trained == list(range(ends[-1])), f"trained twice: {twice}; never: {missed}; beyond {ends[-1]}: " \
+                                             f"{[index for index in trained if index >= ends[-1]]}"
     state = checkpoint.read_state(checkpoint.latest(job.run_dir))
     assert (state.step, state.samples_seen) == (max_steps, ends[-1])
     # One optimizer step per training step on every rank that ever held the state: a spurious
@@ -141,7 +176,10 @@ def test_two_ranks_shrink_to_one_and_grow_back_training_each_sample_once(tiny_da
     job = ElasticJob(tmp_path, tiny_data, f"train.max_steps={max_steps}", "train.elastic_commit_every=2",
                      "optim.lr=3e-3")
     job.wait_for("step 4 on two ranks", lambda row: row.get("step", 0) >= 4 and row.get("world_size") == 2)
-    set_hosts(job.hostfile, "localhost:1\n")
+    # Rank 0's host leaves (Horovod orders the hosts at random): the survivor, rank 1, becomes
+    # rank 0 of one, and must read that world's slice, not its old one.
+    leaving = job.worker(rank=0)[1]["HOROVOD_HOSTNAME"]
+    set_hosts(job.hostfile, "".join(f"{host}\n" for host in BOTH_HOSTS.split() if not host.startswith(f"{leaving}:")))
     shrunk = job.wait_for("a world of one", lambda row: row.get("event") == "world" and row["world_size"] == 1)
     job.wait_for("two steps on one rank", lambda row: row.get("step", 0) >= shrunk["step"] + 2)
     set_hosts(job.hostfile, BOTH_HOSTS)
@@ -178,7 +216,8 @@ def test_rank_0_killed_mid_step_is_survived_and_its_host_rejoins(tiny_data, tmp_
 def test_a_job_that_cannot_go_on_in_place_is_restarted_from_its_checkpoint(tiny_data, tmp_path):
     """Both ranks on one host: Horovod blacklists hosts, not ranks, so a SIGKILLed rank takes its
     host's survivor out of the job with it and horovodrun fails (this build's behaviour);
-    launch.sh --max-restarts then starts the job again from its last checkpoint."""
+    launch.sh --max-restarts then starts the job again from its last checkpoint. One host, and
+    no --network-interface: horovodrun's elastic driver alone would wait for a second host."""
     max_steps = 9
     job = ElasticJob(tmp_path, tiny_data, f"train.max_steps={max_steps}", "train.checkpoint_every=3",
                      hosts="localhost:2\n", launch_args=("--max-restarts", "1"))
@@ -194,6 +233,29 @@ def test_a_job_that_cannot_go_on_in_place_is_restarted_from_its_checkpoint(tiny_
 
 
 # --- what is refused, and the scripts' command lines, without running a job --------------------
+
+def test_a_new_world_reads_its_own_slice_and_scales_the_masked_lm_loss_by_its_size(tiny_genre_data):
+    """Training.use_world, which join_world calls after every reset: rank 1 of 2 becomes rank 0
+    of 1 (its peer was lost), and the next step's batches come from the new world's slice,
+    their masked-LM loss scaled for one rank, not from the old prefetcher's thread."""
+    cfg = cli.compose_config(["task=mlm", "model=bert_tiny", "data=shakespeare_genre", "data.vocab_size=2048",
+                              f"data.dir={tiny_genre_data}", f"train.micro_batch_size={MICRO_BATCH}",
+                              "train.prefetch_steps=2"])
+    OmegaConf.resolve(cfg)
+    task, batches = step.build_data(cfg, torch.device("cpu"), 1, 2)
+    # What use_world touches of a Training; the model and layout play no part in it.
+    training = SimpleNamespace(device=torch.device("cpu"), task=task, batches=batches)
+    try:
+        old, _, old_samples = training.batches.get(0)  # the old world's thread is now reading ahead
+        assert old_samples == [range(4, 8)]
+        assert old[0]["loss_scale"].item() == pytest.approx(2 / task.masked_samples.masked_tokens(0, 8))
+        step.Training.use_world(training, cfg, 0, 1)
+        new, _, new_samples = training.batches.get(8)
+        assert new_samples == [range(8, 12)]
+        assert new[0]["loss_scale"].item() == pytest.approx(1 / training.task.masked_samples.masked_tokens(8, 4))
+    finally:
+        training.batches.close()
+
 
 @pytest.mark.parametrize("override, message", [
     ("parallel.tensor=2", "train.elastic=true cannot run with parallel.tensor: a reset restarts Horovod without"),
@@ -240,17 +302,51 @@ def test_discovery_reads_the_host_file_at_every_call_and_a_slurm_jobs_nodes(tmp_
     assert missing.returncode == 2 and "not found" in missing.stderr
 
 
-def test_launch_sh_elastic_prints_horovodruns_elastic_command(tmp_path):
+def loopback_interface_names() -> list:
+    """This machine's loopback interfaces, from the kernel's flags (IFF_LOOPBACK)."""
+    return [path.name for path in Path("/sys/class/net").iterdir() if int((path / "flags").read_text(), 16) & 0x8]
+
+
+def launch_dry_run(hostfile, *args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(LAUNCH_SH), "--dry-run", "--elastic", "--hostfile", str(hostfile), *args], cwd=ROOT,
+                          env=job_env(env), capture_output=True, text=True, timeout=60)
+
+
+def test_launch_sh_elastic_prints_horovodruns_elastic_command_with_the_loopback_interface(tmp_path):
     hostfile = tmp_path / "hosts.txt"
     hostfile.write_text(BOTH_HOSTS)
-    result = subprocess.run([str(LAUNCH_SH), "--dry-run", "--elastic", "--min-np", "1", "--max-np", "2", "--hostfile",
-                             str(hostfile), "--blacklist-cooldown-range", "10", "60", "model=llama_tiny"], cwd=ROOT,
-                            env=job_env(), capture_output=True, text=True, timeout=30)
+    result = launch_dry_run(hostfile, "--min-np", "1", "--max-np", "2", "--blacklist-cooldown-range", "10", "60",
+                            "model=llama_tiny")
     assert result.returncode == 0, result.stderr
     command = shlex.split(result.stdout.removeprefix("launch: "))[1:]
+    [loopback] = loopback_interface_names()
     assert command == ["horovodrun", "--gloo", "-np", "2", "--min-np", "1", "--host-discovery-script",
                        str(ROOT / "scripts" / "discover_hosts.sh"), "--max-np", "2", "--blacklist-cooldown-range",
-                       "10", "60", "python", "-m", "app.train", "model=llama_tiny", "train.elastic=true"]
+                       "10", "60", "--network-interface", loopback, "python", "-m", "app.train", "model=llama_tiny",
+                       "train.elastic=true"]
+    # This machine by its own name, and by a loopback address other than 127.0.0.1, is this machine too.
+    hostfile.write_text(f"{socket.gethostname()}:1\n127.0.1.1:1\n")
+    assert f" --network-interface {loopback} " in launch_dry_run(hostfile).stdout
+    # An interface given is used as it is: no probe, so a host that would fail it does not matter.
+    hostfile.write_text("localhost:1\nno-such-host.invalid:1\n")
+    given = launch_dry_run(hostfile, "--network-interface", loopback)
+    assert given.returncode == 0 and f" --network-interface {loopback} " in given.stdout, given.stderr
+
+
+@pytest.mark.parametrize("hosts, reason", [
+    ("localhost:1\nno-such-host.invalid:1\n", "host 'no-such-host.invalid' does not resolve ("),
+    # Not this machine, and (here) no answer: the probe over ssh waits its time, no longer.
+    ("10.255.255.1:1\nlocalhost:1\n", ""),
+])
+def test_launch_sh_elastic_that_cannot_find_the_interface_ends_in_one_line_naming_the_option(tmp_path, hosts, reason):
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text(hosts)
+    started = time.monotonic()
+    result = launch_dry_run(hostfile, env={"NIC_PROBE_TIMEOUT_S": "3"})
+    assert time.monotonic() - started < 30
+    assert (result.returncode, result.stdout, result.stderr.count("\n")) == (2, "", 1), result.stderr
+    assert result.stderr.startswith(f"launch.sh: --elastic found no network interface for the hosts ({reason}")
+    assert result.stderr.endswith("); give --network-interface IF, the interface they reach each other through\n")
 
 
 @pytest.mark.parametrize("args, error", [

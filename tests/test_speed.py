@@ -60,8 +60,8 @@ def _task(data_dir, rank=0, world=2, accum=2):
 
 
 def _same(left, right) -> bool:
-    (left_batches, left_tokens), (right_batches, right_tokens) = left, right
-    return left_tokens == right_tokens and all(
+    (left_batches, left_tokens, left_samples), (right_batches, right_tokens, right_samples) = left, right
+    return left_tokens == right_tokens and left_samples == right_samples and all(
         a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(left_batches, right_batches))
 
 
@@ -76,8 +76,11 @@ def test_prefetched_batches_are_the_ones_each_step_would_read(tiny_data):
             assert _same(ahead.get(position), on_demand.get(position)), position
     finally:
         ahead.close()
-    first = on_demand.get(0)[0]
+    first, _, samples = on_demand.get(0)
     assert len(first) == 2 and first[0]["input_ids"].shape == (3, task.seq_len)
+    # Rank 1 of 2, 2 micro-batches of 3: its slice is the global batch's second half, as read.
+    assert samples == [range(6, 9), range(9, 12)]
+    assert torch.equal(first[1]["input_ids"], task.stream.windows.batch(9, 3)[0])
     assert not torch.equal(first[0]["input_ids"], first[1]["input_ids"])  # micro-batches differ
 
 
