@@ -4,16 +4,17 @@ Real 2-rank Horovod jobs, fp32 with deterministic kernels, two micro-batches acc
 step. The reference is one process with the same global batch at stage 0. Stages 1-3 train with
 SGD (momentum) and no clipping, so a uniform factor in the gradient (a mean taken twice, a sum
 for a mean) reaches the weights and the logged gradient norm; clipping, or AdamW's update,
-would erase it. One AdamW case with clipping at 0.05 (every step clips: the tiny model's
-gradient norm is above 1) keeps the optimizer state's sharding tested: a plain AdamW run
-resumed at stage 3.
+would erase it. One AdamW case clipped on every step (conftest.CLIPPED, far below the tiny
+model's gradient norm) keeps the optimizer state's sharding and the sharded clip tested: a
+plain AdamW run resumed at stage 3.
 
-Tolerance: ADAM_ATOL = 1e-5 on the weights after 6 steps, as in test_equivalence.py. Sharding
+Tolerance: ADAM_ATOL = 1e-5 on the weights after 6 steps, as in test_equivalence.py, for both
+optimizers (SGD has no division to amplify rounding, so it stays further inside). Sharding
 changes only the order of float32 sums: the reducescatter's mean over ranks, the global norm
 as a sum of the slices' squared norms instead of a norm of per-tensor norms, the micro-batch
 sum of already-averaged slices (stages 2-3). Each is ~1e-7 relative per step; Adam divides by
 sqrt(v), which amplifies it where gradients are tiny, so weights differ by up to a few 1e-6
-(measured: 5.6e-6 at stage 1, 2.8e-6 at stage 3). A real bug (a slice applied at the wrong
+(measured with AdamW on every stage: 5.6e-6 at stage 1, 2.8e-6 at stage 3). A real bug (a slice applied at the wrong
 offset, a missing average, a rank's slice lost, no clipping) moves weights by ~lr = 1e-3.
 
 Launches are shared (module fixture): one reference process per optimizer, stages 1, 2 and 3 on
