@@ -90,6 +90,47 @@ def read_metrics(run_dir: Path) -> list:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+# A clip threshold far above any tiny run's gradient norm (below 10): the step still computes
+# and logs the global norm (it does only where clipping is on), but never rescales the
+# gradient, so a uniform factor in it (a sum for a mean, a world size divided twice) reaches
+# SGD's update instead of vanishing in the clip. assert_never_clipped checks that it held.
+NEVER_CLIPS = 1e6
+UNCLIPPED = f"train.grad_clip={NEVER_CLIPS:g}"
+# And one far below it (the tests' llama_tiny and bert_tiny runs log norms of 0.6-1.7), for the
+# runs that test clipping itself: every step clips. assert_always_clipped checks that.
+ALWAYS_CLIPS = 0.05
+CLIPPED = f"train.grad_clip={ALWAYS_CLIPS:g}"
+# Every layout's gradient is the one-process gradient but for the order of float32 sums
+# (~1e-7 relative per sum), taken at weights up to a few 1e-6 apart after several steps: the
+# global norms agree to ~1e-6 relative (measured: 4.4e-7 for 1F1B, 1.1e-7 for masked LM on 2
+# ranks). A uniform factor moves them by 2x or more.
+GRAD_NORM_RTOL = 1e-4
+
+
+def grad_norms(run_dir: Path) -> dict:
+    """step -> the logged global gradient norm (before any clipping)."""
+    return {row["step"]: row["grad_norm"] for row in read_metrics(run_dir) if "grad_norm" in row}
+
+
+def assert_never_clipped(run_dir: Path) -> None:
+    norms = grad_norms(run_dir)
+    assert norms and max(norms.values()) < NEVER_CLIPS, norms
+
+
+def assert_always_clipped(run_dir: Path) -> None:
+    norms = grad_norms(run_dir)
+    assert norms and min(norms.values()) > ALWAYS_CLIPS, f"a step went unclipped, so clipping went untested: {norms}"
+
+
+def assert_same_grad_norms(run_dir: Path, reference: Path) -> None:
+    """run_dir's logged gradient norms are the reference run's at the same steps (a resumed run
+    logs only the steps after its resume)."""
+    got, expected = grad_norms(run_dir), grad_norms(reference)
+    assert got and set(got) <= set(expected), (got, expected)
+    for step, norm in got.items():
+        assert norm == pytest.approx(expected[step], rel=GRAD_NORM_RTOL), (step, got, expected)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """Shakespeare with a 512-token BPE vocabulary, prepared once per test session."""

@@ -7,6 +7,11 @@ relative) per step, never more. Over a few SGD steps that stays near 1e-7 absolu
 of size ~0.02; Adam divides by sqrt(v), which can amplify rounding where gradients are tiny,
 so its bound is looser. A real bug (a missing average, a double-counted micro-batch, a wrong
 learning rate) moves weights by ~lr = 1e-3 or more: far outside both bounds.
+
+SGD runs unclipped (conftest.UNCLIPPED): clipping (where the norm exceeds the threshold) and
+AdamW's update both erase a uniform factor in the gradient (a sum instead of a mean, a world
+size divided twice), which SGD's update and the logged gradient norm keep. One AdamW pair,
+clipped on every step (conftest.CLIPPED), stays for the optimizer state and the clip.
 """
 import math
 
@@ -15,10 +20,13 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from app import checkpoint, config, optim
-from conftest import launched_once, read_metrics, run_job, tiny_train_args
+from conftest import (CLIPPED, UNCLIPPED, assert_always_clipped, assert_never_clipped, assert_same_grad_norms,
+                      launched_once, read_metrics, run_job, tiny_train_args)
 
 SGD_ATOL = 2e-6
 ADAM_ATOL = 1e-5
+SGD = ("optim=sgd_momentum", UNCLIPPED)
+ADAMW_CLIPPED = ("optim=adamw", CLIPPED)
 
 
 def weights(run_dir):
@@ -55,24 +63,32 @@ def one_rank(trained, *extra):
     return trained(1, "train.micro_batch_size=8", *extra)
 
 
-@pytest.mark.parametrize("optimizer,atol", [("sgd_momentum", SGD_ATOL), ("adamw", ADAM_ATOL)])
-def test_two_ranks_with_batch_b_take_the_steps_of_one_rank_with_batch_2b(trained, untrained_run, optimizer, atol):
-    two = weights(two_ranks(trained, f"optim={optimizer}"))
-    one = weights(one_rank(trained, f"optim={optimizer}"))
-    moved = update_size(weights(untrained_run), one)
-    assert moved > 100 * atol, "the runs barely moved: the comparison would prove nothing"
-    assert max_abs_difference(two, one) < atol
+def test_two_ranks_with_batch_b_take_the_unclipped_sgd_steps_of_one_rank_with_batch_2b(trained, untrained_run):
+    two_dir, one_dir = two_ranks(trained, *SGD), one_rank(trained, *SGD)
+    assert_never_clipped(one_dir)
+    assert update_size(weights(untrained_run), weights(one_dir)) > 100 * SGD_ATOL, "the runs barely moved"
+    assert max_abs_difference(weights(two_dir), weights(one_dir)) < SGD_ATOL
+    assert_same_grad_norms(two_dir, one_dir)
+
+
+def test_two_ranks_take_the_clipped_adamw_steps_of_one_rank_with_the_same_optimizer_state(trained, untrained_run):
+    two_dir, one_dir = two_ranks(trained, *ADAMW_CLIPPED), one_rank(trained, *ADAMW_CLIPPED)
+    assert_always_clipped(one_dir)
+    assert update_size(weights(untrained_run), weights(one_dir)) > 100 * ADAM_ATOL, "the runs barely moved"
+    assert max_abs_difference(weights(two_dir), weights(one_dir)) < ADAM_ATOL
+    assert_same_grad_norms(two_dir, one_dir)  # logged before the clip: a uniform factor shows here
 
 
 def test_accumulating_k_micro_batches_equals_one_batch_k_times_larger(trained):
-    accumulated = weights(trained(2, "optim=sgd_momentum", "train.micro_batch_size=2", "train.grad_accum_steps=3"))
-    large = weights(trained(2, "optim=sgd_momentum", "train.micro_batch_size=6"))
-    assert max_abs_difference(accumulated, large) < SGD_ATOL
+    accumulated = trained(2, *SGD, "train.micro_batch_size=2", "train.grad_accum_steps=3")
+    large = trained(2, *SGD, "train.micro_batch_size=6")
+    assert max_abs_difference(weights(accumulated), weights(large)) < SGD_ATOL
+    assert_same_grad_norms(accumulated, large)
 
 
 def test_rank_0_reports_the_mean_loss_over_ranks(trained):
-    two = read_metrics(two_ranks(trained, "optim=sgd_momentum"))
-    one = read_metrics(one_rank(trained, "optim=sgd_momentum"))
+    two = read_metrics(two_ranks(trained, *SGD))
+    one = read_metrics(one_rank(trained, *SGD))
     # Equal-sized rank batches: the mean of the two ranks' losses is the loss of their union.
     assert len(two) == len(one) == 6
     for row_two, row_one in zip(two, one):
@@ -81,8 +97,8 @@ def test_rank_0_reports_the_mean_loss_over_ranks(trained):
 
 
 def test_fp16_gradient_compression_stays_within_half_precision_of_fp32(trained, untrained_run):
-    fp32 = weights(two_ranks(trained, "optim=sgd_momentum"))
-    fp16 = weights(two_ranks(trained, "optim=sgd_momentum", "sync=fp16_compression"))
+    fp32 = weights(two_ranks(trained, *SGD))
+    fp16 = weights(two_ranks(trained, *SGD, "sync=fp16_compression"))
     # fp16 keeps 11 significant bits: each gradient element is off by at most 2^-11 of itself,
     # so the weight change may differ by that fraction of its size, plus rounding.
     assert max_abs_difference(fp16, fp32) <= 2**-11 * update_size(weights(untrained_run), fp32) + SGD_ATOL
@@ -90,8 +106,8 @@ def test_fp16_gradient_compression_stays_within_half_precision_of_fp32(trained, 
 
 
 def test_parameter_averaging_with_gradient_averaging_changes_nothing_when_replicas_agree(trained):
-    plain = weights(two_ranks(trained, "optim=sgd_momentum"))
-    averaged = weights(two_ranks(trained, "optim=sgd_momentum", "sync=param_average", "sync.param_average_every=2"))
+    plain = weights(two_ranks(trained, *SGD))
+    averaged = weights(two_ranks(trained, *SGD, "sync=param_average", "sync.param_average_every=2"))
     assert max_abs_difference(plain, averaged) < SGD_ATOL
 
 

@@ -9,6 +9,11 @@ which reorders float32 sums (~1e-7 relative per step), and AdamW's division by s
 amplify that where gradients are tiny: the same 1e-5 bound as tests/test_equivalence.py. A real
 bug (a micro-batch dropped or counted twice, a stage stepping on unaveraged gradients, a clip by
 one stage's norm) moves weights by about lr = 1e-3.
+
+The runs train with SGD (momentum) and no clipping, and compare the logged gradient norms too:
+a uniform factor in the gradient (a mean over micro-batches or pipelines taken twice) reaches
+SGD's update, where clipping or AdamW's update would erase it. The 1F1B run keeps AdamW with
+clipping, for the optimizer state of the stages.
 """
 import json
 import re
@@ -23,13 +28,15 @@ from app import checkpoint, cli, config, models, optim
 from app.parallel import pipeline_schedule as schedule
 from app.parallel import pipeline_state
 from app.parallel.stages import Stage, layer_bounds
-from conftest import last_json_line, read_metrics, run_job, run_worker, tiny_train_args
+from conftest import (CLIPPED, UNCLIPPED, assert_always_clipped, assert_never_clipped, assert_same_grad_norms,
+                      last_json_line, read_metrics, run_job, run_worker, tiny_train_args)
 
 ADAM_ATOL = 1e-5
 LOSS_ATOL = 1e-5
 # 4 micro-batches of 4 per step (16 windows); checkpoints at step 3 for the resumes.
-COMMON = ("train.log_every=1", "train.eval_every=3", "train.checkpoint_every=3", "train.keep_last=3",
-          "optim=adamw")
+COMMON = ("train.log_every=1", "train.eval_every=3", "train.checkpoint_every=3", "train.keep_last=3")
+SGD = ("optim=sgd_momentum", UNCLIPPED)
+ADAMW_CLIPPED = ("optim=adamw", CLIPPED)
 
 
 # --- the pieces, in one process ------------------------------------------------------------
@@ -120,9 +127,10 @@ def val_losses(run_dir):
 
 @pytest.fixture(scope="module")
 def runs(tiny_data, tmp_path_factory):
-    """One process, and P=2 GPipe and 1F1B, with the same global batch; then resumes across
-    layouts: the GPipe run's step-3 checkpoint on one process, and the one-process step-3
-    checkpoint on P=2 x data 2 (4 processes, 2 micro-batches per pipeline)."""
+    """One process (SGD, and AdamW for 1F1B), and P=2 GPipe (SGD) and 1F1B (AdamW), with the
+    same global batch; then SGD resumes across layouts: the GPipe run's step-3 checkpoint on one
+    process, and the one-process step-3 checkpoint on P=2 x data 2 (4 processes, 2 micro-batches
+    per pipeline)."""
     root = tmp_path_factory.mktemp("pipeline")
 
     def train(name, np_, *extra):
@@ -130,29 +138,41 @@ def runs(tiny_data, tmp_path_factory):
                 launcher="mpi" if np_ > 1 else "none")
         return root / name
 
-    one = train("one", 1, "train.grad_accum_steps=4")
+    one = train("one", 1, *SGD, "train.grad_accum_steps=4")
     found = {"one": one,
-             "gpipe": train("gpipe", 2, "train.grad_accum_steps=4", "parallel.pipeline=2", "parallel.schedule=gpipe"),
-             "1f1b": train("1f1b", 2, "train.grad_accum_steps=4", "parallel.pipeline=2", "parallel.schedule=1f1b")}
-    found["gpipe_then_one"] = train("gpipe_then_one", 1, "train.grad_accum_steps=4",
+             "one_adamw": train("one_adamw", 1, *ADAMW_CLIPPED, "train.grad_accum_steps=4"),
+             "gpipe": train("gpipe", 2, *SGD, "train.grad_accum_steps=4", "parallel.pipeline=2",
+                            "parallel.schedule=gpipe"),
+             "1f1b": train("1f1b", 2, *ADAMW_CLIPPED, "train.grad_accum_steps=4", "parallel.pipeline=2",
+                           "parallel.schedule=1f1b")}
+    found["gpipe_then_one"] = train("gpipe_then_one", 1, *SGD, "train.grad_accum_steps=4",
                                     f"train.resume={found['gpipe'] / 'checkpoints' / 'step-000003'}")
-    found["one_then_p2xd2"] = train("one_then_p2xd2", 4, "train.grad_accum_steps=2", "parallel.pipeline=2",
+    found["one_then_p2xd2"] = train("one_then_p2xd2", 4, *SGD, "train.grad_accum_steps=2", "parallel.pipeline=2",
                                     f"train.resume={one / 'checkpoints' / 'step-000003'}")
     return found
 
 
-@pytest.mark.parametrize("layout", ["gpipe", "1f1b"])
-def test_two_stages_take_the_adamw_steps_of_one_process(runs, layout):
-    initial_to_final = max_abs_difference(weights(runs["one"], 3), weights(runs["one"], 6))
+@pytest.mark.parametrize("layout, reference", [("gpipe", "one"), ("1f1b", "one_adamw")],
+                         ids=["gpipe-sgd", "1f1b-adamw"])
+def test_two_stages_take_the_steps_of_one_process(runs, layout, reference):
+    one = runs[reference]
+    initial_to_final = max_abs_difference(weights(one, 3), weights(one, 6))
     assert initial_to_final > 100 * ADAM_ATOL, "the runs barely moved: the comparison would prove nothing"
-    assert max_abs_difference(weights(runs[layout]), weights(runs["one"])) < ADAM_ATOL
-    assert train_losses(runs[layout]) == pytest.approx(train_losses(runs["one"]), abs=LOSS_ATOL)
+    assert max_abs_difference(weights(runs[layout]), weights(one)) < ADAM_ATOL
+    assert train_losses(runs[layout]) == pytest.approx(train_losses(one), abs=LOSS_ATOL)
+    assert_same_grad_norms(runs[layout], one)
     # Evaluation during training runs on the whole model, gathered from the stages.
-    assert val_losses(runs[layout]) == pytest.approx(val_losses(runs["one"]), abs=LOSS_ATOL)
+    assert val_losses(runs[layout]) == pytest.approx(val_losses(one), abs=LOSS_ATOL)
+
+
+def test_sgd_runs_were_never_clipped_and_the_adamw_run_always_was(runs):
+    assert_never_clipped(runs["one"])
+    assert_always_clipped(runs["one_adamw"])
 
 
 def test_two_pipelines_of_two_stages_resume_a_one_process_checkpoint_and_match_it(runs):
     assert max_abs_difference(weights(runs["one_then_p2xd2"]), weights(runs["one"])) < ADAM_ATOL
+    assert_same_grad_norms(runs["one_then_p2xd2"], runs["one"])
     # Steps 4-6: every rank reports the global mean, so rank 0's log is the one-process loss.
     assert train_losses(runs["one_then_p2xd2"]) == pytest.approx(train_losses(runs["one"])[3:], abs=LOSS_ATOL)
     summary = json.loads((runs["one_then_p2xd2"] / "summary.json").read_text())

@@ -1,7 +1,12 @@
 """Tensor parallelism (parallel.tensor=T) computes what one process computes: the same logits,
-loss and gradients, and after several AdamW steps the same parameters, alone (T=2 on 2 ranks)
-and beside data parallelism (T=2 x data 2 on 4 ranks), under Gloo and MPI; its checkpoints
-resume on other layouts and plain ones resume into it.
+loss and gradients, and after several steps the same parameters and gradient norms, alone (T=2
+on 2 ranks) and beside data parallelism (T=2 x data 2 on 4 ranks), under Gloo and MPI; its
+checkpoints resume on other layouts and plain ones resume into it.
+
+The runs train with SGD (momentum) and no clipping, so a uniform factor in the gradient (an
+average taken twice, a shard's contribution summed twice) reaches the weights and the logged
+norm; clipping, or AdamW's update, would erase it. The MPI T=2 x data 2 run keeps AdamW with
+clipping, for the optimizer state's sharding.
 
 Tolerances (fp32, deterministic kernels): a row-parallel layer sums two half-width products
 where one process computes one full-width product, and the loss sums exp over two vocabulary
@@ -17,7 +22,8 @@ from safetensors.torch import load_file
 
 from app import checkpoint, cli, config
 from app.parallel.tensor import check_divisible
-from conftest import last_json_line, read_metrics, read_summary, run_job, run_worker, tiny_train_args
+from conftest import (CLIPPED, UNCLIPPED, assert_always_clipped, assert_never_clipped, assert_same_grad_norms,
+                      last_json_line, read_metrics, read_summary, run_job, run_worker, tiny_train_args)
 
 ATOL = 1e-5
 LOSS_ATOL = 1e-5
@@ -26,6 +32,8 @@ GLOBAL_BATCH = 8
 # vocabulary-parallel loss on the validation path).
 STEPS = ["train.log_every=1", "train.max_steps=6", "train.checkpoint_every=3", "train.eval_every=6"]
 EVAL_WINDOWS = 16  # evaluation takes train.eval_batches batches of the micro-batch size
+SGD = ("optim=sgd_momentum", UNCLIPPED)
+ADAMW_CLIPPED = ("optim=adamw", CLIPPED)
 
 
 def train(data, run_dir, np_, launcher, micro_batch, *extra):
@@ -51,19 +59,29 @@ def assert_same_run(run_dir, reference):
     for (step, loss), (ref_step, ref_loss) in zip(losses(run_dir), losses(reference), strict=True):
         assert step == ref_step and loss == pytest.approx(ref_loss, abs=LOSS_ATOL)
     assert max_abs_difference(weights(run_dir), weights(reference)) < ATOL
+    assert_same_grad_norms(run_dir, reference)
 
 
 @pytest.fixture(scope="module")
 def one_process(tiny_data, tmp_path_factory):
-    """The reference: one process training on the whole global batch."""
-    run_dir = train(tiny_data, tmp_path_factory.mktemp("tp") / "one", 1, "none", GLOBAL_BATCH)
+    """The reference: one process training on the whole global batch with unclipped SGD."""
+    run_dir = train(tiny_data, tmp_path_factory.mktemp("tp") / "one", 1, "none", GLOBAL_BATCH, *SGD)
     assert max_abs_difference(weights(run_dir, 3), weights(run_dir)) > 100 * ATOL, "too little training to compare"
+    assert_never_clipped(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def one_process_adamw(tiny_data, tmp_path_factory):
+    """The reference for AdamW with clipping, which every step's gradient norm exceeds."""
+    run_dir = train(tiny_data, tmp_path_factory.mktemp("tp") / "one_adamw", 1, "none", GLOBAL_BATCH, *ADAMW_CLIPPED)
+    assert_always_clipped(run_dir)
     return run_dir
 
 
 @pytest.fixture(scope="module")
 def tensor_two(tiny_data, tmp_path_factory):
-    return train(tiny_data, tmp_path_factory.mktemp("tp") / "t2", 2, "gloo", GLOBAL_BATCH, "parallel.tensor=2")
+    return train(tiny_data, tmp_path_factory.mktemp("tp") / "t2", 2, "gloo", GLOBAL_BATCH, *SGD, "parallel.tensor=2")
 
 
 @pytest.mark.parametrize("launcher", ["gloo", "mpi"])
@@ -92,12 +110,13 @@ def test_two_way_tensor_parallel_trains_as_one_process(one_process, tensor_two):
     assert summary["tokens_seen"] == read_summary(one_process)["tokens_seen"]  # the group counts its batch once
 
 
-@pytest.mark.parametrize("launcher", ["gloo", "mpi"])
-def test_tensor_by_data_parallel_trains_as_one_process_with_the_whole_batch(tiny_data, tmp_path, one_process,
-                                                                            launcher):
-    run_dir = train(tiny_data, tmp_path / "t2d2", 4, launcher, GLOBAL_BATCH // 2, "parallel.tensor=2",
+@pytest.mark.parametrize("launcher, optimizer", [("gloo", SGD), ("mpi", ADAMW_CLIPPED)], ids=["gloo-sgd", "mpi-adamw"])
+def test_tensor_by_data_parallel_trains_as_one_process_with_the_whole_batch(tiny_data, tmp_path, request, launcher,
+                                                                            optimizer):
+    reference = request.getfixturevalue("one_process" if optimizer == SGD else "one_process_adamw")
+    run_dir = train(tiny_data, tmp_path / "t2d2", 4, launcher, GLOBAL_BATCH // 2, *optimizer, "parallel.tensor=2",
                     "train.sample_tokens=4")
-    assert_same_run(run_dir, one_process)
+    assert_same_run(run_dir, reference)
     assert "sample:" in (run_dir / "train.log").read_text()  # rank 0 samples from the gathered model
     summary = read_summary(run_dir)
     assert summary["controller"] == launcher
@@ -113,8 +132,9 @@ def test_tensor_by_data_parallel_trains_as_one_process_with_the_whole_batch(tiny
 def test_a_tensor_parallel_checkpoint_resumes_on_data_parallel_ranks_and_evaluates(tiny_data, tmp_path,
                                                                                    one_process, tensor_two):
     halfway = checkpoint.checkpoints_root(tensor_two) / checkpoint.step_dir_name(3)
-    resumed = train(tiny_data, tmp_path / "dp2", 2, "gloo", GLOBAL_BATCH // 2, f"train.resume={halfway}")
+    resumed = train(tiny_data, tmp_path / "dp2", 2, "gloo", GLOBAL_BATCH // 2, *SGD, f"train.resume={halfway}")
     assert max_abs_difference(weights(resumed), weights(one_process)) < ATOL
+    assert_same_grad_norms(resumed, one_process)
     assert [step for step, _ in losses(resumed)] == [4, 5, 6, 6]
     evaluated = last_json_line(run_job([f"checkpoint={tensor_two}", "max_batches=2", "batch_size=8"],
                                        launcher="none", module="app.evaluate").stdout)
@@ -124,8 +144,10 @@ def test_a_tensor_parallel_checkpoint_resumes_on_data_parallel_ranks_and_evaluat
 
 def test_a_plain_checkpoint_resumes_into_tensor_parallel_under_mpi(tiny_data, tmp_path, one_process):
     halfway = checkpoint.checkpoints_root(one_process) / checkpoint.step_dir_name(3)
-    resumed = train(tiny_data, tmp_path / "t2", 2, "mpi", GLOBAL_BATCH, "parallel.tensor=2", f"train.resume={halfway}")
+    resumed = train(tiny_data, tmp_path / "t2", 2, "mpi", GLOBAL_BATCH, *SGD, "parallel.tensor=2",
+                    f"train.resume={halfway}")
     assert max_abs_difference(weights(resumed), weights(one_process)) < ATOL
+    assert_same_grad_norms(resumed, one_process)
     assert read_summary(resumed)["controller"] == "mpi"
 
 

@@ -47,7 +47,13 @@ def test_two_rank_gloo_run_keeps_replicas_identical_and_loss_falls(tiny_data, tm
     for key in ("lr", "grad_norm", "tokens_per_second", "tokens_per_second_per_rank", "mfu",
                 "time/allreduce_wait_s_per_step", "time/compute_s_per_step", "memory/rss_gib_mean"):
         assert row[key] > 0, key
-    assert row["tokens_per_second"] == pytest.approx(2 * row["tokens_per_second_per_rank"], rel=0.5)
+    # The sum over ranks of each rank's tokens over its own window time: both ranks train the same
+    # tokens, so it is rank 0's rate times (1 + t0 / t1), t_r rank r's window. The step's
+    # collectives line the windows up but for the unsynchronised work at their ends: measured
+    # 0.90-1.10 x twice rank 0's rate after the first window (0.74-0.85 in the first, which
+    # starts at each rank's own start-up) on this 2-core machine under other jobs' load. 0.2
+    # leaves room, and a rate left unsummed (0.5x) or counted twice (2x) is far outside it.
+    assert row["tokens_per_second"] == pytest.approx(2 * row["tokens_per_second_per_rank"], rel=0.2)
 
 
 def test_ranks_a_launcher_bound_keep_their_own_cores():

@@ -1,19 +1,24 @@
 """ZeRO sharding (parallel.zero_stage=1..3) and activation checkpointing.
 
-Real 2-rank Horovod jobs, fp32 with deterministic kernels, AdamW, two micro-batches accumulated
-per step and clipping at 0.05 (every step clips: the tiny model's gradient norm is above 1).
-The reference is one process with the same global batch at stage 0.
+Real 2-rank Horovod jobs, fp32 with deterministic kernels, two micro-batches accumulated per
+step. The reference is one process with the same global batch at stage 0. Stages 1-3 train with
+SGD (momentum) and no clipping, so a uniform factor in the gradient (a mean taken twice, a sum
+for a mean) reaches the weights and the logged gradient norm; clipping, or AdamW's update,
+would erase it. One AdamW case clipped on every step (conftest.CLIPPED, far below the tiny
+model's gradient norm) keeps the optimizer state's sharding and the sharded clip tested: a
+plain AdamW run resumed at stage 3.
 
-Tolerance: ADAM_ATOL = 1e-5 on the weights after 6 steps, as in test_equivalence.py. Sharding
+Tolerance: ADAM_ATOL = 1e-5 on the weights after 6 steps, as in test_equivalence.py, for both
+optimizers (SGD has no division to amplify rounding, so it stays further inside). Sharding
 changes only the order of float32 sums: the reducescatter's mean over ranks, the global norm
 as a sum of the slices' squared norms instead of a norm of per-tensor norms, the micro-batch
 sum of already-averaged slices (stages 2-3). Each is ~1e-7 relative per step; Adam divides by
 sqrt(v), which amplifies it where gradients are tiny, so weights differ by up to a few 1e-6
-(measured: 5.6e-6 at stage 1, 2.8e-6 at stage 3). A real bug (a slice applied at the wrong
+(measured with AdamW on every stage: 5.6e-6 at stage 1, 2.8e-6 at stage 3). A real bug (a slice applied at the wrong
 offset, a missing average, a rank's slice lost, no clipping) moves weights by ~lr = 1e-3.
 
-Launches are shared (module fixture): one reference process, stages 1, 2 and 3 on 2 ranks
-(checkpointing at steps 3 and 6), and two resumes across stage and world size.
+Launches are shared (module fixture): one reference process per optimizer, stages 1, 2 and 3 on
+2 ranks (checkpointing at steps 3 and 6), and two resumes across stage and world size.
 """
 import pytest
 import torch
@@ -23,13 +28,16 @@ from safetensors.torch import load_file
 from app import checkpoint, cli, config, export
 from app.parallel.flat import split_sizes
 from app.parallel.layers import apply_activation_checkpointing, transformer_layers
-from conftest import read_metrics, read_summary, run_job, tiny_train_args
+from conftest import (CLIPPED, UNCLIPPED, assert_always_clipped, assert_never_clipped, assert_same_grad_norms,
+                      read_metrics, read_summary, run_job, tiny_train_args)
 
 ADAM_ATOL = 1e-5
 # Evaluation at step 4 and at the end, right after a step: stages 1-2 gather the parameters
 # lazily (at the next forward), so evaluation sees the updated model only if it gathers first.
-SETTINGS = ("optim=adamw", "train.grad_accum_steps=2", "train.grad_clip=0.05", "train.checkpoint_every=3",
-            "train.keep_last=2", "train.resume=never", "train.eval_every=4", "train.eval_batches=2")
+SETTINGS = ("train.grad_accum_steps=2", "train.checkpoint_every=3", "train.keep_last=2", "train.resume=never",
+            "train.eval_every=4", "train.eval_batches=2")
+SGD = ("optim=sgd_momentum", UNCLIPPED)
+ADAMW_CLIPPED = ("optim=adamw", CLIPPED)
 
 
 def launch(data, run_dir, np_, *extra):
@@ -56,15 +64,16 @@ def max_abs_difference(a, b) -> float:
 @pytest.fixture(scope="module")
 def runs(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("zero")
-    found = {"one": launch(tiny_data, root / "one", 1)}
+    found = {"one": launch(tiny_data, root / "one", 1, *SGD),
+             "one_adamw": launch(tiny_data, root / "one_adamw", 1, *ADAMW_CLIPPED)}
     for stage in (1, 2, 3):
         # Stage 3 also ends with a sample, which gathers the whole model only then.
         sample = ["train.sample_tokens=4"] if stage == 3 else []
-        found[stage] = launch(tiny_data, root / f"stage{stage}", 2, f"parallel.zero_stage={stage}", *sample)
-    # Across stage and world size, both ways, from the step-3 checkpoints.
-    found["3_to_1rank_stage0"] = launch(tiny_data, root / "to0", 1, f"train.resume={step_dir(found[3], 3)}")
-    found["1rank_stage0_to_3"] = launch(tiny_data, root / "to3", 2, "parallel.zero_stage=3",
-                                        f"train.resume={step_dir(found['one'], 3)}")
+        found[stage] = launch(tiny_data, root / f"stage{stage}", 2, *SGD, f"parallel.zero_stage={stage}", *sample)
+    # Across stage and world size, both ways, from the step-3 checkpoints; into stage 3 with AdamW.
+    found["3_to_1rank_stage0"] = launch(tiny_data, root / "to0", 1, *SGD, f"train.resume={step_dir(found[3], 3)}")
+    found["1rank_stage0_to_3"] = launch(tiny_data, root / "to3", 2, *ADAMW_CLIPPED, "parallel.zero_stage=3",
+                                        f"train.resume={step_dir(found['one_adamw'], 3)}")
     return found
 
 
@@ -73,6 +82,8 @@ def test_each_stage_on_two_ranks_takes_the_steps_of_one_process_with_the_whole_b
     reference, initial = weights(runs["one"]), weights(runs["one"], step=3)
     assert max_abs_difference(reference, initial) > 100 * ADAM_ATOL, "the runs barely moved"
     assert max_abs_difference(weights(runs[stage]), reference) < ADAM_ATOL
+    assert_never_clipped(runs["one"])
+    assert_same_grad_norms(runs[stage], runs["one"])
     summary = read_summary(runs[stage])
     assert summary["layout"]["mode"] == f"zero{stage}" and summary["replicas_identical"]
     # ZeRO runs under jemalloc by default (train.allocator): every rank re-executed itself with it.
@@ -107,15 +118,14 @@ def test_a_run_without_a_final_checkpoint_writes_none(tiny_data, tmp_path):
 
 def test_clipping_was_active_so_the_global_norm_was_tested(runs):
     # grad_norm is logged before clipping; above grad_clip means every step was scaled down.
-    norms = [row["grad_norm"] for row in read_metrics(runs[3]) if "grad_norm" in row]
-    reference = [row["grad_norm"] for row in read_metrics(runs["one"]) if "grad_norm" in row]
-    assert min(norms) > 0.05
-    assert norms == pytest.approx(reference, rel=1e-4)
+    assert_always_clipped(runs["1rank_stage0_to_3"])
+    assert_same_grad_norms(runs["1rank_stage0_to_3"], runs["one_adamw"])
 
 
 def test_sharded_checkpoint_holds_the_plain_optimizer_state_dict(runs):
-    sharded = checkpoint.load_optimizer_state(step_dir(runs[3], 6))
-    plain = checkpoint.load_optimizer_state(step_dir(runs["one"], 6))
+    """AdamW's state (two moments and a step count per parameter), saved from stage 3's slices."""
+    sharded = checkpoint.load_optimizer_state(step_dir(runs["1rank_stage0_to_3"], 6))
+    plain = checkpoint.load_optimizer_state(step_dir(runs["one_adamw"], 6))
     assert [g["params"] for g in sharded["param_groups"]] == [g["params"] for g in plain["param_groups"]]
     assert sharded["state"].keys() == plain["state"].keys()
     for index, entry in plain["state"].items():
@@ -129,7 +139,7 @@ def test_sharded_checkpoint_holds_the_plain_optimizer_state_dict(runs):
 def test_resume_across_stage_and_world_size_both_ways(runs):
     reference = weights(runs["one"])
     assert max_abs_difference(weights(runs["3_to_1rank_stage0"]), reference) < ADAM_ATOL
-    assert max_abs_difference(weights(runs["1rank_stage0_to_3"]), reference) < ADAM_ATOL
+    assert max_abs_difference(weights(runs["1rank_stage0_to_3"]), weights(runs["one_adamw"])) < ADAM_ATOL
 
 
 def test_export_of_a_sharded_run_is_the_full_hugging_face_model(runs, tmp_path):
@@ -147,7 +157,7 @@ def test_each_rank_holds_about_half_the_model_state_of_a_replica(runs):
     replica = read_summary(runs["one"])["layout"]["state_bytes"]
     stage1 = read_summary(runs[1])["layout"]["state_bytes"]
     stage3 = read_summary(runs[3])["layout"]["state_bytes"]
-    # Stage 1: AdamW's two moments per element, half the elements per rank (+ scalar step counts).
+    # Stage 1: SGD's momentum per element, half the elements per rank.
     assert stage1["optimizer_state"] <= 0.55 * replica["optimizer_state"]
     assert stage1["parameters"] >= replica["parameters"]  # replicated (plus nothing: slices are views)
     # Stage 3: parameters too (the slices alone; full buffers are freed between uses).
