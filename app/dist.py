@@ -12,7 +12,7 @@ import horovod.torch as hvd
 import torch
 
 from app import cores
-from app.parallel.mesh import DIMENSIONS, Mesh
+from app.mesh import DIMENSIONS, Mesh
 
 # Launchers that start ranks as one MPI job (mpirun, srun with PMI/PMIx) set these.
 _MPI_LAUNCH_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
