@@ -10,7 +10,7 @@ between neighbours over MPI point-to-point (app/parallel/p2p.py). Ranks holding 
 in different pipelines average their gradients with Horovod, over the data process set, as
 plain data parallelism does. The last stage has the loss and shares it along the pipeline, so
 every rank reports the true mean. Checkpoints hold the full model and its plain optimizer's
-state (app/parallel/pipeline_state.py), so any layout resumes from them.
+state (app/parallel/optimizer_state.py), so any layout resumes from them.
 """
 import logging
 import time
@@ -26,7 +26,7 @@ from app.checkpoint import SavedState
 from app.parallel.data import DataParallel
 from app.parallel.p2p import ACTIVATION, GRADIENT, Inbox, Link
 from app.parallel.pipeline_schedule import BACKWARD, FORWARD, actions, ideal_bubble_fraction, receives
-from app.parallel.pipeline_state import by_index, by_name, full_model_order, merge, param_order, restrict
+from app.parallel.optimizer_state import by_index, by_name, full_model_order, merge, param_order, restrict
 from app.parallel.stages import Stage, layer_bounds, owner_names
 
 log = logging.getLogger(__name__)
