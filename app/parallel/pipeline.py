@@ -24,10 +24,11 @@ import torch
 from app import dist, models
 from app.checkpoint import SavedState
 from app.parallel.data import DataParallel
+from app.parallel.optimizer_state import by_index, by_name, full_model_order, merge, param_order, restrict
 from app.parallel.p2p import ACTIVATION, GRADIENT, Inbox, Link
 from app.parallel.pipeline_schedule import BACKWARD, FORWARD, actions, ideal_bubble_fraction, receives
-from app.parallel.optimizer_state import by_index, by_name, full_model_order, merge, param_order, restrict
 from app.parallel.stages import Stage, layer_bounds, owner_names
+from app.tensors import to_cpu
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ class PipelineParallel(DataParallel):
                         for names in owner_names(full_names, self.stages, self.full.config.num_hidden_layers)]
             mesh = dist.mesh()
             pieces = [by_stage[mesh.coordinates(r)["pipeline"]] for r in range(mesh.world)]
-        mine = dist.mpi_world().scatter(pieces, root=0)
+        mine = dist.mpi_world().scatter(to_cpu(pieces), root=0)
         self.model.load_full_state(mine["model"])
         if mine["optimizer"] is not None:
             self.optimizer.load_state_dict(by_index(mine["optimizer"], self._order()))
@@ -188,7 +189,7 @@ class PipelineParallel(DataParallel):
         if self.position["data"] == 0 and self.position["tensor"] == 0:
             mine = {"model": self.model.full_state(),
                     "optimizer": by_name(self.optimizer.state_dict(), self._order())}
-        pieces = dist.mpi_world().gather(mine, root=0)
+        pieces = dist.mpi_world().gather(to_cpu(mine), root=0)
         if not dist.is_main():
             return None
         pieces = [piece for piece in pieces if piece is not None]
