@@ -28,8 +28,10 @@ def test_a_world_the_layout_does_not_divide_is_refused_with_the_fix():
 def test_importing_dist_loads_neither_the_layouts_nor_transformers():
     # dist reads the mesh; were the mesh inside app.parallel, importing dist would run every
     # layout, each importing dist back, and pull in transformers with them.
-    probe = "import app.dist, sys; print(sorted(m for m in sys.modules if m == 'transformers' or m.startswith('app.parallel')))"
-    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=job_env(), capture_output=True, text=True, check=True)
+    probe = ("import app.dist, sys; "
+             "print(sorted(m for m in sys.modules if m == 'transformers' or m.startswith('app.parallel')))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=job_env(), capture_output=True, text=True,
+                            check=True)
     assert result.stdout.splitlines()[-1] == "[]"
 
 

@@ -48,13 +48,15 @@ def test_plain_state_goes_to_a_layout_in_another_order_by_name_and_comes_back_un
     model = Odd()
     plain = stepped_plain_optimizer(model)
     order = full_model_order(model)
-    assert order == [["weight", "unused"], ["norm"]] and [n for n, _ in model.named_parameters()][:2] == ["norm", "weight"]
+    assert order == [["weight", "unused"], ["norm"]]
+    assert [name for name, _ in model.named_parameters()] == ["norm", "weight", "frozen", "unused"]
     named = by_name(plain.state_dict(), order)
     assert set(named["state"]) == {"weight", "norm"}  # frozen and unused have none
     assert torch.equal(named["state"]["norm"]["exp_avg"], plain.state[model.norm]["exp_avg"])
 
     (first, first_optimizer), (second, second_optimizer) = (layout_rank(model, named, half) for half in (0, 1))
-    assert torch.equal(first_optimizer.state[first["weight"]]["exp_avg_sq"], plain.state[model.weight]["exp_avg_sq"][:2])
+    assert torch.equal(first_optimizer.state[first["weight"]]["exp_avg_sq"],
+                       plain.state[model.weight]["exp_avg_sq"][:2])
     assert torch.equal(second_optimizer.state[second["norm"]]["exp_avg"], plain.state[model.norm]["exp_avg"][2:])
     assert first["unused"] not in first_optimizer.state
     assert float(first_optimizer.state[first["weight"]]["step"]) == 2
@@ -63,7 +65,8 @@ def test_plain_state_goes_to_a_layout_in_another_order_by_name_and_comes_back_un
     # optimizer's form.
     others = iter([value for entry in by_name(second_optimizer.state_dict(), LAYOUT_ORDER)["state"].values()
                    for value in entry.values() if value.dim()])
-    gathered = map_pieces(by_name(first_optimizer.state_dict(), LAYOUT_ORDER), lambda name, mine: torch.cat([mine, next(others)]))
+    gathered = map_pieces(by_name(first_optimizer.state_dict(), LAYOUT_ORDER),
+                          lambda name, mine: torch.cat([mine, next(others)]))
     fresh = torch.optim.AdamW(optim.parameter_groups(model, weight_decay=0.1), lr=0.1)
     fresh.load_state_dict(by_index(gathered, order))
     for param in (model.weight, model.norm):

@@ -20,9 +20,9 @@ def elsewhere(*values) -> Elsewhere:
 def test_to_cpu_moves_every_tensor_inside_dicts_lists_tuples_and_dataclasses_and_keeps_the_rest():
     Elsewhere.moves = 0
     plain = torch.ones(2)
-    moved = to_cpu({"state": {0: {"exp_avg": elsewhere(1.0, 2.0), "step": elsewhere(3.0)}}, "param_groups": [{"lr": 0.1}],
-                    "pair": (elsewhere(4.0), "name"), "saved": checkpoint.SavedState(model={"w": elsewhere(5.0)}, optimizer={}),
-                    "plain": plain})
+    moved = to_cpu({"state": {0: {"exp_avg": elsewhere(1.0, 2.0), "step": elsewhere(3.0)}},
+                    "param_groups": [{"lr": 0.1}], "pair": (elsewhere(4.0), "name"),
+                    "saved": checkpoint.SavedState(model={"w": elsewhere(5.0)}, optimizer={}), "plain": plain})
     assert Elsewhere.moves == 4
     assert type(moved["state"][0]["exp_avg"]) is torch.Tensor and moved["state"][0]["exp_avg"].tolist() == [1.0, 2.0]
     assert moved["pair"][1] == "name" and type(moved["pair"]) is tuple and moved["param_groups"] == [{"lr": 0.1}]
@@ -36,10 +36,12 @@ import json, torch, horovod.torch as hvd
 from app import dist
 from conftest import Elsewhere
 hvd.init()
-sent = {"optimizer": {"state": {0: {"exp_avg": torch.ones(2).as_subclass(Elsewhere)}}}, "replicas": [torch.zeros(1).as_subclass(Elsewhere)]}
+sent = {"optimizer": {"state": {0: {"exp_avg": torch.ones(2).as_subclass(Elsewhere)}}},
+        "replicas": [torch.zeros(1).as_subclass(Elsewhere)]}
 received = [dist.broadcast_object(sent, name="probe_broadcast"), dist.allgather_object(sent, name="probe_allgather")[0]]
-print(json.dumps({"moves": Elsewhere.moves, "types": sorted({type(got["optimizer"]["state"][0]["exp_avg"]).__name__ for got in received}
-                                                              | {type(got["replicas"][0]).__name__ for got in received})}))
+types = {type(got["optimizer"]["state"][0]["exp_avg"]).__name__ for got in received}
+types |= {type(got["replicas"][0]).__name__ for got in received}
+print(json.dumps({"moves": Elsewhere.moves, "types": sorted(types)}))
 """
 
 
