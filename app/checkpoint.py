@@ -2,7 +2,8 @@
 
     run_dir/checkpoints/step-000100/
         model.safetensors   weights (safetensors: loading runs no code)
-        optimizer.pt        optimizer state, read back with torch.load(weights_only=True)
+        optimizer.pt        optimizer state, saved from the CPU and read back onto it with
+                            torch.load(weights_only=True, map_location="cpu"): any host resumes it
         rng.pt              every rank's torch RNG states (CPU, and CUDA on a GPU), gathered to rank 0
         state.json          step, samples and tokens seen, world size, model signature,
                             tokenizer hash, scaler state, the resolved config
@@ -30,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file
 
 from app import fileio
+from app.tensors import to_cpu
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 WEIGHTS, OPTIMIZER, RNG, STATE, HF_CONFIG = "model.safetensors", "optimizer.pt", "rng.pt", "state.json", "config.json"
@@ -138,10 +140,10 @@ def save(run_dir: Path, model, saved: SavedState, state: TrainState, rng_states:
         # The Hugging Face config (with the class name) rebuilds the model with no project config.
         model.config.architectures = [type(model).__name__]
         model.config.to_json_file(staging / "config.json")
-        torch.save(saved.optimizer, staging / "optimizer.pt")
+        torch.save(to_cpu(saved.optimizer), staging / "optimizer.pt")
         for name, extra in saved.extra.items():
-            torch.save(extra, staging / f"{name}.pt")
-        torch.save(rng_states, staging / "rng.pt")
+            torch.save(to_cpu(extra), staging / f"{name}.pt")
+        torch.save(to_cpu(rng_states), staging / "rng.pt")
         fileio.write_json(staging / "state.json", asdict(state))
     fileio.write_text(root / "latest", final.name + "\n")
     for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
@@ -235,7 +237,9 @@ def load_tensor_file(path: Path, mmap: bool = False):
     if not zipfile.is_zipfile(path):
         raise damaged(path, "not a zip archive as torch.save writes: cut short, or written by something else")
     try:
-        return torch.load(path, weights_only=True, mmap=mmap)
+        # Onto the CPU whatever device saved it (a GPU this host may lack); loading into the
+        # model and optimizer puts each tensor on its parameter's device.
+        return torch.load(path, weights_only=True, mmap=mmap, map_location="cpu")
     except pickle.UnpicklingError as error:
         refused = re.search(r"GLOBAL (\S+)", str(error))
         raise damaged(path, "not a plain tensor file: torch.load(weights_only=True) refuses to unpickle "

@@ -119,7 +119,7 @@ class HorovodConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the model is split across ranks besides data parallelism (app/parallel/mesh.py)."""
+    """How the model is split across ranks besides data parallelism (app/mesh.py)."""
     # Ranks per tensor-parallel group (consecutive ranks: one node's); 1: off.
     tensor: int = 1
     # Pipeline stages (app/parallel/pipeline.py); 1: off. Needs an MPI launch; a step's

@@ -12,7 +12,8 @@ import horovod.torch as hvd
 import torch
 
 from app import cores
-from app.parallel.mesh import DIMENSIONS, Mesh
+from app.mesh import DIMENSIONS, Mesh
+from app.tensors import to_cpu
 
 # Launchers that start ranks as one MPI job (mpirun, srun with PMI/PMIx) set these.
 _MPI_LAUNCH_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
@@ -276,12 +277,13 @@ def sum_over_ranks(tensor: torch.Tensor, name: str, process_set=None) -> torch.T
     return hvd.allreduce(tensor, op=hvd.Sum, name=name, process_set=process_set or hvd.global_process_set)
 
 
+# Every object sent is pickled: its tensors go as CPU tensors (app/tensors.py says why).
 def broadcast_object(obj, name: str):
-    return hvd.broadcast_object(obj, root_rank=0, name=name)
+    return hvd.broadcast_object(to_cpu(obj), root_rank=0, name=name)
 
 
 def allgather_object(obj, name: str):
-    return hvd.allgather_object(obj, name=name)
+    return hvd.allgather_object(to_cpu(obj), name=name)
 
 
 def barrier() -> None:

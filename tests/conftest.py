@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -74,6 +75,16 @@ def launched_once(tmp_path_factory, launch):
         return run_dir
 
     return run_dir_of
+
+
+class Elsewhere(torch.Tensor):
+    """A CPU tensor standing in for one on a GPU, which this machine lacks: each move to the CPU
+    is counted, and gives a plain tensor, so what is pickled or saved shows whether it was moved."""
+    moves = 0
+
+    def cpu(self, *args, **kwargs):
+        Elsewhere.moves += 1
+        return self.as_subclass(torch.Tensor)
 
 
 def last_json_line(output: str) -> dict:

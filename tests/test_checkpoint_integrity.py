@@ -4,6 +4,7 @@ import argparse
 import json
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,28 @@ def test_an_explicitly_named_damaged_checkpoint_is_an_error_naming_the_file(run_
     expected = f"checkpoint file {re.escape(str(damaged_file))} is damaged .*refuses to unpickle argparse.Namespace"
     with pytest.raises(checkpoint.CheckpointError, match=expected):
         checkpoint.resolve_resume(str(resume), run_dir / "elsewhere", warn=pytest.fail)
+
+
+def as_if_saved_on_a_gpu(path: Path) -> None:
+    """Rewrite a torch.save archive so that its storages say cuda:0, as a GPU run's would (for
+    files with no "cpu" string of their own, such as an optimizer's state)."""
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    pickled = next(name for name in members if name.endswith("/data.pkl"))
+    # Each storage's location is a pickled 3-character string; a GPU's is "cuda:0".
+    members[pickled] = members[pickled].replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+def test_a_checkpoint_written_on_a_gpu_host_resumes_on_a_cpu_only_host(run_dir):
+    newest = step_dir(run_dir, 6)
+    as_if_saved_on_a_gpu(newest / "optimizer.pt")
+    assert b"cuda:0" in (newest / "optimizer.pt").read_bytes()
+    assert checkpoint.resolve_resume("auto", run_dir, warn=pytest.fail) == newest
+    moments = [v for entry in checkpoint.load_optimizer_state(newest)["state"].values() for v in entry.values()]
+    assert moments and all(v.device.type == "cpu" for v in moments)
 
 
 def test_loaders_raise_checkpoint_error_not_library_exceptions(run_dir):

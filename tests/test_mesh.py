@@ -1,11 +1,13 @@
 """The layout of ranks into pipeline x data x tensor groups, and the Horovod process sets made for
 it at start-up: from MPI sub-communicators under mpirun, from rank lists under Gloo."""
 import re
+import subprocess
+import sys
 
 import pytest
 
-from app.parallel.mesh import Mesh
-from conftest import last_json_line, run_job, run_worker, tiny_train_args
+from app.mesh import Mesh
+from conftest import ROOT, job_env, last_json_line, run_job, run_worker, tiny_train_args
 
 
 def test_tensor_groups_are_consecutive_ranks_and_pipeline_stages_the_farthest_apart():
@@ -21,6 +23,16 @@ def test_tensor_groups_are_consecutive_ranks_and_pipeline_stages_the_farthest_ap
 def test_a_world_the_layout_does_not_divide_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="launch a multiple of 4 ranks"):
         Mesh(world=6, tensor=2, pipeline=2)
+
+
+def test_importing_dist_loads_neither_the_layouts_nor_transformers():
+    # dist reads the mesh; were the mesh inside app.parallel, importing dist would run every
+    # layout, each importing dist back, and pull in transformers with them.
+    probe = ("import app.dist, sys; "
+             "print(sorted(m for m in sys.modules if m == 'transformers' or m.startswith('app.parallel')))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=job_env(), capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.splitlines()[-1] == "[]"
 
 
 @pytest.mark.parametrize("launcher", ["gloo", "mpi"])

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from app import checkpoint, cli, config, models, optim
 from app.parallel import pipeline_schedule as schedule
-from app.parallel import pipeline_state
+from app.parallel import optimizer_state
 from app.parallel.stages import Stage, layer_bounds
 from conftest import (CLIPPED, UNCLIPPED, assert_always_clipped, assert_never_clipped, assert_same_grad_norms,
                       last_json_line, read_metrics, run_job, run_worker, tiny_train_args)
@@ -83,15 +83,17 @@ def test_optimizer_state_rekeyed_by_name_is_the_full_models_and_comes_back():
     models.next_token_loss(stage(torch.randn(2, 8, 32)), torch.randint(0, 64, (2, 8))).backward()
     stage_optimizer.step()
     name_of = {id(p): stage.full_names[n] for n, p in stage.named_parameters()}
-    named = pipeline_state.by_name(stage_optimizer.state_dict(), pipeline_state.param_order(stage_optimizer, name_of))
-    full = pipeline_state.by_index(named, pipeline_state.full_model_order(model))
+    stage_order = optimizer_state.param_order(stage_optimizer, name_of)
+    named = optimizer_state.by_name(stage_optimizer.state_dict(), stage_order)
+    full = optimizer_state.by_index(named, optimizer_state.full_model_order(model))
     # A plain optimizer on the full model accepts it, and its lm_head state is the stage's.
     full_optimizer = optim.build_optimizer(model, opt_cfg, 1e-3)
     full_optimizer.load_state_dict(full)
     lm_head_state = full_optimizer.state[model.lm_head.weight]["exp_avg"]
     assert torch.equal(lm_head_state, stage_optimizer.state[model.lm_head.weight]["exp_avg"])
-    back = pipeline_state.by_index(pipeline_state.restrict(pipeline_state.by_name(full, pipeline_state.full_model_order(
-        model)), list(name_of.values())), pipeline_state.param_order(stage_optimizer, name_of))
+    full_named = optimizer_state.by_name(full, optimizer_state.full_model_order(model))
+    back = optimizer_state.by_index(optimizer_state.restrict(full_named, list(name_of.values())),
+                                    optimizer_state.param_order(stage_optimizer, name_of))
     assert back["param_groups"] == stage_optimizer.state_dict()["param_groups"]
 
 

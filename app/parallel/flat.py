@@ -8,6 +8,8 @@ over s ranks, the first n % s ranks get one element more. A `Unit` is the FlatSh
 module, moved together in grouped collectives (one negotiation, one fused buffer)."""
 from typing import List, Optional
 
+from app.parallel.optimizer_state import is_per_element
+
 import horovod.torch as hvd
 import torch
 
@@ -19,12 +21,11 @@ def split_sizes(numel: int, size: int) -> List[int]:
 
 
 class FlatShard:
-    def __init__(self, params: List[torch.nn.Parameter], group: int, indices: List[int], process_set,
-                 shard_is_view: bool):
+    def __init__(self, params: List[torch.nn.Parameter], group: int, process_set, shard_is_view: bool):
         if any(p.dtype != torch.float32 for p in params):
             raise ValueError("ZeRO keeps fp32 parameters (bf16 is autocast's compute type); build the model in "
                              "fp32 or use parallel.zero_stage=0")
-        self.params, self.group, self.indices = params, group, indices  # indices: the plain optimizer's
+        self.params, self.group = params, group
         self.numels = [p.numel() for p in params]
         self.numel = sum(self.numels)
         counts = split_sizes(self.numel, process_set.size())
@@ -126,8 +127,28 @@ class FlatShard:
         """A full flat tensor cut back into this shard's parameters' shapes."""
         return [piece.reshape(param.shape).clone() for piece, param in zip(flat.split(self.numels), self.params)]
 
-    def owned_slice(self, per_param: List[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([t.reshape(-1).float() for t in per_param])[self.start : self.end].clone()
+    def owned_state(self, entries: List[Optional[dict]]) -> Optional[dict]:
+        """This rank's slice's optimizer state from its parameters' plain states (None where a
+        parameter has none: frozen until now, or never given a gradient). Such a member's moments
+        are zeros, what a fresh optimizer starts from, so the others' state survives; the slice
+        steps as one, so it takes the largest step count (scalars) of the members that have one."""
+        present = [entry for entry in entries if entry]
+        if not present:
+            return None
+        per_element = {key for entry in present for key, value in entry.items() if is_per_element(value)}
+        state = {key: _copy(max((entry[key] for entry in present if key in entry), key=float))
+                 for key in {key for entry in present for key in entry} - per_element}
+        for key in sorted(per_element):
+            like = next(entry[key] for entry in present if key in entry)
+            pieces = [entry[key] if entry and key in entry else like.new_zeros(param.shape)
+                      for entry, param in zip(entries, self.params)]
+            state[key] = torch.cat([t.reshape(-1).float() for t in pieces])[self.start : self.end].clone()
+        return state
+
+
+def _copy(value):
+    """Its own copy: the optimizer bumps a step counter in place, which must not reach the source."""
+    return value.clone() if torch.is_tensor(value) else value
 
 
 class Unit:

@@ -10,7 +10,7 @@ between neighbours over MPI point-to-point (app/parallel/p2p.py). Ranks holding 
 in different pipelines average their gradients with Horovod, over the data process set, as
 plain data parallelism does. The last stage has the loss and shares it along the pipeline, so
 every rank reports the true mean. Checkpoints hold the full model and its plain optimizer's
-state (app/parallel/pipeline_state.py), so any layout resumes from them.
+state (app/parallel/optimizer_state.py), so any layout resumes from them.
 """
 import logging
 import time
@@ -24,10 +24,11 @@ import torch
 from app import dist, models
 from app.checkpoint import SavedState
 from app.parallel.data import DataParallel
+from app.parallel.optimizer_state import by_index, by_name, full_model_order, merge, param_order, restrict
 from app.parallel.p2p import ACTIVATION, GRADIENT, Inbox, Link
 from app.parallel.pipeline_schedule import BACKWARD, FORWARD, actions, ideal_bubble_fraction, receives
-from app.parallel.pipeline_state import by_index, by_name, full_model_order, merge, param_order, restrict
 from app.parallel.stages import Stage, layer_bounds, owner_names
+from app.tensors import to_cpu
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ class PipelineParallel(DataParallel):
                         for names in owner_names(full_names, self.stages, self.full.config.num_hidden_layers)]
             mesh = dist.mesh()
             pieces = [by_stage[mesh.coordinates(r)["pipeline"]] for r in range(mesh.world)]
-        mine = dist.mpi_world().scatter(pieces, root=0)
+        mine = dist.mpi_world().scatter(to_cpu(pieces), root=0)
         self.model.load_full_state(mine["model"])
         if mine["optimizer"] is not None:
             self.optimizer.load_state_dict(by_index(mine["optimizer"], self._order()))
@@ -188,7 +189,7 @@ class PipelineParallel(DataParallel):
         if self.position["data"] == 0 and self.position["tensor"] == 0:
             mine = {"model": self.model.full_state(),
                     "optimizer": by_name(self.optimizer.state_dict(), self._order())}
-        pieces = dist.mpi_world().gather(mine, root=0)
+        pieces = dist.mpi_world().gather(to_cpu(mine), root=0)
         if not dist.is_main():
             return None
         pieces = [piece for piece in pieces if piece is not None]

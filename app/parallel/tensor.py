@@ -26,6 +26,7 @@ from app.checkpoint import SavedState
 from app.config import check_divisible_by_tensor
 from app.parallel.base import load_model_state
 from app.parallel.data import DataParallel
+from app.parallel.optimizer_state import by_index, by_name, full_model_order, map_pieces, param_order
 from app.parallel.tensor_layers import (ColumnParallelLinear, RowParallelLinear, TensorGroup, VocabParallelEmbedding,
                                         VocabParallelLoss, copy_inputs_to_shards)
 
@@ -102,7 +103,8 @@ class TensorParallel(DataParallel):
         full = dist.broadcast_object((saved.model, saved.optimizer) if saved is not None else None,
                                      name="tensor_resume")
         load_model_state(self.model, {k: self._slice(k, v) for k, v in full[0].items()})
-        self.optimizer.load_state_dict(self._map_optimizer_state(full[1], self._slice))
+        named = map_pieces(by_name(full[1], full_model_order(self.model)), self._slice)
+        self.optimizer.load_state_dict(by_index(named, self._order()))
 
     def _broadcast_from_data_root(self) -> None:
         """hvd.broadcast_parameters knows no process sets: it would overwrite other shards."""
@@ -120,15 +122,9 @@ class TensorParallel(DataParallel):
             return shard.detach().clone()
         return self.group.allgather(shard, f"save.{name}", dim=self.splits[name])
 
-    def _map_optimizer_state(self, state: dict, convert) -> dict:
-        """`state` (a plain optimizer's state_dict) with every per-parameter tensor of a sharded
-        parameter passed through convert(name, tensor); scalars such as Adam's step stay."""
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        order = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
-        mapped = {index: {key: convert(order[index], value) if torch.is_tensor(value) and value.dim() else value
-                          for key, value in per_param.items()}
-                  for index, per_param in state["state"].items()}
-        return {**state, "state": mapped}
+    def _order(self):
+        """This rank's optimizer's parameters by name: the shards keep their parameters' names."""
+        return param_order(self.optimizer, {id(p): n for n, p in self.model.named_parameters()})
 
     # --- one step -------------------------------------------------------------------------------
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
@@ -172,10 +168,15 @@ class TensorParallel(DataParallel):
         saved = None
         if self.coordinates["data"] == 0:
             saved = SavedState(model=self._full_model_state(),
-                               optimizer=self._map_optimizer_state(self.optimizer.state_dict(), self._gather),
+                               optimizer=self._plain_optimizer_state(),
                                world_size=dist.size())
         dist.barrier()
         return saved if dist.is_main() else None
+
+    def _plain_optimizer_state(self) -> dict:
+        """A plain optimizer's state on the full model, each shard's state gathered in the group."""
+        named = map_pieces(by_name(self.optimizer.state_dict(), self._order()), self._gather)
+        return by_index(named, full_model_order(self.model))
 
     @contextmanager
     def full_model(self):

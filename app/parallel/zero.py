@@ -42,6 +42,7 @@ from app.checkpoint import SavedState
 from app.parallel.base import Parallelism, held_bytes, load_model_state
 from app.parallel.flat import FlatShard, Unit
 from app.parallel.layers import transformer_layers
+from app.parallel.optimizer_state import by_index, by_name, full_model_order, is_per_element
 
 # Units whose reduce-scatter may be outstanding (their full gradients alive) during backward,
 # and whose allgather may be outstanding when every unit is gathered: enough to keep the wire
@@ -55,15 +56,12 @@ def build_units(model, groups: List[dict], layers: List[torch.nn.Module], proces
     per optimizer group, its parameters in the optimizer's order."""
     unit_of = {id(p): i + 1 for i, layer in enumerate(layers) for p in layer.parameters()}
     members = [[[] for _ in groups] for _ in range(len(layers) + 1)]
-    index = 0
     for g, group in enumerate(groups):
         for param in group["params"]:
-            members[unit_of.get(id(param), 0)][g].append((index, param))
-            index += 1
+            members[unit_of.get(id(param), 0)][g].append(param)
     units = []
     for u, per_group in enumerate(members):
-        flats = [FlatShard([p for _, p in pairs], g, [i for i, _ in pairs], process_set, shard_is_view)
-                 for g, pairs in enumerate(per_group) if pairs]
+        flats = [FlatShard(params, g, process_set, shard_is_view) for g, params in enumerate(per_group) if params]
         units.append(Unit(u, model if u == 0 else layers[u - 1], flats, process_set))
     return units
 
@@ -104,7 +102,6 @@ class Zero(Parallelism):
         return [flat for unit in self.units for flat in unit.flats]
 
     def wrap_optimizer(self, optimizer):
-        self.plain_groups = optimizer.state_dict()["param_groups"]  # the checkpoint's layout
         self.units = build_units(self.model, optimizer.param_groups, self.layers, self.process_set,
                                  shard_is_view=self.stage < 3)
         shards = [[f.shard for f in self.flats if f.group == g] for g in range(len(optimizer.param_groups))]
@@ -138,30 +135,25 @@ class Zero(Parallelism):
                 hvd.broadcast_(buffer, root_rank=0, name=f"zero.buffer.{name}", process_set=self.process_set)
         if resuming:
             plain = dist.broadcast_object(saved.optimizer if saved is not None else None, name="zero_optim_state")
-            self.optimizer.load_state_dict(self._sliced_state(plain))
+            self.optimizer.load_state_dict(self._sliced_state(by_name(plain, full_model_order(self.model))))
         if self.stage == 3:
             for unit in self.units:
                 unit.free()
 
-    def _sliced_state(self, plain: dict) -> dict:
-        """The plain optimizer's state dict cut to this rank's slices (the local optimizer's)."""
-        sizes = [len(group["params"]) for group in plain["param_groups"]]
-        if sizes != [len(group["params"]) for group in self.plain_groups]:
-            raise ValueError(f"the checkpoint's optimizer has parameter groups of sizes {sizes}, this model "
-                             f"{[len(g['params']) for g in self.plain_groups]}; resume with the same model and optim")
+    def _sliced_state(self, named: dict) -> dict:
+        """A by-name plain optimizer state cut to this rank's slices (the local optimizer's)."""
+        names = self._names()
         state = {}
         for local_index, flat in enumerate(self._flats_in_optimizer_order()):
-            entries = [plain["state"].get(i) for i in flat.indices]
-            if not all(entries):
-                continue
-            state[local_index] = {
-                key: flat.owned_slice([e[key] for e in entries]) if _per_element(value, flat.params[0])
-                else value.clone() if torch.is_tensor(value) else value
-                for key, value in entries[0].items()}
+            entry = flat.owned_state([named["state"].get(names[id(p)]) for p in flat.params])
+            if entry is not None:
+                state[local_index] = entry
         local_groups = self.optimizer.state_dict()["param_groups"]
-        groups = [{**{k: v for k, v in saved.items() if k != "params"}, "params": own["params"]}
-                  for saved, own in zip(plain["param_groups"], local_groups)]
+        groups = [{**settings, "params": own["params"]} for settings, own in zip(named["groups"], local_groups)]
         return {"state": state, "param_groups": groups}
+
+    def _names(self) -> Dict[int, str]:
+        return {id(p): name for name, p in self.model.named_parameters()}
 
     def _flats_in_optimizer_order(self) -> List[FlatShard]:
         by_shard = {id(f.shard): f for f in self.flats}
@@ -169,28 +161,26 @@ class Zero(Parallelism):
 
     def saved_state(self) -> Optional[SavedState]:
         """Collective: the full model (stage 3 gathers it) and the plain optimizer's state dict,
-        each slice's state allgathered and cut back into parameter shapes."""
+        each slice's state allgathered and cut back into its parameters by name."""
         model_state = self._model_state()
-        state = {}
-        for flat in self._flats_in_optimizer_order():
+        names, state = self._names(), {}
+        for local_index, flat in enumerate(self._flats_in_optimizer_order()):
             entry = self.optimizer.state.get(flat.shard)
             for key, value in sorted((entry or {}).items()):
-                if _per_element(value, flat.shard):
-                    full = hvd.allgather(value.detach().float(), name=f"zero.state.{flat.indices[0]}.{key}",
+                if is_per_element(value):
+                    full = hvd.allgather(value.detach().float(), name=f"zero.state.{local_index}.{key}",
                                          process_set=self.process_set)
                     values = flat.split_full(full)
                 else:  # a copy each: a shared step counter would be bumped once per parameter
-                    values = [value.clone() if torch.is_tensor(value) else value for _ in flat.indices]
+                    values = [value.clone() if torch.is_tensor(value) else value for _ in flat.params]
                 if dist.is_main():  # the others only take part in the allgathers
-                    for index, piece in zip(flat.indices, values):
-                        state.setdefault(index, {})[key] = piece
+                    for param, piece in zip(flat.params, values):
+                        state.setdefault(names[id(param)], {})[key] = piece
         if not dist.is_main():
             return None
-        local_groups = self.optimizer.state_dict()["param_groups"]
-        groups = [{**{k: v for k, v in own.items() if k != "params"}, "params": plain["params"]}
-                  for own, plain in zip(local_groups, self.plain_groups)]
-        return SavedState(model=model_state, optimizer={"state": dict(sorted(state.items())), "param_groups": groups},
-                          world_size=dist.size())
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        optimizer = by_index({"state": state, "groups": settings}, full_model_order(self.model))
+        return SavedState(model=model_state, optimizer=optimizer, world_size=dist.size())
 
     def _model_state(self) -> Optional[Dict[str, torch.Tensor]]:
         """Rank 0's copy of the model's state dict; stage 3 gathers one unit at a time, so no
@@ -382,8 +372,3 @@ class Zero(Parallelism):
     def layout(self) -> dict:
         return {**super().layout(), "zero_stage": self.stage, "units": len(self.units),
                 "state_bytes": self.resting_bytes or self.state_bytes()}
-
-
-def _per_element(value, like: torch.Tensor) -> bool:
-    """Optimizer state shaped like its parameter (Adam's moments, momentum), not a scalar (step)."""
-    return torch.is_tensor(value) and value.dim() > 0 and value.shape == like.shape

@@ -1,0 +1,79 @@
+"""Optimizer state between a layout's optimizer and a plain one on the full model, by parameter name.
+
+A torch optimizer's state_dict keys its per-parameter state by position in its param groups, and
+a layout's optimizer holds its parameters in an order of its own: a pipeline stage's a subsequence
+of the full model's, a tensor-parallel rank's shards, ZeRO's flat slices. Checkpoints hold what a
+plain optimizer (optim.build_optimizer) on the full model would (the SavedState contract), so any
+layout resumes from any other. Every layout converts through one form, the state keyed by global
+parameter name (`by_name`): the plain state_dict re-keyed with `full_model_order`, then cut into
+this rank's pieces by name (`map_pieces`), then keyed by the layout's own order (`by_index`); and
+the reverse to save. No position of one optimizer is ever read as a position of another.
+"""
+from typing import Callable, Dict, List
+
+import torch
+
+from app import optim
+
+
+def param_order(optimizer_or_groups, name_of: Dict[int, str]) -> List[List[str]]:
+    """The names of an optimizer's parameters, group by group, in its order."""
+    groups = getattr(optimizer_or_groups, "param_groups", optimizer_or_groups)
+    return [[name_of[id(p)] for p in group["params"]] for group in groups]
+
+
+def full_model_order(model: torch.nn.Module) -> List[List[str]]:
+    """The order optim.build_optimizer(model) gives the full model's parameters (parameters on
+    the meta device, or a layout's shards of them, count too: only names, dims and requires_grad
+    are read)."""
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    return param_order(optim.parameter_groups(model, weight_decay=0.0), name_of)
+
+
+def by_name(state_dict: dict, order: List[List[str]]) -> dict:
+    """An optimizer state_dict re-keyed by parameter name; group settings kept without "params"."""
+    sizes = [len(group["params"]) for group in state_dict["param_groups"]]
+    if sizes != [len(names) for names in order]:
+        raise ValueError(f"the saved optimizer has parameter groups of sizes {sizes}, this model "
+                         f"{[len(names) for names in order]}; resume with the model and optim it was saved with")
+    names = {index: name for group, group_names in zip(state_dict["param_groups"], order)
+             for index, name in zip(group["params"], group_names)}
+    return {"state": {names[index]: value for index, value in state_dict["state"].items()},
+            "groups": [{k: v for k, v in group.items() if k != "params"} for group in state_dict["param_groups"]]}
+
+
+def by_index(named: dict, order: List[List[str]]) -> dict:
+    """The state_dict an optimizer whose parameters are `order` loads, from by_name's form."""
+    state, groups, index = {}, [], 0
+    for settings, names in zip(named["groups"], order):
+        groups.append({**settings, "params": list(range(index, index + len(names)))})
+        for name in names:
+            if name in named["state"]:
+                state[index] = named["state"][name]
+            index += 1
+    return {"state": state, "param_groups": groups}
+
+
+def is_per_element(value) -> bool:
+    """State shaped like its parameter (Adam's moments, momentum), not a scalar (Adam's step)."""
+    return torch.is_tensor(value) and value.dim() > 0
+
+
+def map_pieces(named: dict, piece: Callable[[str, torch.Tensor], torch.Tensor]) -> dict:
+    """by_name's form with every per-element tensor passed through piece(name, tensor): a
+    layout's slice of the whole, or the whole gathered from the slices. Called in the state's
+    order, the same on every rank, so `piece` may be a collective."""
+    return {**named, "state": {name: {key: piece(name, value) if is_per_element(value) else value
+                                      for key, value in entry.items()}
+                               for name, entry in named["state"].items()}}
+
+
+def merge(pieces: List[dict]) -> dict:
+    """Stages' by_name states as one: every stage holds the same group settings."""
+    return {"state": {k: v for piece in pieces for k, v in piece["state"].items()}, "groups": pieces[0]["groups"]}
+
+
+def restrict(named: dict, names: List[str]) -> dict:
+    """The part of a by_name state that concerns `names`."""
+    wanted = set(names)
+    return {"state": {k: v for k, v in named["state"].items() if k in wanted}, "groups": named["groups"]}
