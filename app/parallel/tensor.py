@@ -134,14 +134,13 @@ class TensorParallel(DataParallel):
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """torch's clip_grad_norm_ over the whole model: a sharded parameter's squares are summed
         over the group; a replicated one (the norms' gains, equal on every shard) counted once."""
-        sharded = torch.zeros((), dtype=torch.float64)
-        replicated = torch.zeros((), dtype=torch.float64)
-        grads = []
-        for name, param in self.model.named_parameters():
-            if param.grad is None:
-                continue
-            grads.append(param.grad)
-            square = param.grad.detach().double().pow(2).sum()
+        named = [(name, param.grad) for name, param in self.model.named_parameters() if param.grad is not None]
+        grads = [grad for _, grad in named]
+        # On the gradients' device: a CUDA square added in place into a CPU tensor raises.
+        sharded = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+        replicated = torch.zeros_like(sharded)
+        for name, grad in named:
+            square = grad.detach().double().pow(2).sum()
             if name in self.splits:
                 sharded += square
             else:
