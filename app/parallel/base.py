@@ -52,6 +52,11 @@ class Parallelism:
     def sync_gradients(self) -> None:
         """Wait until this rank's gradients are the ones the optimizer must apply."""
 
+    def unscale_gradients(self, scaler) -> None:
+        """fp16: divide the gradients by the loss scale, noting whether any is inf or NaN (the
+        scaler then skips the step)."""
+        scaler.unscale_(self.optimizer)
+
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 

@@ -150,6 +150,21 @@ class TensorParallel(DataParallel):
         torch._foreach_mul_(grads, scale)
         return total
 
+    def unscale_gradients(self, scaler) -> None:
+        """fp16: unscale, then let the group agree on overflow. Each rank checks only its own
+        shards, so an inf in one shard would make that rank alone skip the step, and the
+        replicated parameters (the norms' gains) would part for good. As Megatron reduces its
+        found-inf flag over the model-parallel group (and torch's ShardedGradScaler over its
+        shards), the flag becomes the group's maximum before scaler.step and scaler.update read
+        it: every rank of the group skips, or steps, together."""
+        super().unscale_gradients(scaler)
+        # GradScaler keeps the flags, one per device, in its per-optimizer state only.
+        found = list(scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"].values())
+        flag = torch.stack([f.to(found[0].device) for f in found]).amax()
+        agreed = self.group.allreduce(flag, "found_inf", op=hvd.Max)
+        for f in found:
+            f.copy_(agreed)
+
     def counts_tokens(self) -> bool:
         # The group's ranks all process the same batch: its first rank counts it.
         return self.group.rank == 0
