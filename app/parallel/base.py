@@ -85,6 +85,14 @@ class Parallelism:
         a collective where ranks hold only parts of it."""
         yield self.model
 
+    @contextmanager
+    def evaluation_model(self):
+        """(model, share) for evaluation: a model that computes the whole model's loss, and this
+        rank's share (index, count) of the evaluation batches. By default the whole model, each
+        rank a share of its own."""
+        with self.full_model() as model:
+            yield model, (dist.rank(), dist.size())
+
     def parameter_checksum(self) -> str:
         """A hash of this rank's parameters, equal on ranks that should hold the same ones; a
         collective where ranks hold only parts of them."""

@@ -192,13 +192,27 @@ class TensorParallel(DataParallel):
         return saved if dist.is_main() else None
 
     @contextmanager
+    def evaluation_model(self):
+        """The sharded model itself, whose vocabulary-parallel loss is the whole model's: the
+        ranks of a group evaluate one share (their data-parallel position) together."""
+        yield self.model, dist.data_position()
+
+    @contextmanager
     def full_model(self):
-        """A plain copy of the whole model on every rank, for as long as it is used (evaluation,
-        and the closing sample, which rank 0 generates alone): each group gathers its shards."""
-        plain = type(self.model)(self.model.config)
+        """A plain copy of the whole model on every rank, for as long as it is used (the closing
+        sample, which rank 0 generates alone): built on the meta device, so no weight is
+        initialised and the RNG does not move, then filled with the group's gathered shards."""
+        device = next(self.model.parameters()).device
+        with torch.device("meta"):
+            plain = type(self.model)(self.model.config)
+        plain.to_empty(device=device)
+        plain.tie_weights()  # to_empty gives the tied head a storage of its own
         load_model_state(plain, self._full_model_state())
+        # Buffers outside the state dict (the rotary inverse frequencies) are the same on every shard.
+        for name, buffer in self.model.named_buffers():
+            plain.get_buffer(name).copy_(buffer)
         dist.barrier()  # a group done first must not exit while another still gathers
-        yield plain.to(next(self.model.parameters()).device).train(self.model.training)
+        yield plain.train(self.model.training)
 
     def replica_group(self) -> int:
         return self.group.rank
