@@ -32,8 +32,8 @@ class Task(Protocol):
     def evaluate(self, model, share: Tuple[int, int], device, precision_ctx, batch_size: int, max_batches: int,
                  logger=None, step: int = 0) -> dict:
         """Validation metrics over the whole split (a collective), this rank computing share
-        (index, count) of its batches; ranks given one share compute it together (a tensor
-        group's shards) and are counted once."""
+        (index, count) of its batches; ranks given the same share (a tensor group's) compute it
+        together."""
 
     def finish(self, whole_model, run_dir: Path, logger, log) -> None:
         """Anything the task does once training ends (a generated sample); `whole_model()` gives
