@@ -98,7 +98,8 @@ class HorovodConfig:
     # Milliseconds between the background thread's rounds (HOROVOD_CYCLE_TIME). Every round is
     # a small collective among all ranks, even with nothing to reduce. Horovod's 1 ms suits GPU
     # steps of milliseconds; on CPU ranks, a thousand rounds a second take cycles from the model
-    # (README, "Measured here"). None: 10 ms on CPU ranks, Horovod's 1 ms where a GPU is used.
+    # (README, "Measured here"). None: 1 ms with parallel.tensor>1 (its blocking collectives
+    # each wait for a round), else 10 ms on CPU ranks and Horovod's 1 ms where a GPU is used.
     cycle_time_ms: Optional[float] = None
     # Gradients fused into one allreduce, in MiB (HOROVOD_FUSION_THRESHOLD); None: Horovod's 64,
     # which suits NCCL on GPUs. CPU ranks under MPI did better with 4 (README, "Measured here").

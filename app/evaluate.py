@@ -27,7 +27,8 @@ def evaluate(cfg) -> dict:
     task = tasks.build(run_cfg, dist.rank(), dist.size(), split=cfg.split)
     device = runtime.pick_device("auto", dist.local_rank())
     model = checkpoint.load_trained_model(found, device)
-    result = task.evaluate(model, device, runtime.autocast_context(cfg.precision, device), cfg.batch_size, cfg.max_batches)
+    result = task.evaluate(model, (dist.rank(), dist.size()), device, runtime.autocast_context(cfg.precision, device),
+                           cfg.batch_size, cfg.max_batches)
     result = {"checkpoint": str(found), "split": cfg.split, "ranks": dist.size(), **result}
     if dist.is_main():
         print(json.dumps(result))

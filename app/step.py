@@ -143,7 +143,7 @@ def train_step(training: Training, samples_before: int, step: int, timer: PhaseT
         run.parallel.sync_gradients()
     with timer.phase("optimizer"):
         if run.scaler is not None:
-            run.scaler.unscale_(run.optimizer)
+            run.parallel.unscale_gradients(run.scaler)
         grad_norm = run.parallel.clip_grad_norm(run.grad_clip) if run.grad_clip > 0 else None
         run.parallel.optimizer_step(run.scaler)
     with timer.phase("parameter_average"):

@@ -164,9 +164,10 @@ def log_window(row: dict, state, cfg, logger, window: Window) -> None:
 
 
 def evaluate(cfg, training: Training, state, logger) -> dict:
-    with training.parallel.full_model() as model, compilation.eager():  # eager: other shapes than training's
-        result = training.task.evaluate(model, training.device, training.precision_ctx, cfg.train.micro_batch_size,
-                                        cfg.train.eval_batches, logger=logger, step=state.step)
+    with training.parallel.evaluation_model() as (model, share), compilation.eager():  # eager: other shapes
+        result = training.task.evaluate(model, share, training.device, training.precision_ctx,
+                                        cfg.train.micro_batch_size, cfg.train.eval_batches, logger=logger,
+                                        step=state.step)
     logger.log(state.step, result)
     log.info("step %d | %s", state.step, " | ".join(  # headline numbers; per-class ones go to TensorBoard
         f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float) and k.count("/") == 1))

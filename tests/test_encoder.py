@@ -53,7 +53,7 @@ def encoder_task(task: str, data_dir, rank: int, world: int, *extra):
 
 def evaluated_passages(data_dir, world: int, batch_size: int, batches: int) -> list:
     """Passage indices each rank of `world` evaluates with eval_batches=batches, in rank order."""
-    return [[i for batch in encoder_task("classify", data_dir, rank, world).my_eval_indices(batch_size, batches)
+    return [[i for batch in encoder_task("classify", data_dir, rank, world).my_eval_indices((rank, world), batch_size, batches)
              for i in batch] for rank in range(world)]
 
 

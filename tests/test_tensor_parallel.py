@@ -108,6 +108,9 @@ def test_two_way_tensor_parallel_trains_as_one_process(one_process, tensor_two):
     assert summary["layout"]["groups"] == {"tensor": [[0, 1]], "data": [[0], [1]]}
     assert summary["replicas_identical"]  # each shard's replicas: trivially one each here
     assert summary["tokens_seen"] == read_summary(one_process)["tokens_seen"]  # the group counts its batch once
+    # horovod.cycle_time_ms=null: a 1 ms cycle under the blocking collectives, 10 ms elsewhere on CPU.
+    assert summary["horovod"]["HOROVOD_CYCLE_TIME"] == "1"
+    assert read_summary(one_process)["horovod"]["HOROVOD_CYCLE_TIME"] == "10"
 
 
 @pytest.mark.parametrize("launcher, optimizer", [("gloo", SGD), ("mpi", ADAMW_CLIPPED)], ids=["gloo-sgd", "mpi-adamw"])
@@ -172,3 +175,37 @@ def test_a_vocabulary_left_to_the_tokenizer_is_checked_when_the_model_is_built()
 def test_the_shipped_tiny_and_small_presets_split_in_two():
     for preset in ("llama_tiny", "llama_small"):
         config.validate(cli.compose_config([f"model={preset}", "parallel.tensor=2"]))
+
+
+@pytest.fixture(scope="module")
+def inside_steps(tiny_data):
+    """tests/workers/tensor_steps.py on a group of 2: one launch for the tests below."""
+    return last_json_line(run_worker("tensor_steps.py", [tiny_data], np_=2, launcher="gloo").stdout)
+
+
+def test_the_groups_collectives_keep_their_names_from_step_to_step(inside_steps):
+    """Horovod's response cache answers a name it has seen; a per-call counter made every name new."""
+    for row in inside_steps["rows"]:
+        one, two = row["names"]
+        # Per micro-batch (2 of them) 5 forward sums, the loss's 2 and 5 backward sums; then the
+        # gradient norm and the loss scaler's overflow flag, once a step.
+        assert one == two and len(one) == 2 * (5 + 2 + 5) + 2
+    assert inside_steps["rows"][0]["names"] == inside_steps["rows"][1]["names"]
+
+
+def test_an_fp16_overflow_in_one_shard_skips_the_step_on_every_rank_of_the_group(inside_steps):
+    """Rank 1's shard alone overflows: both ranks skip, halve the loss scale, and the replicated
+    parameters (the norms' gains) stay equal; a per-rank flag lets rank 0 step alone."""
+    rows = inside_steps["rows"]
+    assert inside_steps["replicated"] and all(name.endswith("norm.weight") for name in inside_steps["replicated"])
+    for row in rows:
+        assert row["overflow"]["changed"] == []
+        assert row["overflow"]["scale_after"] == row["overflow"]["scale_before"] / 2
+    assert rows[0]["replicated_checksum"] == rows[1]["replicated_checksum"]
+
+
+def test_evaluation_runs_on_the_shards_as_the_whole_model_and_leaves_the_rng_alone(inside_steps):
+    for row in inside_steps["rows"]:
+        assert row["sharded_val_loss"] == pytest.approx(row["whole_val_loss"], abs=LOSS_ATOL)
+        assert row["rng_kept_by_evaluation"] and row["rng_kept_by_gathering"]
+    assert inside_steps["rows"][0]["whole_checksum"] == inside_steps["rows"][1]["whole_checksum"]

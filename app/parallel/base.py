@@ -52,6 +52,11 @@ class Parallelism:
     def sync_gradients(self) -> None:
         """Wait until this rank's gradients are the ones the optimizer must apply."""
 
+    def unscale_gradients(self, scaler) -> None:
+        """fp16: divide the gradients by the loss scale, noting whether any is inf or NaN (the
+        scaler then skips the step)."""
+        scaler.unscale_(self.optimizer)
+
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
@@ -79,6 +84,14 @@ class Parallelism:
         """The whole model, usable as a plain one (evaluation, generating a sample), on every rank;
         a collective where ranks hold only parts of it."""
         yield self.model
+
+    @contextmanager
+    def evaluation_model(self):
+        """(model, share) for evaluation: a model that computes the whole model's loss, and this
+        rank's share (index, count) of the evaluation batches. By default the whole model, each
+        rank a share of its own."""
+        with self.full_model() as model:
+            yield model, (dist.rank(), dist.size())
 
     def parameter_checksum(self) -> str:
         """A hash of this rank's parameters, equal on ranks that should hold the same ones; a

@@ -130,14 +130,13 @@ class TensorParallel(DataParallel):
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """torch's clip_grad_norm_ over the whole model: a sharded parameter's squares are summed
         over the group; a replicated one (the norms' gains, equal on every shard) counted once."""
-        sharded = torch.zeros((), dtype=torch.float64)
-        replicated = torch.zeros((), dtype=torch.float64)
-        grads = []
-        for name, param in self.model.named_parameters():
-            if param.grad is None:
-                continue
-            grads.append(param.grad)
-            square = param.grad.detach().double().pow(2).sum()
+        named = [(name, param.grad) for name, param in self.model.named_parameters() if param.grad is not None]
+        grads = [grad for _, grad in named]
+        # On the gradients' device: a CUDA square added in place into a CPU tensor raises.
+        sharded = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+        replicated = torch.zeros_like(sharded)
+        for name, grad in named:
+            square = grad.detach().double().pow(2).sum()
             if name in self.splits:
                 sharded += square
             else:
@@ -146,6 +145,21 @@ class TensorParallel(DataParallel):
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         torch._foreach_mul_(grads, scale)
         return total
+
+    def unscale_gradients(self, scaler) -> None:
+        """fp16: unscale, then let the group agree on overflow. Each rank checks only its own
+        shards, so an inf in one shard would make that rank alone skip the step, and the
+        replicated parameters (the norms' gains) would part for good. As Megatron reduces its
+        found-inf flag over the model-parallel group (and torch's ShardedGradScaler over its
+        shards), the flag becomes the group's maximum before scaler.step and scaler.update read
+        it: every rank of the group skips, or steps, together."""
+        super().unscale_gradients(scaler)
+        # GradScaler keeps the flags, one per device, in its per-optimizer state only.
+        found = list(scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"].values())
+        flag = torch.stack([f.to(found[0].device) for f in found]).amax()
+        agreed = self.group.allreduce(flag, "found_inf", op=hvd.Max)
+        for f in found:
+            f.copy_(agreed)
 
     def counts_tokens(self) -> bool:
         # The group's ranks all process the same batch: its first rank counts it.
@@ -179,13 +193,27 @@ class TensorParallel(DataParallel):
         return by_index(named, full_model_order(self.model))
 
     @contextmanager
+    def evaluation_model(self):
+        """The sharded model itself, whose vocabulary-parallel loss is the whole model's: the
+        ranks of a group evaluate one share (their data-parallel position) together."""
+        yield self.model, dist.data_position()
+
+    @contextmanager
     def full_model(self):
-        """A plain copy of the whole model on every rank, for as long as it is used (evaluation,
-        and the closing sample, which rank 0 generates alone): each group gathers its shards."""
-        plain = type(self.model)(self.model.config)
+        """A plain copy of the whole model on every rank, for as long as it is used (the closing
+        sample, which rank 0 generates alone): built on the meta device, so no weight is
+        initialised and the RNG does not move, then filled with the group's gathered shards."""
+        device = next(self.model.parameters()).device
+        with torch.device("meta"):
+            plain = type(self.model)(self.model.config)
+        plain.to_empty(device=device)
+        plain.tie_weights()  # to_empty gives the tied head a storage of its own
         load_model_state(plain, self._full_model_state())
+        # Buffers outside the state dict (the rotary inverse frequencies) are the same on every shard.
+        for name, buffer in self.model.named_buffers():
+            plain.get_buffer(name).copy_(buffer)
         dist.barrier()  # a group done first must not exit while another still gathers
-        yield plain.to(next(self.model.parameters()).device).train(self.model.training)
+        yield plain.train(self.model.training)
 
     def replica_group(self) -> int:
         return self.group.rank

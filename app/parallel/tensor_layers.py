@@ -2,11 +2,14 @@
 communication Functions, column- and row-parallel linears, a vocabulary-parallel embedding and
 the vocabulary-parallel cross-entropy that lets no rank hold the full logits.
 
-Every collective is a blocking Horovod op on the tensor-parallel set, named
-`tensor.<site>.<n>`: the site says which layer and which pass issued it, and n counts this
-rank's tensor-parallel collectives. All ranks of a group run the same layers in the same order
-(forward, then autograd's deterministic backward), so their names agree, and no name is ever
-in flight twice. hvd.allreduce's own autograd op cannot serve as Megatron's "g": its backward
+Every collective is a blocking Horovod op on the tensor-parallel set, named `tensor.<site>`:
+the layer and the pass that issued it, the same name every step, so Horovod's response cache
+answers it after the first step without a negotiation round. All ranks of a group run the same
+layers in the same order (forward, then autograd's deterministic backward), so their names
+agree. A name may repeat within a step (micro-batches, activation-checkpoint recomputes,
+evaluation) because each op is waited for before its caller goes on, on the one thread that
+issues them all: no rank ever has two of the group's ops in flight, let alone two of one name.
+hvd.allreduce's own autograd op cannot serve as Megatron's "g": its backward
 allreduces the gradient again, counting it T times. Communication is fp32 whatever the compute
 precision: Horovod reduces no bfloat16.
 """
@@ -22,25 +25,20 @@ class TensorGroup:
 
     def __init__(self, process_set, size: int, rank: int):
         self.process_set, self.size, self.rank = process_set, size, rank
-        self.calls = 0
         self.bytes_reduced = 0  # the payload this rank has put into allreduces (app.bench reads it)
-
-    def _name(self, site: str) -> str:
-        self.calls += 1
-        return f"tensor.{site}.{self.calls}"
 
     def allreduce(self, x: torch.Tensor, site: str, op=hvd.Sum) -> torch.Tensor:
         wire = x.detach().contiguous()
         if wire.dtype in (torch.bfloat16, torch.float16):  # no bf16 in Horovod; fp16 sums lose too much
             wire = wire.float()
         self.bytes_reduced += wire.numel() * wire.element_size()
-        handle = hvd.allreduce_async(wire, op=op, name=self._name(site), process_set=self.process_set)
+        handle = hvd.allreduce_async(wire, op=op, name=f"tensor.{site}", process_set=self.process_set)
         return hvd.synchronize(handle).to(x.dtype)
 
     def allgather(self, x: torch.Tensor, site: str, dim: int = 0) -> torch.Tensor:
         """The group's shards of `x` joined along `dim`, in group order (no autograd)."""
         wire = x.detach().movedim(dim, 0).contiguous()
-        handle = hvd.allgather_async(wire, name=self._name(site), process_set=self.process_set)
+        handle = hvd.allgather_async(wire, name=f"tensor.{site}", process_set=self.process_set)
         # Contiguous: a transposed view saved as optimizer state would reach the fused AdamW
         # kernel of a resumed run, which reads it in the wrong element order.
         return hvd.synchronize(handle).movedim(0, dim).contiguous()

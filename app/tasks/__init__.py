@@ -1,7 +1,7 @@
 """What is trained: each task owns its data stream, model, loss and evaluation, so the loop
 in app/train.py is the same for a LLaMA decoder and a BERT encoder."""
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Tuple
 
 import torch
 
@@ -29,9 +29,11 @@ class Task(Protocol):
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         """The micro-batch's loss; its mean over ranks and micro-batches is the global batch's loss."""
 
-    def evaluate(self, model, device, precision_ctx, batch_size: int, max_batches: int, logger=None,
-                 step: int = 0) -> dict:
-        """Validation metrics over every rank's share of the split (a collective)."""
+    def evaluate(self, model, share: Tuple[int, int], device, precision_ctx, batch_size: int, max_batches: int,
+                 logger=None, step: int = 0) -> dict:
+        """Validation metrics over the whole split (a collective), this rank computing share
+        (index, count) of its batches; ranks given the same share (a tensor group's) compute it
+        together."""
 
     def finish(self, whole_model, run_dir: Path, logger, log) -> None:
         """Anything the task does once training ends (a generated sample); `whole_model()` gives

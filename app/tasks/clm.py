@@ -1,6 +1,7 @@
 """Causal language modelling on token windows (LLaMA pretraining)."""
 import math
 from pathlib import Path
+from typing import Tuple
 
 import torch
 
@@ -9,12 +10,14 @@ from app.generate import generate_text
 
 
 @torch.no_grad()
-def mean_loss(model, windows, batch_size: int, total_windows: int, device, precision_ctx) -> float:
-    """Token-weighted mean loss over the windows, summed over ranks (not a mean of means)."""
+def mean_loss(model, windows, share: Tuple[int, int], batch_size: int, total_windows: int, device,
+              precision_ctx) -> float:
+    """Token-weighted mean loss over the windows, summed over ranks (not a mean of means). Ranks
+    that compute one share together each count it, which scales both sums alike."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
-    for inputs, targets in data.evaluation_batches(windows, dist.rank(), dist.size(), batch_size, total_windows):
+    for inputs, targets in data.evaluation_batches(windows, *share, batch_size, total_windows):
         with precision_ctx:
             loss = models.causal_lm_loss(model, inputs.to(device), targets.to(device))
         totals += torch.tensor([loss.item() * targets.numel(), targets.numel()], dtype=torch.float64)
@@ -53,9 +56,10 @@ class CausalLM:
     def loss(model, batch: dict) -> torch.Tensor:
         return models.causal_lm_loss(model, batch["input_ids"], batch["targets"])
 
-    def evaluate(self, model, device, precision_ctx, batch_size: int, max_batches: int, logger=None, step: int = 0):
+    def evaluate(self, model, share, device, precision_ctx, batch_size: int, max_batches: int, logger=None,
+                 step: int = 0):
         total = max_batches * batch_size if max_batches else self.eval_windows.windows_per_epoch
-        loss = mean_loss(model, self.eval_windows, batch_size, total, device, precision_ctx)
+        loss = mean_loss(model, self.eval_windows, share, batch_size, total, device, precision_ctx)
         return {"val/loss": loss, "val/perplexity": math.exp(loss),
                 "val/windows": min(total, self.eval_windows.windows_per_epoch)}
 

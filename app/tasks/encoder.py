@@ -51,14 +51,15 @@ class EncoderTask:
     def tokens_in(batch: dict) -> int:
         return int(batch["attention_mask"].sum())
 
-    def my_eval_indices(self, batch_size: int, max_batches: int):
-        """Batches of passage indices for this rank. The evaluated set is the first
+    def my_eval_indices(self, share: Tuple[int, int], batch_size: int, max_batches: int):
+        """Batches of passage indices for share (index, count). The evaluated set is the first
         max_batches * batch_size passages of the stratified order (all when 0), so every class
-        is in it, whatever the number of ranks; rank r takes its passages r, r + world, ...
+        is in it, whatever the number of ranks; share r takes its passages r, r + count, ...
         Shards may differ by one passage, and no collective runs inside the loop, so an
         uneven shard cannot leave a rank waiting."""
         limit = min(len(self.eval_order), max_batches * batch_size) if max_batches else len(self.eval_order)
-        mine = self.eval_order[self.rank : limit : self.world].tolist()
+        index, count = share
+        mine = self.eval_order[index:limit:count].tolist()
         for start in range(0, len(mine), batch_size):
             yield mine[start : start + batch_size]
 
@@ -76,13 +77,14 @@ class Classify(EncoderTask):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
     @torch.no_grad()
-    def evaluate(self, model, device, precision_ctx, batch_size: int, max_batches: int, logger=None, step: int = 0):
+    def evaluate(self, model, share, device, precision_ctx, batch_size: int, max_batches: int, logger=None,
+                 step: int = 0):
         was_training = model.training
         model.eval()
         k = len(self.labels)
         matrix = np.zeros((k, k), dtype=np.int64)
         loss_sum = 0.0
-        for indices in self.my_eval_indices(batch_size, max_batches):
+        for indices in self.my_eval_indices(share, batch_size, max_batches):
             batch = {key: value.to(device) for key, value in self.eval_passages.collate(indices).items()}
             with precision_ctx:
                 output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
@@ -204,11 +206,12 @@ class MaskedLM(EncoderTask):
         return self.masker.batch(self.eval_passages, masked)
 
     @torch.no_grad()
-    def evaluate(self, model, device, precision_ctx, batch_size: int, max_batches: int, logger=None, step: int = 0):
+    def evaluate(self, model, share, device, precision_ctx, batch_size: int, max_batches: int, logger=None,
+                 step: int = 0):
         was_training = model.training
         model.eval()
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, masked tokens, correct predictions
-        for indices in self.my_eval_indices(batch_size, max_batches):
+        for indices in self.my_eval_indices(share, batch_size, max_batches):
             batch = {key: value.to(device) for key, value in self.eval_batch(indices).items()}
             with precision_ctx:
                 loss_sum, logits = self.summed_loss(model, batch)
