@@ -97,14 +97,15 @@ def tokenizer_for(data_cfg, documents: Documents, work: Path):
 
 def batches_of(texts: Iterator[str], batch_mb: float, sizes: deque) -> Iterator[List[str]]:
     """Texts grouped into about batch_mb each; every batch's UTF-8 sizes go on `sizes` in order."""
-    batch, batch_sizes = [], []
+    batch, batch_sizes, batch_bytes = [], [], 0
     for text in texts:
         batch.append(text)
         batch_sizes.append(len(text.encode("utf-8")))
-        if sum(batch_sizes) >= batch_mb * MB:
+        batch_bytes += batch_sizes[-1]
+        if batch_bytes >= batch_mb * MB:
             sizes.append(batch_sizes)
             yield batch
-            batch, batch_sizes = [], []
+            batch, batch_sizes, batch_bytes = [], [], 0
     if batch:
         sizes.append(batch_sizes)
         yield batch

@@ -109,7 +109,9 @@ def test_a_streaming_datasets_source_is_split_by_a_seeded_hash_of_each_record(ti
             env={"HF_DATASETS_OFFLINE": "1"})
     meta = read_meta(out)
     val = [i for i in range(60) if corpus.is_validation(i, 0.1, 1337)]
-    assert 0 < len(val) < 60 and meta["documents"] == {"train": 60 - len(val), "val": len(val)}
+    assert 0 < len(val) <= 60 * 0.2, "about val_fraction of the records go to validation"
+    assert val != [i for i in range(60) if corpus.is_validation(i, 0.1, 1338)], "the seed decides the split"
+    assert meta["documents"] == {"train": 60 - len(val), "val": len(val)}
     tok = AutoTokenizer.from_pretrained(out)
     texts = {split: tok.decode(data.split_tokens(out, meta, split)[:].tolist()).split(tok.eos_token)
              for split in ("train", "val")}
