@@ -55,8 +55,9 @@ class DataConfig:
     shard_tokens: int = 100_000_000
     # Processes that tokenize; None: one per core this process may run on.
     workers: Optional[int] = None
-    # Megabytes of text sent to a worker at a time: large enough to amortise the hand-over.
-    batch_mb: float = 4.0
+    # Megabytes of text sent to a worker at a time: large enough to amortise the hand-over, small
+    # enough that the workers share even a small corpus evenly and hold little memory.
+    batch_mb: float = 1.0
     # A local tokenizer directory (tokenizer.json) to reuse instead of training one.
     tokenizer_path: Optional[str] = None
     tokenizer_kind: str = "bpe"  # bpe (byte-level, decoders) | wordpiece (BERT)

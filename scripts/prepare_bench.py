@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/prepare_bench"))
     parser.add_argument("--today", type=Path, help="a checkout of the code to compare with")
     parser.add_argument("--today-mb", type=float, default=100)
-    parser.add_argument("--batch-mb", type=float, default=4.0)
+    parser.add_argument("--batch-mb", type=float, default=1.0)
     args = parser.parse_args()
     files = write_corpus(args.work / f"corpus_{args.mb:g}mb", args.mb)
     corpus_mb = sum(f.stat().st_size for f in files) / MB
