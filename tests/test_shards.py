@@ -149,3 +149,15 @@ def test_two_ranks_on_shards_train_with_the_losses_of_one_rank_on_the_single_fil
     losses_one = [row["train/loss"] for row in read_metrics(one)]
     assert len(losses_two) == 4
     assert losses_two == pytest.approx(losses_one, abs=1e-5)
+
+
+def test_a_new_tokenizer_learns_from_the_first_sample_mb_of_training_text_only():
+    from app import prepare
+
+    class ThousandByteDocuments:
+        def texts(self, split):
+            assert split == "train"  # never validation text
+            return (f"{i:04d}" + "x" * 996 for i in range(100))
+
+    sample = list(prepare.tokenizer_sample(ThousandByteDocuments(), sample_mb=0.005))
+    assert [text[:4] for text in sample] == ["0000", "0001", "0002", "0003", "0004"]
