@@ -35,6 +35,7 @@ RECIPE_KEYS = ("source", "path", "text_field", "streaming", "tokenizer_path", "t
 RECIPE_BEFORE_KEYS = {"streaming": False, "tokenizer_sample_mb": config.DataConfig.tokenizer_sample_mb}
 SPLITS = ("val", "train")
 MB = 1e6
+ENTROPY_SLICE_TOKENS = 1 << 24  # 128 MiB of int64 counted at a time
 
 
 def token_dtype(vocab_size: int):
@@ -159,7 +160,10 @@ def unigram_entropy_nats(shard_paths, dtype, vocab_size: int) -> float:
     """The loss of the best model that ignores context: what training must beat."""
     counts = np.zeros(vocab_size, dtype=np.float64)
     for path in shard_paths:
-        counts += np.bincount(np.memmap(path, dtype=dtype, mode="r"), minlength=vocab_size)
+        tokens = np.memmap(path, dtype=dtype, mode="r")
+        # bincount copies its input as int64 (4x a uint16 shard): a slice at a time bounds that.
+        for start in range(0, len(tokens), ENTROPY_SLICE_TOKENS):
+            counts += np.bincount(tokens[start : start + ENTROPY_SLICE_TOKENS], minlength=vocab_size)
     probs = counts[counts > 0] / counts.sum()
     return float(-(probs * np.log(probs)).sum())
 
