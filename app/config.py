@@ -45,12 +45,25 @@ class DataConfig:
     path: Optional[str] = None
     text_field: str = "text"
     label_field: str = "label"
-    # Where prepare writes tokenizer.json, train.bin, val.bin and meta.json.
+    # hf_dataset only: read data.path with `datasets.load_dataset(path, streaming=True)` (a Hub
+    # name or a folder of data files) instead of load_from_disk; the split is then a seeded
+    # hash per document, as a stream's length is unknown.
+    streaming: bool = False
+    # Where prepare writes tokenizer.json, the {train,val}_NNNNN.bin shards and meta.json.
     dir: str = "data/${data.name}"
+    # Tokens per shard file (nanoGPT's FineWeb shards hold 100M); the last one is shorter.
+    shard_tokens: int = 100_000_000
+    # Processes that tokenize; None: one per core this process may run on.
+    workers: Optional[int] = None
+    # Megabytes of text sent to a worker at a time: large enough to amortise the hand-over, small
+    # enough that the workers share even a small corpus evenly and hold little memory.
+    batch_mb: float = 1.0
     # A local tokenizer directory (tokenizer.json) to reuse instead of training one.
     tokenizer_path: Optional[str] = None
     tokenizer_kind: str = "bpe"  # bpe (byte-level, decoders) | wordpiece (BERT)
     vocab_size: int = 4096
+    # A new tokenizer learns from the first this-many MB of training text in the seeded order.
+    tokenizer_sample_mb: float = 1024.0
     val_fraction: float = 0.1
     seed: int = 1337
     # Labelled passages (task=classify/mlm): spoken lines per passage, and the token limit.
@@ -283,9 +296,17 @@ def validate_data(data: DataConfig) -> None:
         raise ConfigError(f"data.source={data.source} reads local files: set data.path=<file or directory>")
     if not 0 < data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={data.val_fraction} must be between 0 and 1 (exclusive)")
-    for key in ("vocab_size", "passage_lines", "max_tokens"):
+    for key in ("vocab_size", "passage_lines", "max_tokens", "shard_tokens"):
         if data[key] < 1:
             raise ConfigError(f"data.{key}={data[key]} must be at least 1")
+    if data.workers is not None and data.workers < 1:
+        raise ConfigError(f"data.workers={data.workers} must be at least 1 (null: one per core)")
+    for key in ("batch_mb", "tokenizer_sample_mb"):
+        if data[key] <= 0:
+            raise ConfigError(f"data.{key}={data[key]} must be above 0")
+    if data.streaming and data.source != "hf_dataset":
+        raise ConfigError(f"data.streaming=true reads a `datasets` dataset, not data.source={data.source}; "
+                          "use data=hf_dataset or data.streaming=false")
 
 
 def validate(cfg: Config) -> None:

@@ -1,4 +1,5 @@
-"""Token windows for causal-LM training, read from the flat files prepare.py writes.
+"""Token windows for causal-LM training, read from the token shards prepare.py writes (or the
+one {split}.bin file of datasets prepared before shards existed).
 
 The training stream is one global sequence of samples, fixed by the seed alone: sample i is
 window perm_e[i mod n] of epoch e = i div n, each epoch a fresh permutation of the
@@ -10,21 +11,54 @@ continues it), and 2 ranks with batch b see exactly what 1 rank with batch 2b se
 """
 from functools import lru_cache
 from pathlib import Path
+from typing import List
 
 import numpy as np
 import torch
 
 
+class ShardedTokens:
+    """A split's shards read as one token array: len() and slices that may cross shard ends.
+    Each shard is its own memmap, so no single file has to hold the dataset."""
+
+    def __init__(self, paths: List[Path], dtype: str):
+        self.shards = [np.memmap(path, dtype=np.dtype(dtype), mode="r") for path in paths]
+        self.starts = np.cumsum([0] + [len(shard) for shard in self.shards])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, window: slice) -> np.ndarray:
+        start, stop, _ = window.indices(len(self))
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        pieces = []
+        while start < stop:
+            offset = start - self.starts[first]
+            piece = self.shards[first][offset : offset + stop - start]
+            pieces.append(piece)
+            start += len(piece)
+            first += 1
+        return np.concatenate(pieces) if pieces else self.shards[0][:0]
+
+
+def split_tokens(data_dir, meta: dict, split: str):
+    """The tokens of a prepared split: its shards, or the single file of an older dataset."""
+    data_dir = Path(data_dir)
+    if "shards" not in meta:
+        return np.memmap(data_dir / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+    return ShardedTokens([data_dir / shard["file"] for shard in meta["shards"][split]], meta["dtype"])
+
+
 class TokenWindows:
-    def __init__(self, bin_path: Path, dtype: str, seq_len: int, seed: int):
-        self.tokens = np.memmap(bin_path, dtype=np.dtype(dtype), mode="r")
+    def __init__(self, tokens, seq_len: int, seed: int, name: str = "the split"):
+        self.tokens = tokens
         self.seq_len = seq_len
         self.seed = seed
         # Each window needs seq_len + 1 tokens (inputs and shifted targets) plus room to shift.
         self.windows_per_epoch = (len(self.tokens) - 1 - seq_len) // seq_len
         if self.windows_per_epoch < 1:
             raise ValueError(
-                f"{bin_path} has {len(self.tokens)} tokens, too few for train.seq_len={seq_len}; "
+                f"{name} has {len(self.tokens)} tokens, too few for train.seq_len={seq_len}; "
                 "use more text or a shorter sequence"
             )
 

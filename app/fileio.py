@@ -60,6 +60,31 @@ def write_json(path: PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_json(path: PathLike):
+    return json.loads(Path(path).read_text())
+
+
+def replace_directory(staging: PathLike, final: PathLike) -> None:
+    """Make the complete directory `staging` be `final`, syncing it first, with one rename."""
+    staging, final = Path(staging), Path(final)
+    for path in staging.rglob("*"):
+        if path.is_file():
+            follow_umask(path, 0o666)  # safetensors writes 0600 too
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    fsync_dir(staging)
+    if final.exists():
+        # rename() cannot replace a non-empty directory: move the old one aside first.
+        retired = final.with_name(f".{final.name}.old")
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(final, retired)
+        os.replace(staging, final)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    fsync_dir(final.parent)
+
+
 @contextmanager
 def staged_directory(final: PathLike) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `final` in one rename."""
@@ -69,22 +94,7 @@ def staged_directory(final: PathLike) -> Iterator[Path]:
     try:
         follow_umask(staging, 0o777)
         yield staging
-        for path in staging.rglob("*"):
-            if path.is_file():
-                follow_umask(path, 0o666)  # safetensors writes 0600 too
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
-        fsync_dir(staging)
-        if final.exists():
-            # rename() cannot replace a non-empty directory: move the old one aside first.
-            retired = final.with_name(f".{final.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            os.replace(final, retired)
-            os.replace(staging, final)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, final)
-        fsync_dir(final.parent)
+        replace_directory(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

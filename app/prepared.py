@@ -13,10 +13,15 @@ def recipe(data_cfg, keys) -> dict:
     return {key: data_cfg[key] for key in keys}
 
 
-def is_up_to_date(out: Path, wanted: dict, log) -> bool:
-    """True when `out` was prepared from the same recipe, so nothing needs redoing."""
+def is_up_to_date(out: Path, wanted: dict, log, keys_added_since=None) -> bool:
+    """True when `out` was prepared from the same recipe, so nothing needs redoing.
+    `keys_added_since` gives the recipe keys that older meta.json files lack, with the values
+    that reproduce what was prepared before they existed."""
     meta_path = Path(out) / "meta.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()).get("recipe") == wanted:
+    if not meta_path.is_file():
+        return False
+    recorded = json.loads(meta_path.read_text()).get("recipe")
+    if recorded is not None and {**(keys_added_since or {}), **recorded} == wanted:
         log(f"prepare: {out} is up to date")
         return True
     return False

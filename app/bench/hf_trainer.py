@@ -84,8 +84,8 @@ def main() -> None:
     threads = cores.place(0, 1, [cores.affinity()], spec["threads"], cfg.train.bind_cores)
     torch.set_num_threads(threads)
     meta = prepared.read_meta(cfg.data.dir)
-    windows = data.TokenWindows(Path(cfg.data.dir) / "train.bin", meta["dtype"],
-                                cfg.train.seq_len or cfg.model.max_seq_len, cfg.train.seed)
+    windows = data.TokenWindows(data.split_tokens(cfg.data.dir, meta, "train"),
+                                cfg.train.seq_len or cfg.model.max_seq_len, cfg.train.seed, "train")
     steps = spec["warmup_steps"] + spec["measure_steps"]
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
     torch.manual_seed(cfg.train.seed)

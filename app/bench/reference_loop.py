@@ -10,7 +10,6 @@ import contextlib
 import gc
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
@@ -25,7 +24,7 @@ def build_reference(cfg, rank: int, world: int, distributed: bool):
     """This rank's token stream, the model (under DDP when distributed) and fused AdamW."""
     meta = prepared.read_meta(cfg.data.dir)
     seq_len = cfg.train.seq_len or cfg.model.max_seq_len
-    windows = data.TokenWindows(Path(cfg.data.dir) / "train.bin", meta["dtype"], seq_len, cfg.train.seed)
+    windows = data.TokenWindows(data.split_tokens(cfg.data.dir, meta, "train"), seq_len, cfg.train.seed, "train")
     stream = data.RankStream(windows, rank, world, cfg.train.micro_batch_size, cfg.train.grad_accum_steps)
     torch.manual_seed(cfg.train.seed)
     model = models.build_causal_lm(cfg.model, meta["vocab_size"])

@@ -33,9 +33,9 @@ class CausalLM:
         self.vocab_size = meta["vocab_size"]
         self.tokenizer_sha256 = meta["tokenizer_sha256"]
         self.seq_len = cfg.train.seq_len or cfg.model.max_seq_len
-        directory = Path(cfg.data.dir)
-        train = data.TokenWindows(directory / "train.bin", meta["dtype"], self.seq_len, cfg.train.seed)
-        self.eval_windows = data.TokenWindows(directory / f"{split}.bin", meta["dtype"], self.seq_len, cfg.train.seed)
+        train = data.TokenWindows(data.split_tokens(cfg.data.dir, meta, "train"), self.seq_len, cfg.train.seed, "train")
+        self.eval_windows = data.TokenWindows(data.split_tokens(cfg.data.dir, meta, split), self.seq_len,
+                                              cfg.train.seed, split)
         self.stream = data.RankStream(train, rank, world, cfg.train.micro_batch_size, cfg.train.grad_accum_steps)
 
     def build_model(self):

@@ -9,7 +9,7 @@ from app import data, dist
 data_dir, out_path, steps = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 dist.init()
 meta = json.loads((data_dir / "meta.json").read_text())
-windows = data.TokenWindows(data_dir / "train.bin", meta["dtype"], seq_len=32, seed=7)
+windows = data.TokenWindows(data.split_tokens(data_dir, meta, "train"), seq_len=32, seed=7)
 stream = data.RankStream(windows, dist.rank(), dist.size(), micro_batch=3, accum_steps=2)
 starts = []
 for step in range(steps):
