@@ -20,6 +20,7 @@ import psutil
 
 LOOPBACK = "127.0.0.1"
 
+
 def this_machines_addresses() -> set:
     return {address.address.split("%")[0]  # an IPv6 link-local address carries its scope: fe80::1%eth0
             for addresses in psutil.net_if_addrs().values() for address in addresses

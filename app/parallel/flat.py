@@ -8,10 +8,10 @@ over s ranks, the first n % s ranks get one element more. A `Unit` is the FlatSh
 module, moved together in grouped collectives (one negotiation, one fused buffer)."""
 from typing import List, Optional
 
-from app.parallel.optimizer_state import is_per_element
-
 import horovod.torch as hvd
 import torch
+
+from app.parallel.optimizer_state import is_per_element
 
 
 def split_sizes(numel: int, size: int) -> List[int]:
@@ -136,7 +136,7 @@ class FlatShard:
         if not present:
             return None
         per_element = {key for entry in present for key, value in entry.items() if is_per_element(value)}
-        state = {key: _copy(max((entry[key] for entry in present if key in entry), key=float))
+        state = {key: copy_value(max((entry[key] for entry in present if key in entry), key=float))
                  for key in {key for entry in present for key in entry} - per_element}
         for key in sorted(per_element):
             like = next(entry[key] for entry in present if key in entry)
@@ -146,7 +146,7 @@ class FlatShard:
         return state
 
 
-def _copy(value):
+def copy_value(value):
     """Its own copy: the optimizer bumps a step counter in place, which must not reach the source."""
     return value.clone() if torch.is_tensor(value) else value
 

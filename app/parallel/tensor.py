@@ -132,8 +132,8 @@ class TensorParallel(DataParallel):
         over the group; a replicated one (the norms' gains, equal on every shard) counted once."""
         named = [(name, param.grad) for name, param in self.model.named_parameters() if param.grad is not None]
         grads = [grad for _, grad in named]
-        # On the gradients' device: a CUDA square added in place into a CPU tensor raises.
-        sharded = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+        # On the parameters' device: a CUDA square added in place into a CPU tensor raises.
+        sharded = torch.zeros((), dtype=torch.float64, device=next(self.model.parameters()).device)
         replicated = torch.zeros_like(sharded)
         for name, grad in named:
             square = grad.detach().double().pow(2).sum()

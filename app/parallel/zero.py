@@ -40,7 +40,7 @@ import torch
 from app import dist, models
 from app.checkpoint import SavedState
 from app.parallel.base import Parallelism, held_bytes, load_model_state
-from app.parallel.flat import FlatShard, Unit
+from app.parallel.flat import FlatShard, Unit, copy_value
 from app.parallel.layers import transformer_layers
 from app.parallel.optimizer_state import by_index, by_name, full_model_order, is_per_element
 
@@ -172,7 +172,7 @@ class Zero(Parallelism):
                                          process_set=self.process_set)
                     values = flat.split_full(full)
                 else:  # a copy each: a shared step counter would be bumped once per parameter
-                    values = [value.clone() if torch.is_tensor(value) else value for _ in flat.params]
+                    values = [copy_value(value) for _ in flat.params]
                 if dist.is_main():  # the others only take part in the allgathers
                     for param, piece in zip(flat.params, values):
                         state.setdefault(names[id(param)], {})[key] = piece
