@@ -360,6 +360,7 @@ def validate(cfg: Config) -> None:
     if cfg.parallel.tensor > 1:
         validate_tensor_parallel(cfg)
     validate_pipeline(cfg)
+    validate_split_sync(cfg)
 
 
 def validate_sync(sync: SyncConfig) -> None:
@@ -414,15 +415,25 @@ def validate_pipeline(cfg: Config) -> None:
                                         f"{cfg.model.num_layers}"),
         (cfg.model.tie_embeddings, "keeps the embedding on the first stage and the LM head on the last, so they "
                                    "cannot be tied; use model.tie_embeddings=false"),
-        (cfg.train.precision == "fp16", "cannot use fp16's loss scaler (stages could skip different steps); use "
-                                        "train.precision=bf16 or fp32"),
-        (not cfg.sync.gradient_allreduce or cfg.sync.op != "average" or cfg.sync.param_average_every,
-         f"averages gradients over each stage's data-parallel ranks; use sync=allreduce or sync=fp16_compression, "
-         f"not sync={cfg.sync.name}"),
     ]
     for refused, why in refusals:
         if refused:
             raise ConfigError(f"parallel.pipeline={stages} {why}")
+
+
+def validate_split_sync(cfg: Config) -> None:
+    """The sync modes that do not compose with a split model (parallel.tensor or
+    parallel.pipeline > 1): their per-rank replicas and updates are whole-model ones."""
+    split = [f"parallel.{key}={getattr(cfg.parallel, key)}" for key in ("tensor", "pipeline")
+             if getattr(cfg.parallel, key) > 1]
+    if not split:
+        return
+    if not cfg.sync.gradient_allreduce:
+        raise ConfigError(f"{' '.join(split)} cannot run local SGD (sync={cfg.sync.name}): its checkpoints keep "
+                          "whole-model replicas per rank; use sync=allreduce or sync=param_average")
+    if cfg.sync.op == "adasum":
+        raise ConfigError(f"{' '.join(split)} cannot run sync=adasum: Adasum combines whole-model updates over the "
+                          "world; use sync=allreduce or sync=fp16_compression")
 
 
 def validate_zero(cfg: Config) -> None:
@@ -430,15 +441,9 @@ def validate_zero(cfg: Config) -> None:
     if cfg.parallel.zero_stage == 0:
         return
     stage = f"parallel.zero_stage={cfg.parallel.zero_stage}"
-    if cfg.parallel.pipeline > 1 or cfg.parallel.tensor > 1:
-        raise ConfigError(f"{stage} shards over plain data parallelism only in this version; use "
-                          "parallel.pipeline=1 parallel.tensor=1, or parallel.zero_stage=0")
     if not cfg.sync.gradient_allreduce or cfg.sync.op != "average" or cfg.sync.param_average_every:
         raise ConfigError(f"{stage} averages gradients itself; use sync=allreduce (or sync=fp16_compression), "
                           f"or parallel.zero_stage=0 for sync={cfg.sync.name}")
-    if cfg.train.precision == "fp16":
-        raise ConfigError(f"{stage} does not support train.precision=fp16 (its loss scaler would skip steps on "
-                          "some shards only); use train.precision=bf16 or fp32")
 
 
 def check_elastic(cfg: Config) -> None:
@@ -471,18 +476,12 @@ def validate_tensor_parallel(cfg: Config) -> None:
     into T equal shards (a vocabulary left to the tokenizer is checked once it is known), and
     gradients averaged every step (the other sync modes reduce over all ranks, mixing shards)."""
     tensor = cfg.parallel.tensor
-    if cfg.parallel.pipeline > 1:
-        raise ConfigError(f"parallel.tensor={tensor} with parallel.pipeline={cfg.parallel.pipeline}: tensor "
-                          "parallelism inside pipeline stages is not available in this version; use one of them")
     if cfg.task != "clm":
         raise ConfigError(f"parallel.tensor={tensor} splits LLaMA decoders (task=clm) only; use parallel.tensor=1 "
                           f"for task={cfg.task}")
     sizes = {"model.num_heads": cfg.model.num_heads, "model.num_kv_heads": cfg.model.num_kv_heads,
              "model.intermediate_size": cfg.model.intermediate_size, "model.vocab_size": cfg.model.vocab_size}
     check_divisible_by_tensor(sizes, tensor)
-    if not cfg.sync.gradient_allreduce or cfg.sync.op != "average" or cfg.sync.param_average_every:
-        raise ConfigError(f"parallel.tensor={tensor} averages gradients over data-parallel groups only; "
-                          f"sync={cfg.sync.name} does not, use sync=allreduce or sync=fp16_compression")
 
 
 def check_divisible_by_tensor(sizes: dict, tensor: int) -> None:

@@ -181,12 +181,28 @@ def mpi_in_place():
     return MPI.IN_PLACE
 
 
+def mpi_op(name: str):
+    """MPI's reduction by its lower-case name: sum, max."""
+    from mpi4py import MPI
+
+    return getattr(MPI, name.upper())
+
+
 def data_position() -> Tuple[int, int]:
     """This rank's index among the data-parallel replicas, and how many there are: the ranks of
     one pipeline (or tensor group) train on the same samples."""
     if _mesh is None or _mesh.world != size():
         return rank(), size()
     return _mesh.coordinates(rank())["data"], _mesh.data
+
+
+def noise_rank() -> int:
+    """This rank's index for its random noise (dropout): the same on a tensor set's ranks, whose
+    replicated activations must see the same masks (as Megatron seeds them), distinct across data
+    replicas and pipeline stages. Ranks are numbered tensor-fastest (app/mesh.py)."""
+    if _mesh is None or _mesh.world != size():
+        return rank()
+    return rank() // _mesh.tensor
 
 
 def settings_in_effect() -> dict:
@@ -294,6 +310,27 @@ def broadcast_object(obj, name: str):
 
 def allgather_object(obj, name: str):
     return hvd.allgather_object(to_cpu(obj), name=name)
+
+
+def _mpi_world_is_ours() -> bool:
+    return launched_by_mpi() and mpi_world().Get_size() == size()
+
+
+def scatter_object(pieces, name: str):
+    """Rank 0's pieces[r] to each rank r: over MPI one piece each; under Gloo, which has no
+    scatter, every rank receives the list and keeps its own."""
+    if _mpi_world_is_ours():
+        return mpi_world().scatter(to_cpu(pieces), root=0)
+    return broadcast_object(pieces, name=name)[rank()]
+
+
+def gather_object(obj, name: str):
+    """Every rank's object, in rank order, on rank 0 (None elsewhere): over MPI to rank 0
+    alone; under Gloo by an allgather."""
+    if _mpi_world_is_ours():
+        return mpi_world().gather(to_cpu(obj), root=0)
+    gathered = allgather_object(obj, name=name)
+    return gathered if is_main() else None
 
 
 def barrier() -> None:

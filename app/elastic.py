@@ -32,7 +32,7 @@ from horovod.common.elastic import State
 
 from app import checkpoint, dist, runtime
 from app.config import ConfigError
-from app.parallel.data import load_into
+from app.parallel.base import load_into
 
 log = logging.getLogger("app.elastic")
 
@@ -171,7 +171,7 @@ def join_world(cfg, training, progress: checkpoint.TrainState, run, journal: Jou
     run.open_logger(progress.step)
     torch.set_num_threads(dist.place_rank(cfg.train.threads_per_rank, cfg.train.bind_cores))
     training.use_world(cfg, *dist.data_position())
-    torch.manual_seed(cfg.train.seed + dist.rank() + 1_000_003 * progress.step)
+    torch.manual_seed(cfg.train.seed + dist.noise_rank() + 1_000_003 * progress.step)
     journal.event("world", step=progress.step, world_size=dist.size())
     journal.write_pending()
     run.logger.log(progress.step, {"elastic/world_size": dist.size()})

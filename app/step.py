@@ -105,7 +105,7 @@ def build_training(cfg, device: torch.device) -> Training:
     task, batches = build_data(cfg, device, data_rank, data_replicas)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = task.build_model().to(device)
-    torch.manual_seed(cfg.train.seed + dist.rank())  # dropout noise differs per rank
+    torch.manual_seed(cfg.train.seed + dist.noise_rank())  # dropout noise differs per replica
     # Counted on the whole model, before a layout may shard it.
     parameters, flops_per_token = models.count_parameters(model), task.flops_per_token(model)
     layout = parallel.build(cfg, model)

@@ -94,7 +94,7 @@ def resume_or_start(cfg, run_dir: Path, training: Training, state: checkpoint.Tr
     else:
         # The data position is a global sample count, valid for any world size; only the
         # per-rank dropout RNG cannot carry over, so it is re-derived from (seed, rank, step).
-        torch.manual_seed(cfg.train.seed + dist.rank() + 1_000_003 * state.step)
+        torch.manual_seed(cfg.train.seed + dist.noise_rank() + 1_000_003 * state.step)
         log.warning("resuming a %d-rank checkpoint on %d ranks: data position re-derived", saved.world_size,
                     dist.size())
     if training.scaler is not None and saved.grad_scaler:

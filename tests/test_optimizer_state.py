@@ -1,5 +1,6 @@
 """One by-name conversion between a layout's optimizer state and a plain optimizer's on the full
-model (app/parallel/optimizer_state.py), and ZeRO's flat slices built from it (app/parallel/flat.py)."""
+model (app/parallel/optimizer_state.py), cut into placements' boxes and assembled back
+(app/parallel/placement.py), and ZeRO's flat slices built from it (app/parallel/flat.py)."""
 from types import SimpleNamespace
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 
 from app import optim
 from app.parallel.flat import FlatShard
-from app.parallel.optimizer_state import by_index, by_name, full_model_order, map_pieces
+from app.parallel.optimizer_state import by_index, by_name, full_model_order
+from app.parallel.placement import Placement, assemble, assemble_state, cut_state
 
 
 class Odd(torch.nn.Module):
@@ -33,14 +35,18 @@ def stepped_plain_optimizer(model: Odd, steps: int = 2) -> torch.optim.Optimizer
 LAYOUT_ORDER = [["unused", "weight"], ["norm"]]  # a layout's own order, not the plain one's
 
 
+def halves(model: Odd, half: int) -> dict:
+    """The placements of a layout rank holding half `half` of each parameter's rows."""
+    return {name: Placement.whole(name, p.shape, ["tensor"]).split(0, 2, half, "tensor")
+            for name, p in model.named_parameters()}
+
+
 def layout_rank(model: Odd, named: dict, half: int):
     """A layout rank holding half `half` of each parameter's rows, loaded from by_name's form."""
-    def piece(name: str, whole: torch.Tensor) -> torch.Tensor:
-        rows = whole.shape[0] // 2
-        return whole[half * rows : (half + 1) * rows].clone()
-    pieces = {name: torch.nn.Parameter(piece(name, p.detach())) for name, p in model.named_parameters()}
+    cut = cut_state(halves(model, half), dict(model.named_parameters()), named)
+    pieces = {name: torch.nn.Parameter(tensor) for name, tensor in cut["model"].items()}
     optimizer = torch.optim.AdamW([{"params": [pieces[n] for n in names]} for names in LAYOUT_ORDER], lr=0.1)
-    optimizer.load_state_dict(by_index(map_pieces(named, piece), LAYOUT_ORDER))
+    optimizer.load_state_dict(by_index(cut["optimizer"], LAYOUT_ORDER))
     return pieces, optimizer
 
 
@@ -61,14 +67,16 @@ def test_plain_state_goes_to_a_layout_in_another_order_by_name_and_comes_back_un
     assert first["unused"] not in first_optimizer.state
     assert float(first_optimizer.state[first["weight"]]["step"]) == 2
 
-    # Gathered back as a collective pairs calls up, by their order on each rank, into a plain
-    # optimizer's form.
-    others = iter([value for entry in by_name(second_optimizer.state_dict(), LAYOUT_ORDER)["state"].values()
-                   for value in entry.values() if value.dim()])
-    gathered = map_pieces(by_name(first_optimizer.state_dict(), LAYOUT_ORDER),
-                          lambda name, mine: torch.cat([mine, next(others)]))
+    # Assembled back from both ranks' boxes into a plain optimizer's form.
+    entries = [(halves(model, half)[name], entry) for half, rank_optimizer in enumerate((first_optimizer,
+                                                                                         second_optimizer))
+               for name, entry in by_name(rank_optimizer.state_dict(), LAYOUT_ORDER)["state"].items()]
+    gathered = {"state": assemble_state(entries), "groups": named["groups"]}
     fresh = torch.optim.AdamW(optim.parameter_groups(model, weight_decay=0.1), lr=0.1)
     fresh.load_state_dict(by_index(gathered, order))
+    weights = assemble((halves(model, half)[name], p.detach()) for half, rank in enumerate((first, second))
+                       for name, p in rank.items())
+    assert all(torch.equal(weights[name], p) for name, p in model.named_parameters())
     for param in (model.weight, model.norm):
         for key, value in plain.state[param].items():
             assert torch.equal(fresh.state[param][key], value), key

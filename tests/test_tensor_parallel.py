@@ -157,7 +157,8 @@ def test_a_plain_checkpoint_resumes_into_tensor_parallel_under_mpi(tiny_data, tm
 @pytest.mark.parametrize("override, message", [
     ("model.intermediate_size=171", "model.intermediate_size=171 is not divisible by parallel.tensor=2"),
     ("model.num_kv_heads=1", "model.num_kv_heads=1 is not divisible by parallel.tensor=2"),
-    ("sync=local_sgd", "parallel.tensor=2 averages gradients over data-parallel groups only"),
+    ("sync=local_sgd", "parallel.tensor=2 cannot run local SGD"),
+    ("sync=adasum", "parallel.tensor=2 cannot run sync=adasum"),
 ])
 def test_a_model_that_does_not_split_is_refused_naming_the_key(override, message):
     cfg = cli.compose_config(["model=llama_tiny", "parallel.tensor=2", override])

@@ -40,7 +40,7 @@ def allreduce_bytes(training, cfg, measured_tensor_bytes: int, steps: int) -> di
 
 def main() -> None:
     spec, cfg, training = worker.read_spec_and_start()
-    timer, group = PhaseTimer(training.device), getattr(training.parallel, "group", None)
+    timer, group = PhaseTimer(training.device), training.parallel.part.tensor_group
     stream = training.task.stream
     for step in range(spec["warmup_steps"]):
         train_step(training, step * stream.global_batch, step, timer)

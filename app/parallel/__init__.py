@@ -1,29 +1,39 @@
-"""Ways of splitting training across ranks, each an implementation of `base.Parallelism`."""
+"""Ways of splitting training across ranks, applied to a plain model from outside, in
+torchtitan's order, each concern one object (app/parallel/layout.py composes them):
+
+1. cut this rank's pipeline stage (stages.py) and 2. split its tensors across the tensor set
+   (tensor.py): the rank's part and its placements (model_part.py, placement.py);
+3. activation checkpointing (layers.py); 4. compile (app/compilation.py, applied by the step);
+5. the data dimension's gradient handling over the data set (data.py, zero.py);
+6. the schedule: plain, or a pipeline's GPipe or 1F1B (pipeline.py).
+"""
 import torch
 
-from app import dist
+from app import dist, models
+from app.parallel import data
 from app.parallel.base import Parallelism
-from app.parallel.data import Adasum, DataParallel, LocalSGD
 from app.parallel.layers import apply_activation_checkpointing
-from app.parallel.pipeline import PipelineParallel
-from app.parallel.tensor import TensorParallel
+from app.parallel.layout import Layout
+from app.parallel.model_part import ModelPart
+from app.parallel.pipeline import PipelineSchedule
 from app.parallel.zero import Zero
 
 
 def build(cfg, model: torch.nn.Module) -> Parallelism:
-    """The layout the config asks for, applied to a plain model (torchtitan's parallelize order:
-    activation checkpointing first, then how ranks split the work)."""
-    apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.activation_checkpointing_every)
-    if cfg.parallel.pipeline > 1:
-        return PipelineParallel(model, cfg)
-    if cfg.parallel.tensor > 1:  # config.validate allows only plain gradient averaging beside it
-        return TensorParallel(model, cfg.sync, cfg.train.grad_accum_steps)
+    """The layout the config asks for, applied to a plain model."""
+    part = ModelPart(model)
+    apply_activation_checkpointing(part.module, cfg.train.activation_checkpointing,
+                                   cfg.train.activation_checkpointing_every)
+    mesh, accum = part.mesh, cfg.train.grad_accum_steps
+    data_set, root = dist.process_set("data"), mesh.group(dist.rank(), "data")[0]
     if cfg.parallel.zero_stage:
-        # Shards over the ranks that hold replicas: the world, or under tensor or pipeline
-        # parallelism this rank's data-parallel group.
-        return Zero(model, cfg.parallel.zero_stage, cfg.sync, cfg.train.grad_accum_steps, dist.process_set("data"))
-    if not cfg.sync.gradient_allreduce:
-        return LocalSGD(model, cfg.sync, cfg.train.grad_accum_steps)
-    if cfg.sync.op == "adasum":
-        return Adasum(model, cfg.sync, cfg.train.grad_accum_steps)
-    return DataParallel(model, cfg.sync, cfg.train.grad_accum_steps)
+        sync = Zero(part.module, cfg.parallel.zero_stage, cfg.sync, accum, data_set, root,
+                    pipelined=part.stage is not None, counted=part.counted_in_model)
+    else:
+        sync = data.build(part.module, cfg.sync, accum, data_set, root)
+    schedule = None
+    if part.stage is not None:
+        # The last stage's loss from its logits: the vocabulary-parallel one when tensors are split.
+        loss_of_logits = getattr(model, "logits_cross_entropy", models.next_token_loss)
+        schedule = PipelineSchedule(part.stage, part.coordinates, mesh.pipeline, cfg, loss_of_logits)
+    return Layout(part, sync, schedule)

@@ -5,6 +5,8 @@ from typing import Dict, Iterable, List
 import horovod.torch as hvd
 import torch
 
+from app import dist
+
 
 def _mpi():
     # Imported only when MPI is wanted: importing mpi4py initialises MPI, which a Gloo launch must
@@ -24,29 +26,32 @@ def check_mpi_world() -> None:
         )
 
 
-def _average_in_place(tensors: List[torch.Tensor], backend: str, name: str) -> None:
+def _average_in_place(tensors: List[torch.Tensor], backend: str, name: str, process_set) -> None:
     if backend == "horovod":
-        hvd.grouped_allreduce_(tensors, op=hvd.Average, name=name)
+        hvd.grouped_allreduce_(tensors, op=hvd.Average, name=name, process_set=process_set)
         return
     # One flat fp32 buffer: one MPI call, and a dtype MPI reduces everywhere.
     flat = torch.cat([t.reshape(-1).float() for t in tensors]).cpu()
     MPI = _mpi()
-    MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
-    flat /= hvd.size()
+    # The data-parallel set's communicator under a tensor or pipeline layout, else the world.
+    comm = dist.mpi_communicator("data") or MPI.COMM_WORLD
+    comm.Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
+    flat /= comm.Get_size()
     offset = 0
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
 
 
-def average_parameters(parameters: Iterable[torch.nn.Parameter], backend: str) -> None:
-    """Replace every rank's parameters by their mean across ranks, in place."""
+def average_parameters(parameters: Iterable[torch.nn.Parameter], backend: str,
+                       process_set=hvd.global_process_set) -> None:
+    """Replace every rank's parameters by their mean across the set's ranks, in place."""
     with torch.no_grad():
-        _average_in_place([p.data for p in parameters], backend, "param_average")
+        _average_in_place([p.data for p in parameters], backend, "param_average", process_set)
 
 
-def mean_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The mean across ranks of a state dict, leaving the ranks' own tensors as they are."""
+def mean_state(state: Dict[str, torch.Tensor], process_set=hvd.global_process_set) -> Dict[str, torch.Tensor]:
+    """The mean across the set's ranks of a state dict, leaving the ranks' own tensors as they are."""
     copies = {k: v.detach().clone() for k, v in state.items() if v.is_floating_point()}
-    hvd.grouped_allreduce_(list(copies.values()), op=hvd.Average, name="mean_state")
+    hvd.grouped_allreduce_(list(copies.values()), op=hvd.Average, name="mean_state", process_set=process_set)
     return {k: copies.get(k, v) for k, v in state.items()}

@@ -132,6 +132,11 @@ def held_bytes(params: List[torch.Tensor], optimizer) -> Dict[str, int]:
             "optimizer_state": total(state)}
 
 
+def load_into(model: torch.nn.Module, optimizer, saved: SavedState) -> None:
+    load_model_state(model, saved.model)
+    optimizer.load_state_dict(saved.optimizer)
+
+
 def load_model_state(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
     """Load a full state dict whose tied weights may be stored once (safetensors keeps one name
     per storage): a key may be missing only if it shares its storage with one that is present."""

@@ -21,11 +21,13 @@ def split_sizes(numel: int, size: int) -> List[int]:
 
 
 class FlatShard:
-    def __init__(self, params: List[torch.nn.Parameter], group: int, process_set, shard_is_view: bool):
+    def __init__(self, params: List[torch.nn.Parameter], group: int, process_set, shard_is_view: bool,
+                 counted: bool = True):
         if any(p.dtype != torch.float32 for p in params):
             raise ValueError("ZeRO keeps fp32 parameters (bf16 is autocast's compute type); build the model in "
                              "fp32 or use parallel.zero_stage=0")
         self.params, self.group = params, group
+        self.counted = counted  # whether this rank's squares count in the global gradient norm
         self.numels = [p.numel() for p in params]
         self.numel = sum(self.numels)
         counts = split_sizes(self.numel, process_set.size())

@@ -9,12 +9,14 @@ from torch.utils.checkpoint import checkpoint
 
 
 def transformer_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
-    """The blocks of the ModuleList holding most of the model's parameters."""
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    """The blocks of the ModuleList (or a pipeline stage's ModuleDict) holding most of the
+    model's parameters."""
+    lists = [list(m.values()) if isinstance(m, torch.nn.ModuleDict) else list(m) for m in model.modules()
+             if isinstance(m, (torch.nn.ModuleList, torch.nn.ModuleDict)) and len(m)]
     if not lists:
         raise ValueError(f"{type(model).__name__} has no list of layers to shard or checkpoint; "
                          "use parallel.zero_stage=0 and train.activation_checkpointing=none")
-    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
+    return max(lists, key=lambda blocks: sum(p.numel() for block in blocks for p in block.parameters()))
 
 
 def _recomputed(forward, *args, **kwargs):

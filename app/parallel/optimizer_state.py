@@ -6,10 +6,10 @@ of the full model's, a tensor-parallel rank's shards, ZeRO's flat slices. Checkp
 plain optimizer (optim.build_optimizer) on the full model would (the SavedState contract), so any
 layout resumes from any other. Every layout converts through one form, the state keyed by global
 parameter name (`by_name`): the plain state_dict re-keyed with `full_model_order`, then cut into
-this rank's pieces by name (`map_pieces`), then keyed by the layout's own order (`by_index`); and
-the reverse to save. No position of one optimizer is ever read as a position of another.
+this rank's boxes by their placements (app/parallel/placement.py), then keyed by the layout's own
+order (`by_index`); and the reverse to save. No position of one optimizer is ever read as a position of another.
 """
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import torch
 
@@ -57,23 +57,3 @@ def by_index(named: dict, order: List[List[str]]) -> dict:
 def is_per_element(value) -> bool:
     """State shaped like its parameter (Adam's moments, momentum), not a scalar (Adam's step)."""
     return torch.is_tensor(value) and value.dim() > 0
-
-
-def map_pieces(named: dict, piece: Callable[[str, torch.Tensor], torch.Tensor]) -> dict:
-    """by_name's form with every per-element tensor passed through piece(name, tensor): a
-    layout's slice of the whole, or the whole gathered from the slices. Called in the state's
-    order, the same on every rank, so `piece` may be a collective."""
-    return {**named, "state": {name: {key: piece(name, value) if is_per_element(value) else value
-                                      for key, value in entry.items()}
-                               for name, entry in named["state"].items()}}
-
-
-def merge(pieces: List[dict]) -> dict:
-    """Stages' by_name states as one: every stage holds the same group settings."""
-    return {"state": {k: v for piece in pieces for k, v in piece["state"].items()}, "groups": pieces[0]["groups"]}
-
-
-def restrict(named: dict, names: List[str]) -> dict:
-    """The part of a by_name state that concerns `names`."""
-    wanted = set(names)
-    return {"state": {k: v for k, v in named["state"].items() if k in wanted}, "groups": named["groups"]}

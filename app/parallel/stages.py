@@ -1,7 +1,7 @@
 """A plain Hugging Face LLaMA cut into pipeline stages from outside (torchtitan's pipeline.py):
 consecutive decoder layers per stage, the embedding with the first, the final norm and LM head
 with the last. The model file is untouched; a stage module holds references to the model's own
-submodules, so parameter names map back to the full model's and checkpoints stay full-model.
+submodules, so parameter names map back to the full model's (its placements' global names).
 """
 from typing import Dict, List
 
@@ -68,28 +68,8 @@ class Stage(torch.nn.Module):
             hidden = layer(hidden, attention_mask=mask, position_embeddings=angles, position_ids=position_ids)
         return self.lm_head(self.norm(hidden)) if self.last else hidden
 
-    def full_state(self) -> Dict[str, torch.Tensor]:
-        """This stage's parameters under the full model's names, copied to the CPU."""
-        return {self.full_names[name]: p.detach().cpu().clone() for name, p in self.named_parameters()}
-
-    def load_full_state(self, state: Dict[str, torch.Tensor]) -> None:
-        missing = [full for full in self.full_names.values() if full not in state]
-        if missing:
-            raise ValueError(f"saved weights lack {missing[:3]}; use the model config they were trained with")
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                p.copy_(state[self.full_names[name]])
-
     def free_others(self) -> None:
         """Give back the memory of the layers other stages run (their structure stays, on the
-        meta device, so the full model can be rebuilt for evaluation)."""
+        meta device: the whole model's parameter names and shapes, which checkpoints read)."""
         for _, module in self.others:
             module.to("meta")
-
-    def restore_others(self, state: Dict[str, torch.Tensor], device: torch.device) -> None:
-        """Fill the freed layers with `state` (the full model's weights), until free_others."""
-        with torch.no_grad():
-            for prefix, module in self.others:
-                module.to_empty(device=device)
-                for name, p in module.named_parameters():
-                    p.copy_(state[prefix + name])

@@ -24,25 +24,31 @@ so the transient copies stay a layer or two whatever the model's size.
   again when the gradient of its output arrives (prefetching the layer before it) and freed
   once its gradients are reduced. The rest of the model is gathered for the whole forward.
 
+Under a pipeline (`pipelined`), whose micro-batches interleave forwards and backwards, stage 2
+reduce-scatters each unit once, after the step's last micro-batch (its flat gradient summing the
+micro-batches meanwhile), and stage 3 keeps a gathered unit until the step's gradients are
+reduced instead of resharding between micro-batches, as torchtitan runs FSDP under PP.
+
 Gradients travel in fp32 (Horovod has no bf16 collectives), or fp16 with sync.compression=fp16.
-Checkpoints hold the full model and the plain optimizer's state dict (app/checkpoint.py), so a
-run resumes at any stage and world size. Every collective is named from the unit's index.
+It works on the data-parallel set only, over this rank's part (the whole model, or its pipeline
+stage's tensor shards); its state converts to the plain optimizer's, by local name, so a
+checkpoint resumes at any stage and layout. Every collective is named from the unit's index.
 """
 import functools
 import hashlib
 import inspect
 from contextlib import contextmanager
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import horovod.torch as hvd
 import torch
 
-from app import dist, models
-from app.checkpoint import SavedState
-from app.parallel.base import Parallelism, held_bytes, load_model_state
+from app import models
+from app.parallel.base import held_bytes, load_model_state
+from app.parallel.data import DataSync
 from app.parallel.flat import FlatShard, Unit, copy_value
 from app.parallel.layers import transformer_layers
-from app.parallel.optimizer_state import by_index, by_name, full_model_order, is_per_element
+from app.parallel.optimizer_state import is_per_element
 
 # Units whose reduce-scatter may be outstanding (their full gradients alive) during backward,
 # and whose allgather may be outstanding when every unit is gathered: enough to keep the wire
@@ -51,17 +57,22 @@ MAX_REDUCES_IN_FLIGHT = 2
 MAX_GATHERS_IN_FLIGHT = 2
 
 
-def build_units(model, groups: List[dict], layers: List[torch.nn.Module], process_set, shard_is_view: bool):
+def build_units(model, groups: List[dict], layers: List[torch.nn.Module], process_set, shard_is_view: bool,
+                counted: Callable[[torch.nn.Parameter], bool]):
     """Unit 0 is the model minus `layers`; unit i + 1 is layers[i]. Within a unit, one FlatShard
-    per optimizer group, its parameters in the optimizer's order."""
+    per optimizer group and per `counted` (whether the parameter's squares count in a global
+    norm on this rank: a tensor-replicated one only on the tensor set's first rank), its
+    parameters in the optimizer's order."""
     unit_of = {id(p): i + 1 for i, layer in enumerate(layers) for p in layer.parameters()}
-    members = [[[] for _ in groups] for _ in range(len(layers) + 1)]
-    for g, group in enumerate(groups):
-        for param in group["params"]:
-            members[unit_of.get(id(param), 0)][g].append(param)
     units = []
-    for u, per_group in enumerate(members):
-        flats = [FlatShard(params, g, process_set, shard_is_view) for g, params in enumerate(per_group) if params]
+    for u in range(len(layers) + 1):
+        flats = []
+        for g, group in enumerate(groups):
+            mine = [p for p in group["params"] if unit_of.get(id(p), 0) == u]
+            for kind in (True, False):
+                params = [p for p in mine if counted(p) == kind]
+                if params:
+                    flats.append(FlatShard(params, g, process_set, shard_is_view, counted=kind))
         units.append(Unit(u, model if u == 0 else layers[u - 1], flats, process_set))
     return units
 
@@ -75,14 +86,22 @@ def local_optimizer(plain: torch.optim.Optimizer, shards_per_group: List[List[to
     return type(plain)(groups, **settings)
 
 
-class Zero(Parallelism):
-    def __init__(self, model: torch.nn.Module, stage: int, sync_cfg, grad_accum_steps: int,
-                 process_set=hvd.global_process_set):
-        super().__init__(model)
-        self.stage, self.process_set = stage, process_set
+class Zero(DataSync):
+    sharded = True
+
+    def __init__(self, model: torch.nn.Module, stage: int, sync_cfg, grad_accum_steps: int, process_set, root: int,
+                 pipelined: bool = False, counted: Callable[[str], bool] = lambda name: True):
+        super().__init__(model, sync_cfg, grad_accum_steps, process_set, root)
+        self.stage, self.pipelined = stage, pipelined
+        names = {id(p): name for name, p in model.named_parameters()}
+        self.counted = lambda param: counted(names[id(param)])
         # Stage 1 keeps whole gradients, summed over the micro-batches in place: a unit is reduced
-        # once its parameters' last micro-batch is in. Stages 2-3 reduce each micro-batch's.
-        self.passes_per_reduce = grad_accum_steps if stage == 1 else 1
+        # once its parameters' last micro-batch is in. Stages 2-3 reduce each micro-batch's, but
+        # under a pipeline once per step.
+        self.passes_per_reduce = grad_accum_steps if stage == 1 or pipelined else 1
+        # Stage 3 frees a unit after each use, but under a pipeline only once the step's
+        # gradients are reduced: its micro-batches come back to every unit again and again.
+        self.reshards = stage == 3 and not pipelined
         self.wire_dtype = torch.float16 if sync_cfg.compression == "fp16" else torch.float32
         # Units whose gather is issued ahead of the forward reaching them: stage 3 one, as each
         # gathered unit is memory that sharding gave back; stages 1-2 hold every full buffer anyway.
@@ -103,7 +122,7 @@ class Zero(Parallelism):
 
     def wrap_optimizer(self, optimizer):
         self.units = build_units(self.model, optimizer.param_groups, self.layers, self.process_set,
-                                 shard_is_view=self.stage < 3)
+                                 shard_is_view=self.stage < 3, counted=self.counted)
         shards = [[f.shard for f in self.flats if f.group == g] for g in range(len(optimizer.param_groups))]
         self.optimizer = local_optimizer(optimizer, shards)
         if self.stage == 1:
@@ -116,26 +135,28 @@ class Zero(Parallelism):
         return self.optimizer
 
     # --- start and checkpoints ----------------------------------------------------------------
-    def start(self, saved: Optional[SavedState]) -> None:
-        """Rank 0's weights (from `saved` when resuming) to every rank's full buffers, each rank
-        keeps its slice; the plain optimizer state, when resuming, is cut into the slices."""
-        # Root 0: the rank that reads checkpoints, a member of every data-parallel group while
-        # tensor and pipeline parallelism are off (config refuses them); with them on, each
-        # group's first rank would need its share of `saved`.
-        resuming = dist.broadcast_object(saved is not None, name="zero_resuming")
-        if saved is not None:
-            load_model_state(self.model, saved.model)  # into the full buffers: parameters are views
+    def start_fresh(self) -> None:
+        """The set's first rank's weights to every member's full buffers; each keeps its slice."""
         with torch.no_grad():
             for unit in self.units:
                 for flat in unit.flats:
-                    hvd.broadcast_(flat.full, root_rank=0, name=f"zero.start.{unit.index}.{flat.group}",
-                                   process_set=self.process_set)
-                    flat.take_shard()
+                    hvd.broadcast_(flat.full, root_rank=self.root, name=f"zero.start.{unit.index}.{flat.group}."
+                                   f"{int(flat.counted)}", process_set=self.process_set)
             for name, buffer in self.model.named_buffers():
-                hvd.broadcast_(buffer, root_rank=0, name=f"zero.buffer.{name}", process_set=self.process_set)
-        if resuming:
-            plain = dist.broadcast_object(saved.optimizer if saved is not None else None, name="zero_optim_state")
-            self.optimizer.load_state_dict(self._sliced_state(by_name(plain, full_model_order(self.model))))
+                hvd.broadcast_(buffer, root_rank=self.root, name=f"zero.buffer.{name}", process_set=self.process_set)
+        self._take_shards()
+
+    def load(self, model_state: Dict[str, torch.Tensor], named_optimizer: Optional[dict]) -> None:
+        """This rank's part of a checkpoint into the full buffers (parameters are views of them),
+        each keeping its slice; the plain optimizer's by-name state cut into the slices."""
+        load_model_state(self.model, model_state)
+        self._take_shards()
+        if named_optimizer is not None:
+            self.optimizer.load_state_dict(self._sliced_state(named_optimizer))
+
+    def _take_shards(self) -> None:
+        for flat in self.flats:
+            flat.take_shard()
         if self.stage == 3:
             for unit in self.units:
                 unit.free()
@@ -159,11 +180,12 @@ class Zero(Parallelism):
         by_shard = {id(f.shard): f for f in self.flats}
         return [by_shard[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
 
-    def saved_state(self) -> Optional[SavedState]:
-        """Collective: the full model (stage 3 gathers it) and the plain optimizer's state dict,
-        each slice's state allgathered and cut back into its parameters by name."""
+    def local_state(self) -> Optional[tuple]:
+        """Collective of the set: the part's weights (stage 3 gathers them) and the plain
+        optimizer's state by local name, each slice's state allgathered and cut back into its
+        parameters; on the set's first rank, None elsewhere."""
         model_state = self._model_state()
-        names, state = self._names(), {}
+        keep, names, state = self.process_set.rank() == 0, self._names(), {}
         for local_index, flat in enumerate(self._flats_in_optimizer_order()):
             entry = self.optimizer.state.get(flat.shard)
             for key, value in sorted((entry or {}).items()):
@@ -173,37 +195,28 @@ class Zero(Parallelism):
                     values = flat.split_full(full)
                 else:  # a copy each: a shared step counter would be bumped once per parameter
                     values = [copy_value(value) for _ in flat.params]
-                if dist.is_main():  # the others only take part in the allgathers
+                if keep:  # the others only take part in the allgathers
                     for param, piece in zip(flat.params, values):
                         state.setdefault(names[id(param)], {})[key] = piece
-        if not dist.is_main():
+        if not keep:
             return None
         settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-        optimizer = by_index({"state": state, "groups": settings}, full_model_order(self.model))
-        return SavedState(model=model_state, optimizer=optimizer, world_size=dist.size())
+        return model_state, {"state": state, "groups": settings}
 
     def _model_state(self) -> Optional[Dict[str, torch.Tensor]]:
-        """Rank 0's copy of the model's state dict; stage 3 gathers one unit at a time, so no
-        rank ever holds the whole model twice."""
-        entries = self.model.state_dict(keep_vars=True)
+        """The set's first rank's copy of the part's parameters by local name; stage 3 gathers one
+        unit at a time, so no rank ever holds the whole part twice."""
+        keep, names = self.process_set.rank() == 0, self._names()
         if self.stage < 3 or self.whole:
             self._gather_all()
-            return {k: v.detach().clone() for k, v in entries.items()} if dist.is_main() else None
-        keys_of = {}
-        for key, value in entries.items():
-            keys_of.setdefault(id(value), []).append(key)
+            return {name: p.detach().clone() for name, p in self.model.named_parameters()} if keep else None
         copies = {}
         for unit in self.units:
             self._gather(unit)
-            for param in unit.params:
-                for key in keys_of.pop(id(param), []):
-                    if dist.is_main():
-                        copies[key] = param.detach().clone()
+            if keep:
+                copies.update({names[id(p)]: p.detach().clone() for p in unit.params})
             unit.free()
-        if not dist.is_main():
-            return None
-        buffers = {key: entries[key].detach().clone() for keys in keys_of.values() for key in keys}
-        return {key: copies.get(key, buffers.get(key)) for key in entries}
+        return copies if keep else None
 
     # --- one step -----------------------------------------------------------------------------
     def _grad_ready(self, unit: Unit, param) -> None:
@@ -215,7 +228,7 @@ class Zero(Parallelism):
 
     def _reduce(self, unit: Unit) -> None:
         self.pending.append((unit, unit.reduce_async(self.wire_dtype)))
-        if self.stage == 3 and not self.whole:
+        if self.reshards and not self.whole:
             unit.free()
         while len(self.pending) > MAX_REDUCES_IN_FLIGHT:
             self._finish_oldest_reduce()
@@ -238,21 +251,23 @@ class Zero(Parallelism):
             if self.stage == 3 and not self.whole:
                 unit.free()
 
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """The global norm from the slices' squared norms summed over ranks; torch's clip rule."""
-        grads = [f.shard.grad for f in self.flats if f.shard.grad is not None]
+    def squared_norm(self, counted) -> torch.Tensor:
+        """The squares of this rank's slices of the gradients (the flats' own `counted` flags
+        say which count); the layout sums them over the set."""
+        grads = [f.shard.grad for f in self.flats if f.shard.grad is not None and f.counted]
+        if not grads:
+            return torch.zeros((), dtype=torch.float64, device=self.flats[0].full.device)
         # One fused norm kernel per dtype, as torch's clip_grad_norm_ (a pow and a sum per slice
         # cost stage 1 twice the time of the norms).
-        squares = torch.stack(torch._foreach_norm(grads)).square().sum() if grads else torch.zeros(())
-        total = hvd.allreduce(squares.reshape(1), op=hvd.Sum, name="zero.grad_norm",
-                              process_set=self.process_set)[0].sqrt()
-        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for grad in grads:
-            grad.mul_(scale)
-        return total
+        return torch.stack(torch._foreach_norm(grads)).double().square().sum()
+
+    def scale_gradients(self, scale: torch.Tensor) -> None:
+        grads = [f.shard.grad for f in self.flats if f.shard.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale.to(grads[0].device, grads[0].dtype))
 
     def optimizer_step(self, scaler) -> None:
-        super().optimizer_step(scaler)
+        DataSync.optimizer_step(self, scaler)
         for unit in self.units:
             unit.stale = True
         if self.stage < 3:  # the first units' gathers start now; stage 3's at their first use
@@ -268,7 +283,7 @@ class Zero(Parallelism):
                 self._gather(unit)
         handles = []
         for unit in self.units:
-            if unit.current:
+            if unit.current or not unit.flats:
                 continue
             handles.append((unit, unit.gather_async()))
             if len(handles) > MAX_GATHERS_IN_FLIGHT:
@@ -282,12 +297,14 @@ class Zero(Parallelism):
         self.model.register_forward_pre_hook(lambda module, args: self._before_forward(self.units[0]))
         for unit in self.units[1:]:
             unit.module.register_forward_pre_hook(lambda module, args, unit=unit: self._before_forward(unit))
-        if self.stage == 3:
+        if self.reshards:
             self.model.register_forward_hook(self._after_model)
             for unit in self.units[1:]:
                 unit.module.register_forward_hook(functools.partial(self._after_layer, unit))
 
     def _gather(self, unit: Unit) -> None:
+        if not unit.flats:  # a middle pipeline stage has nothing outside its layers
+            return
         if unit.gathering is not None:
             handle, unit.gathering = unit.gathering, None
             unit.finish_gather(handle)
@@ -297,7 +314,7 @@ class Zero(Parallelism):
     def _prefetch(self, index: int) -> None:
         if 0 <= index < len(self.units):
             unit = self.units[index]
-            if unit.gathering is None and not unit.current:
+            if unit.flats and unit.gathering is None and not unit.current:
                 unit.gathering = unit.gather_async()
 
     def _before_forward(self, unit: Unit) -> None:
@@ -332,7 +349,7 @@ class Zero(Parallelism):
         return held_bytes(list(self.model.parameters()) + shards, self.optimizer)
 
     @contextmanager
-    def full_model(self):
+    def whole_part(self):
         """Stage 3: every unit gathered for the duration and freed after (FSDP's
         summon_full_params; evaluation's ranks run different numbers of batches, so no gather
         may sit inside its forward); the forward hooks stand idle meanwhile. Stages 1-2: the
@@ -356,11 +373,11 @@ class Zero(Parallelism):
             self._gather_all()  # the last step's: the model is whole again
         self.resting_bytes = self.state_bytes()
 
-    def parameter_checksum(self) -> str:
+    def checksum(self) -> str:
         """Stage 3: each unit gathered, hashed and freed in turn (the whole model never held)."""
         if self.stage < 3 or self.whole:
             self._gather_all()
-            return super().parameter_checksum()
+            return super().checksum()
         names = {id(p): name for name, p in self.model.named_parameters()}
         digest = hashlib.sha256()
         for unit in self.units:
@@ -369,6 +386,8 @@ class Zero(Parallelism):
             unit.free()
         return digest.hexdigest()[:16]
 
-    def layout(self) -> dict:
-        return {**super().layout(), "zero_stage": self.stage, "units": len(self.units),
-                "state_bytes": self.resting_bytes or self.state_bytes()}
+    def resting_state_bytes(self) -> Dict[str, int]:
+        return self.resting_bytes or self.state_bytes()
+
+    def describe(self) -> dict:
+        return {**super().describe(), "zero_stage": self.stage, "units": len(self.units)}

@@ -4,6 +4,7 @@ averaging backend as argv[1]; prints one JSON line from rank 0."""
 import json
 import sys
 
+import horovod.torch as hvd
 import torch
 from omegaconf import OmegaConf
 
@@ -17,9 +18,9 @@ sync_cfg = OmegaConf.merge(OmegaConf.structured(config.SyncConfig), {
     "param_average_backend": backend})
 torch.manual_seed(0)
 model = torch.nn.Linear(8, 4)
-layout = LocalSGD(model, sync_cfg, accum_steps=1)
+layout = LocalSGD(model, sync_cfg, accum_steps=1, process_set=hvd.global_process_set, root=0)
 layout.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
-layout.start(None)
+layout.start_fresh()
 generator = torch.Generator().manual_seed(100 + dist.rank())  # each rank its own data
 
 

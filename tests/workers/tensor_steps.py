@@ -43,10 +43,10 @@ cfg, training = start_training({"overrides": OVERRIDES, "threads": 1})
 layout = training.parallel
 training.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
 shard = training.model.model.layers[0].mlp.down_proj.weight  # row-parallel: each rank holds its own half
-replicated = [(name, p) for name, p in training.model.named_parameters() if name not in layout.splits]
+replicated = [(name, p) for name, p in training.model.named_parameters() if name not in layout.part.splits]
 timer, names, overflow = PhaseTimer(training.device), {}, {}
 for step in range(STEPS):
-    overflowing = step == OVERFLOW_STEP and layout.group.rank == 1
+    overflowing = step == OVERFLOW_STEP and layout.part.tensor_group.rank == 1
     hook = shard.register_hook(lambda grad: torch.full_like(grad, float("inf"))) if overflowing else None
     before = {name: p.detach().clone() for name, p in training.model.named_parameters()}
     scale_before, issued[:] = training.scaler.get_scale(), []

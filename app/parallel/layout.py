@@ -1,0 +1,232 @@
+"""A layout is a composition along the mesh (app/mesh.py), not a class per combination:
+
+- the part (app/parallel/model_part.py): this rank's pipeline stage, its tensors split across the
+  tensor set, and each parameter's placement;
+- the data dimension (app/parallel/data.py, app/parallel/zero.py): how the data set's ranks keep
+  their replicas of the part together: allreduce, fp16 compression, Adasum, local SGD /
+  parameter averaging, or ZeRO 1-3;
+- the schedule: the plain forward and backward of every micro-batch, or a pipeline's
+  (app/parallel/pipeline.py).
+
+`Layout` is the one object the loop and the step talk to (app/parallel/base.py); it reaches the
+whole model only through placements: the global gradient norm, the fp16 overflow flag,
+checkpoints (cut into boxes on load, assembled from them on save) and the whole model rebuilt
+for evaluation and the closing sample.
+"""
+import socket
+from contextlib import contextmanager
+from typing import Dict, Optional
+
+import horovod.torch as hvd
+import numpy as np
+import torch
+
+from app import dist, models
+from app.checkpoint import SavedState
+from app.parallel.base import Parallelism, load_model_state
+from app.parallel.data import DataSync, LocalSGD
+from app.parallel.model_part import ModelPart
+from app.parallel.optimizer_state import by_index, by_name, full_model_order, is_per_element
+from app.parallel.placement import assemble, assemble_state, cut_state
+
+
+class Layout(Parallelism):
+    def __init__(self, part: ModelPart, data: DataSync, schedule=None):
+        super().__init__(part.module)
+        self.part, self.data, self.schedule = part, data, schedule
+        self.mesh, self.coordinates = part.mesh, part.coordinates
+        # Where each rank runs, for the summary of a split layout (no collective otherwise: an
+        # elastic run may have none before its loop).
+        self.hosts = None if part.is_whole else dist.allgather_object(socket.gethostname(), name="layout_hosts")
+
+    @property
+    def name(self) -> str:
+        if self.schedule is not None:
+            return f"pipeline_{self.schedule.schedule}"
+        return "tensor" if self.part.tensor_group is not None else self.data.name
+
+    @property
+    def timeline(self):
+        return self.schedule.timeline if self.schedule is not None else []
+
+    # --- set-up ------------------------------------------------------------------------------
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        self.optimizer = self.data.wrap_optimizer(optimizer)
+        return self.optimizer
+
+    def start(self, saved: Optional[SavedState]) -> None:
+        """Fresh: each data set takes its first rank's weights. Resuming: rank 0 cuts the saved
+        whole model and plain optimizer state into every rank's boxes and sends each its own;
+        local SGD's per-rank replicas, saved by the same layout, continue exactly."""
+        resuming = dist.broadcast_object(saved is not None, name="resuming")
+        if not resuming:
+            self.data.start_fresh()
+            return
+        placements = dist.allgather_object(self.part.placements, name="layout_placements")
+        pieces = None
+        if saved is not None:
+            named = by_name(saved.optimizer, full_model_order(self.part.whole))
+            # Ranks holding the same boxes (a data set's) share one cut: one object, pickled once.
+            distinct = []
+            for rank_placements in placements:
+                if rank_placements not in distinct:
+                    distinct.append(rank_placements)
+            cuts = [cut_state(p, saved.model, named) for p in distinct]
+            pieces = [cuts[distinct.index(p)] for p in placements]
+        mine = dist.scatter_object(pieces, name="layout_resume")
+        self.data.load(mine["model"], mine["optimizer"])
+        replicas = dist.broadcast_object(saved.extra.get("replicas") if saved is not None else None,
+                                         name="local_sgd_replicas")
+        if isinstance(self.data, LocalSGD) and replicas is not None and len(replicas) == dist.size():
+            self.data.load_replica(replicas[dist.rank()])
+
+    # --- one step ----------------------------------------------------------------------------
+    def forward_backward(self, loss_of, batches, precision_ctx, scaler, timer) -> torch.Tensor:
+        if self.schedule is not None:
+            return self.schedule.forward_backward(loss_of, batches, precision_ctx, scaler, timer)
+        return super().forward_backward(loss_of, batches, precision_ctx, scaler, timer)
+
+    def sync_gradients(self) -> None:
+        self.data.sync_gradients()
+
+    def _sum_over_model(self, value: torch.Tensor, op=hvd.Sum) -> torch.Tensor:
+        """`value` (a scalar) summed, or maxed, over the ranks that hold the other parts of one
+        model copy: the tensor set, the pipeline, and under ZeRO the data set's slices."""
+        if self.part.tensor_group is not None:
+            value = self.part.tensor_group.allreduce(value, "model_sum" if op == hvd.Sum else "model_max", op=op)
+        if self.schedule is not None:
+            wire = np.array([float(value)])
+            self.schedule.comm.Allreduce(dist.mpi_in_place(), wire, op=dist.mpi_op("sum" if op == hvd.Sum else "max"))
+            value = torch.tensor(wire[0], dtype=value.dtype, device=value.device)
+        if self.data.sharded:
+            value = hvd.allreduce(value.reshape(1), op=op, name="layout.data_sum" if op == hvd.Sum else
+                                  "layout.data_max", process_set=self.data.process_set)[0]
+        return value
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """torch's clip_grad_norm_ over the whole model: every box's squares counted once (a
+        box the tensor set replicates on its first rank; ZeRO's slices each on their owner),
+        summed over the ranks holding the rest of the model."""
+        squares = self.data.squared_norm(self.part.counted_in_model)
+        total = self._sum_over_model(squares).sqrt().float()
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        self.data.scale_gradients(scale)
+        return total
+
+    def unscale_gradients(self, scaler) -> None:
+        """fp16: unscale, then agree on overflow over the ranks holding the model's other parts.
+        Each rank checks only its own gradients, so an inf in one shard or stage would make that
+        rank alone skip the step and the copies would part for good. As Megatron reduces its
+        found-inf flag over the model-parallel group (and torch's ShardedGradScaler over its
+        shards), the flag becomes their maximum before scaler.step and scaler.update read it."""
+        scaler.unscale_(self.optimizer)
+        if self.part.is_whole and not self.data.sharded:
+            return
+        # GradScaler keeps the flags, one per device, in its per-optimizer state only.
+        found = list(scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"].values())
+        flag = torch.stack([f.to(found[0].device) for f in found]).amax()
+        agreed = self._sum_over_model(flag, op=hvd.Max)
+        for f in found:
+            f.copy_(agreed)
+
+    def optimizer_step(self, scaler) -> None:
+        self.data.optimizer_step(scaler)
+
+    def after_step(self, step: int) -> None:
+        self.data.after_step(step)
+
+    # --- checkpoints and the end ---------------------------------------------------------------
+    def saved_state(self) -> Optional[SavedState]:
+        """Collective: each data set's first rank gives its counted boxes; rank 0 assembles the
+        whole model and the plain optimizer's state (global names, the full model's order)."""
+        local = self.data.local_state()  # every rank of the set takes part; its first rank keeps it
+        mine = None
+        if local is not None:
+            mine = self.part.pieces(*local)
+        replicas = None
+        if isinstance(self.data, LocalSGD):
+            replicas = dist.allgather_object(self.data.replica(), name="local_sgd_replicas_gather")
+        gathered = dist.gather_object(mine, name="layout_save")
+        if not dist.is_main():
+            return None
+        return SavedState(model=self._assemble_model(gathered), optimizer=self._assemble_optimizer(gathered),
+                          extra={"replicas": replicas} if replicas is not None else {}, world_size=dist.size())
+
+    def _assemble_model(self, gathered) -> Dict[str, torch.Tensor]:
+        whole = assemble(piece for rank in gathered if rank for piece in rank["model"])
+        order = [name for name, _ in self.part.whole.named_parameters()]
+        return {name: whole[name] for name in order}
+
+    def _assemble_optimizer(self, gathered) -> dict:
+        state = assemble_state(entry for rank in gathered if rank for entry in rank["optimizer"])
+        groups = next(rank["groups"] for rank in gathered if rank)
+        return by_index({"state": state, "groups": groups}, full_model_order(self.part.whole))
+
+    def finish(self) -> None:
+        self.data.finish()
+
+    @contextmanager
+    def full_model(self):
+        """The whole model, usable as a plain one, on every rank for as long as it is used (the
+        closing sample): the part itself where it is the whole model, else a plain copy built on
+        the meta device (no weight initialised, the RNG untouched) and filled with every rank's
+        boxes."""
+        with self.data.whole_part() as part:
+            if self.part.is_whole:
+                yield part
+                return
+            local = {name: p.detach() for name, p in part.named_parameters()}
+            mine = [(self.part.placements[n], t) for n, t in local.items()
+                    if self.part.placements[n].counted(self.coordinates)]
+            gathered = dist.allgather_object(mine, name="layout_full_model")
+        whole = assemble(piece for rank in gathered for piece in rank)
+        device = next(self.model.parameters()).device
+        with torch.device("meta"):
+            plain = type(self.part.whole)(self.part.whole.config)
+        plain.to_empty(device=device)
+        plain.tie_weights()  # to_empty gives the tied head a storage of its own
+        load_model_state(plain, whole)
+        # Buffers outside the state dict (the rotary inverse frequencies) are the same on every rank.
+        for name, buffer in self.model.named_buffers():
+            plain.get_buffer(_plain_buffer_name(name, plain)).copy_(buffer)
+        yield plain.train(self.model.training)
+
+    @contextmanager
+    def evaluation_model(self):
+        """Under tensor parallelism alone the split model itself, whose vocabulary-parallel loss
+        is the whole model's: the ranks of a tensor set evaluate one share (their data position)
+        together. Otherwise the whole model, each rank a share of its own."""
+        if self.schedule is None and self.part.tensor_group is not None:
+            with self.data.whole_part() as part:
+                yield part, dist.data_position()
+            return
+        with self.full_model() as model:
+            yield model, (dist.rank(), dist.size())
+
+    def parameter_checksum(self) -> str:
+        return self.data.checksum()
+
+    def counts_tokens(self) -> bool:
+        # The ranks of one pipeline and tensor set all read the same batch: one of them counts it.
+        return self.coordinates["pipeline"] == 0 and self.coordinates["tensor"] == 0
+
+    def replica_group(self) -> int:
+        return self.coordinates["pipeline"] * self.mesh.tensor + self.coordinates["tensor"]
+
+    def state_bytes(self) -> Dict[str, int]:
+        return self.data.state_bytes()
+
+    def layout(self) -> dict:
+        described = {"mode": self.name, "world_size": dist.size(), **self.mesh.sizes(), **self.data.describe(),
+                     "state_bytes": getattr(self.data, "resting_state_bytes", self.data.state_bytes)()}
+        if self.schedule is not None:
+            described.update(self.schedule.describe(self.data.accum_steps))
+        if not self.part.is_whole:
+            described["groups"] = {d: self.mesh.groups(d) for d in ("pipeline", "data", "tensor")}
+            described["ranks"] = self.mesh.describe(self.hosts)["ranks"]
+        return described
+
+
+def _plain_buffer_name(name: str, plain: torch.nn.Module) -> str:
+    """A stage's buffer name in the plain model (its rotary embedding sits under model.)."""
+    return name if name in dict(plain.named_buffers()) else f"model.{name}"

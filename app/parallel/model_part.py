@@ -1,0 +1,72 @@
+"""This rank's part of a plain model, cut from outside in torchtitan's order: first its pipeline
+stage (app/parallel/stages.py), then its tensors split across the tensor set
+(app/parallel/tensor.py). Each parameter it holds gets its placement (app/parallel/placement.py),
+which is all that checkpoints, clipping and the rebuilt whole model read of the layout.
+
+(The tensor split runs on the whole model before the cut, so the stage's modules are already the
+split ones; the cut only chooses which of them this rank runs.)
+"""
+from typing import Dict, Optional
+
+import torch
+
+from app import dist
+from app.parallel.placement import Placement
+from app.parallel.stages import Stage
+from app.parallel.tensor import parallelize
+from app.parallel.tensor_layers import TensorGroup
+
+
+class ModelPart:
+    def __init__(self, model: torch.nn.Module):
+        mesh = dist.mesh()
+        self.mesh, self.coordinates = mesh, mesh.coordinates(dist.rank())
+        self.whole = model  # the plain model object: split in place, and its other stages freed
+        self.tensor_group: Optional[TensorGroup] = None
+        splits: Dict[str, int] = {}
+        if mesh.tensor > 1:
+            self.tensor_group = TensorGroup(dist.process_set("tensor"), mesh.tensor, self.coordinates["tensor"])
+            splits = parallelize(model, self.tensor_group)
+        self.stage: Optional[Stage] = None
+        if mesh.pipeline > 1:
+            self.stage = Stage(model, self.coordinates["pipeline"], mesh.pipeline)
+        self.module = self.stage if self.stage is not None else model  # what this rank runs and trains
+        self.splits = splits
+        self.global_names: Dict[str, str] = (dict(self.stage.full_names) if self.stage is not None else
+                                             {name: name for name, _ in model.named_parameters()})
+        self.placements: Dict[str, Placement] = {
+            local: self._placement(self.global_names[local], param) for local, param in self.module.named_parameters()}
+        if self.stage is not None:
+            self.stage.free_others()
+
+    def _placement(self, name: str, param: torch.Tensor) -> Placement:
+        if name not in self.splits:
+            return Placement.whole(name, param.shape, ("data", "tensor"))
+        dim, parts = self.splits[name], self.mesh.tensor
+        shape = list(param.shape)
+        shape[dim] *= parts
+        return Placement.whole(name, shape, ("data", "tensor")).split(dim, parts, self.coordinates["tensor"], "tensor")
+
+    # --- what the layout asks of the part ---------------------------------------------------------
+    @property
+    def is_whole(self) -> bool:
+        """No pipeline cut and no tensor split: the rank holds the whole model."""
+        return self.stage is None and self.tensor_group is None
+
+    def local_names(self) -> Dict[str, str]:
+        """Global name -> this rank's name for it."""
+        return {g: local for local, g in self.global_names.items()}
+
+    def counted_in_model(self, local_name: str) -> bool:
+        """Whether this rank's copy counts in a sum over the tensor and pipeline ranks: a box the
+        tensor set replicates counts on its first rank only."""
+        return self.placements[local_name].counted({**self.coordinates, "data": 0})
+
+    def pieces(self, model_state: Dict[str, torch.Tensor], named_optimizer: dict) -> dict:
+        """This rank's counted boxes, for a whole model to be assembled from: (placement, tensor)
+        per parameter, and per optimizer-state key."""
+        counted = [local for local, p in self.placements.items() if p.counted(self.coordinates)]
+        return {"model": [(self.placements[local], model_state[local]) for local in counted],
+                "optimizer": [(self.placements[local], named_optimizer["state"][local])
+                              for local in counted if local in named_optimizer["state"]],
+                "groups": named_optimizer["groups"]}

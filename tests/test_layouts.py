@@ -1,0 +1,142 @@
+"""The layouts compose: every cell of pipeline x tensor x data, with ZeRO on the data dimension,
+trains as one process on the same global batch (app/parallel/layout.py), and its checkpoints stay
+layout-independent.
+
+One launch per mesh serves all its cells (tests/workers/layout_cells.py runs the trainer's own
+step and learning-rate schedule); the reference is a real one-process `app.train` run. All runs
+are fp32 and deterministic, 6 AdamW steps of 2 accumulated micro-batches, clipped at every step
+(conftest.ALWAYS_CLIPS), so the gradient norm itself is under test: a box counted twice (a norm
+gain the tensor set replicates), a stage or slice left out, moves it. Tolerance: 1e-5 on the
+weights, the bound tests/test_equivalence.py explains (data-parallel sums reorder float32 adds,
+which AdamW can amplify where gradients are tiny); a real fault moves them by about lr = 1e-3.
+Launches: horovodrun --gloo without a pipeline, mpirun with one. 8 ranks of llama_tiny on 2
+cores are oversubscribed, which costs time, not correctness.
+"""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from app import checkpoint
+from tests.conftest import (ALWAYS_CLIPS, CLIPPED, GRAD_NORM_RTOL, read_metrics, run_job, run_worker,
+                            tiny_train_args)
+
+ATOL = 1e-5
+STEPS = 6
+SAVE_AT = 3
+COMMON = ("model.tie_embeddings=false", "optim=adamw", CLIPPED, "train.grad_accum_steps=2", "train.log_every=1")
+GLOBAL_BATCH = 16  # micro-batch x 2 micro-batches x data replicas
+
+# Cells by launch: (launcher, ranks, pipeline, tensor) -> {cell: its own overrides}.
+LAUNCHES = {
+    ("gloo", 4, 1, 2): {
+        f"t2d2_zero{stage}": [f"parallel.zero_stage={stage}"] for stage in (1, 2, 3)},
+    ("mpi", 4, 2, 1): {
+        "p2d2_zero1_1f1b": ["parallel.zero_stage=1", "parallel.schedule=1f1b"],
+        "p2d2_zero1_gpipe": ["parallel.zero_stage=1", "parallel.schedule=gpipe"],
+        "p2d2_zero2": ["parallel.zero_stage=2"],
+        "p2d2_zero3": ["parallel.zero_stage=3"]},
+    ("mpi", 4, 2, 2): {"p2t2": []},
+    ("mpi", 8, 2, 2): {
+        "p2t2d2_zero1": ["parallel.zero_stage=1"],
+        "p2t2d2_zero1_resumed": ["parallel.zero_stage=1"]},
+}
+CELLS = [cell for cells in LAUNCHES.values() for cell in cells]
+
+
+def overrides(data_dir, ranks: int, pipeline: int, tensor: int, *extra) -> list:
+    data = ranks // (pipeline * tensor)
+    args = tiny_train_args(data_dir, "unused", *COMMON, f"train.micro_batch_size={GLOBAL_BATCH // 2 // data}",
+                           f"parallel.pipeline={pipeline}", f"parallel.tensor={tensor}", *extra)
+    return [arg for arg in args if not arg.startswith("hydra.")]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data, tmp_path_factory):
+    """One process, the whole global batch; its step-3 checkpoint is resumed by a composed cell."""
+    run_dir = tmp_path_factory.mktemp("layouts") / "one"
+    run_job(tiny_train_args(tiny_data, run_dir, *COMMON, f"train.micro_batch_size={GLOBAL_BATCH // 2}",
+                            f"train.checkpoint_every={SAVE_AT}"), launcher="none")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def cells(tiny_data, reference, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cells")
+    for (launcher, ranks, pipeline, tensor), named in LAUNCHES.items():
+        specs = [{"name": name, "overrides": overrides(tiny_data, ranks, pipeline, tensor, *extra)}
+                 for name, extra in named.items()]
+        for spec in specs:
+            if spec["name"] == "p2t2d2_zero1":
+                spec["save_at"] = SAVE_AT
+            if spec["name"].endswith("_resumed"):
+                spec["resume"] = str(reference / "checkpoints" / checkpoint.step_dir_name(SAVE_AT))
+        run_worker("layout_cells.py", [out, json.dumps(specs)], np_=ranks, launcher=launcher, timeout=900)
+    return {name: torch.load(out / f"{name}.pt", weights_only=False) for name in CELLS} | {"dir": out}
+
+
+def reference_weights(run_dir, step=STEPS):
+    return load_file(str(checkpoint.checkpoints_root(run_dir) / checkpoint.step_dir_name(step) / "model.safetensors"))
+
+
+def reference_steps(run_dir) -> dict:
+    return {row["step"]: row for row in read_metrics(run_dir) if "grad_norm" in row}
+
+
+def max_abs_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys(), set(a) ^ set(b)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_each_cell_trains_as_one_process_on_the_same_global_batch(cells, reference, cell):
+    got, expected = cells[cell], reference_steps(reference)
+    assert max_abs_difference(reference_weights(reference, SAVE_AT), reference_weights(reference)) > 100 * ATOL
+    assert max_abs_difference(got["model"], reference_weights(reference)) < ATOL
+    for row in got["steps"]:
+        assert row["grad_norm"] == pytest.approx(expected[row["step"]]["grad_norm"], rel=GRAD_NORM_RTOL), row
+        assert row["loss"] == pytest.approx(expected[row["step"]]["train/loss"], abs=ATOL), row
+    # The plain optimizer's state, assembled from every rank's boxes, is one process's.
+    plain = torch.load(checkpoint.checkpoints_root(reference) / checkpoint.step_dir_name(STEPS) / "optimizer.pt")
+    for index, entry in plain["state"].items():
+        for key, value in entry.items():
+            assert torch.allclose(got["optimizer"]["state"][index][key].float(), value.float(), atol=ATOL), (index, key)
+
+
+def test_the_cells_ran_the_layouts_they_name_with_clipping_active(cells, reference):
+    assert min(row["grad_norm"] for row in reference_steps(reference).values()) > ALWAYS_CLIPS
+    for cell in CELLS:
+        layout = cells[cell]["layout"]
+        sizes = {d: layout[d] for d in ("pipeline", "tensor", "data")}
+        want = {"pipeline": 2 if cell.startswith("p2") else 1, "tensor": 2 if "t2" in cell else 1,
+                "data": 2 if "d2" in cell else 1}
+        assert sizes == want, (cell, layout)
+        assert layout.get("zero_stage", 0) == (int(cell.split("zero")[1][0]) if "zero" in cell else 0), cell
+
+
+def test_zero_under_a_pipeline_reduces_and_gathers_once_a_step_not_once_a_micro_batch(cells):
+    """Stage 2 under a pipeline reduce-scatters each unit once, after the last micro-batch, as
+    stage 1 does; stage 3 gathers each unit once a step and keeps it through the micro-batches,
+    as stage 1's once-a-step gathers do. Without a pipeline, stages 2-3 do it per micro-batch."""
+    def on_rank0(cell, key):
+        return cells[cell]["steps"][SAVE_AT - 1][key]
+    assert on_rank0("p2d2_zero2", "reduce_scatters") == on_rank0("p2d2_zero1_1f1b", "reduce_scatters") > 0
+    assert on_rank0("p2d2_zero3", "gathers") == on_rank0("p2d2_zero1_1f1b", "gathers") > 0
+    assert on_rank0("t2d2_zero2", "reduce_scatters") == 2 * on_rank0("t2d2_zero1", "reduce_scatters")
+
+
+def test_a_p2_t2_d2_checkpoint_resumes_on_one_process_and_the_reverse(cells, reference, tiny_data):
+    """Saved at step 3 by 8 ranks, resumed by one process; and the one-process step-3 checkpoint
+    resumed by 8 ranks (the `_resumed` cell): both end where the uninterrupted run does."""
+    saved = cells["dir"] / "p2t2d2_zero1" / "checkpoints" / checkpoint.step_dir_name(SAVE_AT)
+    run_dir = cells["dir"] / "one_from_p2t2d2"
+    run_job(tiny_train_args(tiny_data, run_dir, *COMMON, f"train.micro_batch_size={GLOBAL_BATCH // 2}",
+                            f"train.resume={saved}"), launcher="none")
+    assert max_abs_difference(reference_weights(run_dir), reference_weights(reference)) < ATOL
+    expected = reference_steps(reference)
+    resumed = reference_steps(run_dir)
+    assert sorted(resumed) == [4, 5, 6]
+    for step, row in resumed.items():
+        assert row["train/loss"] == pytest.approx(expected[step]["train/loss"], abs=ATOL)
+    assert [row["step"] for row in cells["p2t2d2_zero1_resumed"]["steps"]] == [4, 5, 6]

@@ -1,0 +1,72 @@
+"""Several cells of one mesh (the same parallel.tensor and parallel.pipeline, so one launch and one
+Horovod start-up serve them all), each trained from scratch, or resumed from a checkpoint, with the
+trainer's own step (app/step.py) and learning-rate schedule, as the loop runs them. Rank 0 saves
+each cell's final whole model and optimizer state (the layout's saved_state, which checkpoints
+write) and every step's loss, gradient norm and number of ZeRO reduce-scatters and allgathers to
+OUT/<cell>.pt; a cell may also write a real checkpoint at a step, for another layout to resume.
+
+    mpirun -np 8 python tests/workers/layout_cells.py OUT CELLS_JSON
+    CELLS_JSON: [{"name": ..., "overrides": [...], "resume": path|null, "save_at": step|null}, ...]
+"""
+import json
+import sys
+from pathlib import Path
+
+import horovod.torch as hvd
+import torch
+from omegaconf import OmegaConf
+
+from app import checkpoint, dist, optim, train
+from app.bench.worker import start_training
+from app.step import PhaseTimer, train_step
+
+
+issued = {"reduce_scatters": 0, "gathers": 0}  # ZeRO's grouped collectives on this rank
+
+
+def counting(collective, key):
+    def count(*args, **kwargs):
+        issued[key] += 1
+        return collective(*args, **kwargs)
+    return count
+
+
+hvd.grouped_reducescatter_async = counting(hvd.grouped_reducescatter_async, "reduce_scatters")
+hvd.grouped_allgather_async = counting(hvd.grouped_allgather_async, "gathers")
+
+
+def run_cell(out: Path, cell: dict) -> None:
+    cfg, training = start_training({"overrides": cell["overrides"], "threads": 1})
+    run_dir = out / cell["name"]
+    state = checkpoint.TrainState(world_size=dist.size(), model_signature=checkpoint.model_signature(training.model),
+                                  tokenizer_sha256=training.task.tokenizer_sha256,
+                                  config=OmegaConf.to_container(cfg, resolve=True))
+    if cell.get("resume"):
+        train.resume_or_start(OmegaConf.merge(cfg, {"train": {"resume": cell["resume"]}}), run_dir, training, state)
+    timer, rows = PhaseTimer(training.device), []
+    while state.step < cfg.train.max_steps:
+        optim.set_lr(training.optimizer, optim.lr_at(state.step, cfg.optim, cfg.train.max_steps,
+                                                     dist.data_position()[1]))
+        before = dict(issued)
+        output = train_step(training, state.samples_seen, state.step, timer)
+        state.step += 1
+        state.samples_seen += training.task.stream.global_batch
+        rows.append({"step": state.step, "loss": float(output.loss), "grad_norm": float(output.grad_norm),
+                     **{key: issued[key] - before[key] for key in issued}})
+        if state.step == cell.get("save_at"):
+            train.save_checkpoint(cfg, run_dir, training, state, train.Window(training.device))
+    saved = training.parallel.saved_state()
+    training.batches.close()
+    if dist.is_main():
+        torch.save({"model": saved.model, "optimizer": saved.optimizer, "steps": rows,
+                    "layout": training.parallel.layout()}, out / f"{cell['name']}.pt")
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    for cell in json.loads(sys.argv[2]):
+        run_cell(out, cell)
+
+
+if __name__ == "__main__":
+    main()
