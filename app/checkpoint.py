@@ -230,13 +230,16 @@ def read_weights(checkpoint_dir: Path) -> Dict[str, torch.Tensor]:
 
 
 def weights_one_at_a_time(checkpoint_dir: Path) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs in the file's order, each read from the memory-mapped file when asked
-    for: a reader that holds one tensor at a time. The one place that knows the weights are one
-    file; a checkpoint sharded over ranks would feed its readers the same pairs."""
+    """(name, tensor) pairs in the file's order, each read from the file when asked for: a reader
+    that holds one tensor at a time. The one place that knows the weights are one file; a
+    checkpoint sharded over ranks would feed its readers the same pairs."""
     path = Path(checkpoint_dir) / WEIGHTS
     check_safetensors(path)
     try:
-        with safe_open(str(path), framework="pt") as weights:
+        # pread, not mmap: a mapped page that was read stays in the resident set until the file
+        # is unmapped, so streaming llama_1b's 4.4 GB file through a mapping peaked at 4.65 GB
+        # RSS (1.26 GB with pread). Either way only the tensor's own bytes are read.
+        with safe_open(str(path), framework="pt", backend="pread") as weights:
             for name in weights.keys():
                 yield name, weights.get_tensor(name)
     except SafetensorError as error:
