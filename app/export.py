@@ -118,14 +118,13 @@ def validate(cfg) -> None:
 def export(cfg) -> None:
     validate(cfg)
     found = checkpoint.find(cfg.checkpoint)
-    tok = tokenizer.load(checkpoint.tokenizer_dir(found))
     with fileio.staged_directory(cfg.out) as staging:
         writer = ShardWriter(staging, max_shard_bytes(cfg.max_shard_size))
         for name, tensor in converted(checkpoint.weights_one_at_a_time(found), DTYPES[cfg.dtype]):
             writer.add(name, tensor)
         writer.finish()
         write_configs(found, staging, cfg.dtype)
-        tok.save_pretrained(staging)
+        tokenizer.load(checkpoint.tokenizer_dir(found)).save_pretrained(staging)
     print(f"exported {found} -> {cfg.out}")
 
 

@@ -204,15 +204,35 @@ def test_loaders_raise_checkpoint_error_not_library_exceptions(run_dir):
         checkpoint.read_state(found)
 
 
-@pytest.mark.parametrize("module, damage", [("app.export", truncate_weights), ("app.generate", truncate_weights),
-                                            ("app.evaluate", garbage_state)])
-def test_tools_report_a_damaged_checkpoint_in_one_line_and_exit_2(run_dir, tmp_path, module, damage):
-    damaged_file = damage(step_dir(run_dir, 6))
-    args = [f"checkpoint={run_dir}"] + ([f"out={tmp_path / 'exported'}"] if module == "app.export" else [])
-    result = run_job(args, launcher="none", module=module, check=False)
+def assert_one_line_naming(result, damaged_file: Path) -> None:
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().startswith(f"error: checkpoint file {damaged_file} is damaged")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("module, damage", [("app.generate", truncate_weights), ("app.evaluate", garbage_state)])
+def test_tools_report_a_damaged_checkpoint_in_one_line_and_exit_2(run_dir, module, damage):
+    damaged_file = damage(step_dir(run_dir, 6))
+    assert_one_line_naming(run_job([f"checkpoint={run_dir}"], launcher="none", module=module, check=False),
+                           damaged_file)
+
+
+def remove_weights(checkpoint_dir: Path) -> Path:
+    (checkpoint_dir / "model.safetensors").unlink()
+    return checkpoint_dir / "model.safetensors"
+
+
+@pytest.mark.parametrize("damage", [truncate_weights, remove_weights], ids=lambda damage: damage.__name__)
+def test_an_export_of_damaged_weights_is_one_line_and_leaves_the_previous_export_as_it_was(run_dir, tmp_path, damage):
+    damaged_file = damage(step_dir(run_dir, 6))
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / "model.safetensors").write_text("the previous export")
+    result = run_job([f"checkpoint={run_dir}", f"out={out}"], launcher="none", module="app.export", check=False)
+    assert_one_line_naming(result, damaged_file)
+    assert [p.name for p in out.iterdir()] == ["model.safetensors"]
+    assert (out / "model.safetensors").read_text() == "the previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "run"]  # no staging directory left
 
 
 def test_rng_state_round_trips_through_a_checkpoint(run_dir):
