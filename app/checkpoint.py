@@ -237,8 +237,8 @@ def weights_one_at_a_time(checkpoint_dir: Path) -> Iterator[Tuple[str, torch.Ten
     check_safetensors(path)
     try:
         # pread, not mmap: a mapped page that was read stays in the resident set until the file
-        # is unmapped, so streaming llama_1b's 4.4 GB file through a mapping peaked at 4.65 GB
-        # RSS (1.26 GB with pread). Either way only the tensor's own bytes are read.
+        # is unmapped, so streaming llama_1b's 4.4 GB file through a mapping peaked at 4.44 GiB
+        # RSS (1.20 GiB with pread). Either way only the tensor's own bytes are read.
         with safe_open(str(path), framework="pt", backend="pread") as weights:
             for name in weights.keys():
                 yield name, weights.get_tensor(name)
