@@ -253,6 +253,10 @@ class ExportConfig:
     out: str = "???"
     # Weights' dtype in the export: float32 | bfloat16 | float16.
     dtype: str = "float32"
+    # The largest weights file, in bytes or as transformers writes it ("5GB", "500MB"); more weights
+    # than this are split into model-0000k-of-0000n.safetensors files with an index. The export
+    # holds one such shard in memory, so this bounds its memory (llama_1b: see the README).
+    max_shard_size: str = "1GB"
 
 
 @dataclass

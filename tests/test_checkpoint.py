@@ -1,5 +1,6 @@
 """Checkpoints lose nothing: kill -9 and resume equals an uninterrupted run, writes are atomic,
-signals stop every rank cleanly, exports load in plain transformers."""
+signals stop every rank cleanly, exports stream into Hugging Face's sharded format and load in
+plain transformers."""
 import collections
 import json
 import math
@@ -15,9 +16,13 @@ import time
 import psutil
 import pytest
 import torch
+import transformers
+from huggingface_hub import split_torch_state_dict_into_shards
+from omegaconf import OmegaConf
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from app import checkpoint, fileio
+from app import checkpoint, config, export, fileio, generate, models, tokenizer
 from conftest import (ROOT, job_env, last_json_line, launcher_command, read_metrics, read_summary, run_job,
                       tiny_train_args)
 
@@ -220,29 +225,107 @@ tok = AutoTokenizer.from_pretrained(sys.argv[1])
 ids = tok("ROMEO: But soft, what light", return_tensors="pt").input_ids
 with torch.no_grad():
     logits = model(input_ids=ids).logits
-torch.save({"ids": ids, "logits": logits}, sys.argv[2])
 out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
-print(json.dumps({"text": tok.decode(out[0]), "new_tokens": out.shape[1] - ids.shape[1]}))
+torch.save({"ids": ids, "logits": logits, "weights": model.state_dict()}, sys.argv[2])
+print(json.dumps({"text": tok.decode(out[0], skip_special_tokens=True), "new_tokens": out.shape[1] - ids.shape[1]}))
 """
+# Below llama_tiny's 131 KB embedding (512 x 64 float32) and its 0.5 MB in all: several shards,
+# and a tensor over the limit, which gets a shard of its own.
+SMALL_SHARDS = "100KB"
 
 
-def test_export_loads_and_generates_in_plain_transformers_with_matching_logits(finished_run, tmp_path):
-    run_dir, out = finished_run, tmp_path / "exported"
-    run_job([f"checkpoint={run_dir}", f"out={out}"], launcher="none", module="app.export")
+@pytest.fixture(scope="module")
+def sharded_export(finished_run, tmp_path_factory):
+    """The finished run exported in float32 with shards small enough to split it."""
+    out = tmp_path_factory.mktemp("export") / "sharded"
+    run_job([f"checkpoint={finished_run}", f"out={out}", f"max_shard_size={SMALL_SHARDS}"], launcher="none",
+            module="app.export")
+    return out
+
+
+def test_a_sharded_export_loads_in_plain_transformers_and_generates_as_the_checkpoint_does(finished_run,
+                                                                                           sharded_export, tmp_path):
     script = tmp_path / "plain.py"
     script.write_text(PLAIN_TRANSFORMERS)
     env = {k: v for k, v in job_env().items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "logits.pt")], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, str(script), str(sharded_export), str(tmp_path / "plain.pt")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     generated = json.loads(result.stdout.strip().splitlines()[-1])
-    assert generated["new_tokens"] == 8 and generated["text"].startswith("ROMEO: But soft, what light")
+    plain = torch.load(tmp_path / "plain.pt")
 
-    plain = torch.load(tmp_path / "logits.pt")
-    ours = checkpoint.load_trained_model(checkpoint.find(str(run_dir)))
+    found = checkpoint.find(str(finished_run))
+    saved = checkpoint.read_weights(found)
+    assert sorted(plain["weights"]) == sorted(saved)
+    assert all(torch.equal(plain["weights"][name], tensor) for name, tensor in saved.items())
+    ours = checkpoint.load_trained_model(found)
     with torch.no_grad():
         our_logits = ours(input_ids=plain["ids"]).logits
     torch.testing.assert_close(our_logits, plain["logits"], rtol=0, atol=1e-6)
+    tok = tokenizer.load(checkpoint.tokenizer_dir(found))
+    ours_greedy = generate.generate_text(ours, tok, "ROMEO: But soft, what light", max_new_tokens=8, temperature=1.0,
+                                         top_k=0, greedy=True)
+    assert generated["new_tokens"] == 8 and generated["text"] == ours_greedy
+
+
+def test_a_sharded_export_is_cut_and_indexed_as_hugging_face_cuts_it(finished_run, sharded_export):
+    saved = checkpoint.read_weights(checkpoint.find(str(finished_run)))
+    expected = split_torch_state_dict_into_shards(saved, filename_pattern="model{suffix}.safetensors",
+                                                  max_shard_size=SMALL_SHARDS)
+    index = json.loads((sharded_export / "model.safetensors.index.json").read_text())
+    count = len(expected.filename_to_tensors)
+    assert count > 2 and index["weight_map"] == expected.tensor_to_filename
+    shards = sorted(p.name for p in sharded_export.glob("model*.safetensors"))
+    assert shards == [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+    for shard in shards:
+        with safe_open(str(sharded_export / shard), framework="pt") as opened:
+            assert sorted(opened.keys()) == sorted(expected.filename_to_tensors[shard])
+            assert opened.metadata() == {"format": "pt"}
+    assert index["metadata"] == {"total_size": sum(t.numel() * t.element_size() for t in saved.values()),
+                                 "total_parameters": sum(t.numel() for t in saved.values())}
+
+
+def test_a_tied_bf16_export_writes_what_save_pretrained_writes(finished_run, tmp_path):
+    """The names (the LM head stored as the embedding it shares), the dtype in config.json, the
+    generation config, the shards and the index are those of transformers' own save_pretrained."""
+    model_cfg = OmegaConf.merge(OmegaConf.structured(config.ModelConfig),
+                                OmegaConf.load(ROOT / "conf/model/llama_tiny.yaml"), {"tie_embeddings": True})
+    model = models.build_causal_lm(model_cfg, vocab_size=512)
+    run_dir = tmp_path / "run"
+    state = checkpoint.TrainState(step=1, model_signature=checkpoint.model_signature(model))
+    found = checkpoint.save(run_dir, model, checkpoint.SavedState(model=model.state_dict(), optimizer={}), state, [],
+                            keep_last=1)
+    shutil.copytree(checkpoint.run_tokenizer_dir(finished_run), checkpoint.run_tokenizer_dir(run_dir))
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    export.export(OmegaConf.structured(config.ExportConfig(checkpoint=str(run_dir), out=str(ours), dtype="bfloat16",
+                                                           max_shard_size=SMALL_SHARDS)))
+    checkpoint.load_trained_model(found).to(torch.bfloat16).save_pretrained(theirs, max_shard_size=SMALL_SHARDS)
+
+    weights_and_configs = {p.name for p in theirs.iterdir()}
+    assert "model-00002-of-00003.safetensors" in weights_and_configs
+    assert weights_and_configs <= {p.name for p in ours.iterdir()}
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((ours / name).read_text()) == json.loads((theirs / name).read_text()), name
+    our_index, their_index = (json.loads((d / "model.safetensors.index.json").read_text()) for d in (ours, theirs))
+    assert our_index["metadata"] == their_index["metadata"]
+    assert sorted(our_index["weight_map"]) == sorted(their_index["weight_map"])
+    assert "lm_head.weight" not in our_index["weight_map"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(ours)
+    assert loaded.dtype == torch.bfloat16 and loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    torch.testing.assert_close(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight.to(torch.bfloat16),
+                               rtol=0, atol=0)
+
+
+def test_max_shard_size_takes_transformers_sizes_or_bytes_and_refuses_anything_else(finished_run, tmp_path):
+    assert [export.max_shard_bytes(v) for v in ("5GB", "500MB", "1.5KB", "500000000")] == [
+        5 * 10**9, 500 * 10**6, 1500, 500000000]
+    out = tmp_path / "exported"
+    for bad in ("5 parsecs", "0", "-1GB", "GB"):
+        with pytest.raises(config.ConfigError) as refused:
+            export.export(OmegaConf.structured(config.ExportConfig(checkpoint=str(finished_run), out=str(out),
+                                                                   max_shard_size=bad)))
+        assert str(refused.value).startswith(f"max_shard_size={bad!r} is not a size") and "500MB" in str(refused.value)
+    assert not out.exists()
 
 
 def test_generate_is_reproducible_by_seed_and_greedy_is_deterministic(finished_run):
@@ -276,6 +359,11 @@ def bf16_export(finished_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "bf16"
     run_job([f"checkpoint={finished_run}", f"out={out}", "dtype=bfloat16"], launcher="none", module="app.export")
     return out
+
+
+def test_an_export_within_one_shard_is_one_model_safetensors_with_no_index(bf16_export):
+    assert sorted(p.name for p in bf16_export.glob("model*")) == ["model.safetensors"]
+    assert json.loads((bf16_export / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_fine_tuning_from_a_bf16_export_trains_in_float32_and_says_once_what_it_loaded(tiny_data, bf16_export,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from app import checkpoint, config, metrics, models, optim
+from app import checkpoint, config, export, metrics, models, optim
 from conftest import ROOT, run_job
 
 
@@ -204,15 +204,52 @@ def test_loaders_raise_checkpoint_error_not_library_exceptions(run_dir):
         checkpoint.read_state(found)
 
 
-@pytest.mark.parametrize("module, damage", [("app.export", truncate_weights), ("app.generate", truncate_weights),
-                                            ("app.evaluate", garbage_state)])
-def test_tools_report_a_damaged_checkpoint_in_one_line_and_exit_2(run_dir, tmp_path, module, damage):
-    damaged_file = damage(step_dir(run_dir, 6))
-    args = [f"checkpoint={run_dir}"] + ([f"out={tmp_path / 'exported'}"] if module == "app.export" else [])
-    result = run_job(args, launcher="none", module=module, check=False)
+def assert_one_line_naming(result, damaged_file: Path) -> None:
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().startswith(f"error: checkpoint file {damaged_file} is damaged")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("module, damage", [("app.generate", truncate_weights), ("app.evaluate", garbage_state)])
+def test_tools_report_a_damaged_checkpoint_in_one_line_and_exit_2(run_dir, module, damage):
+    damaged_file = damage(step_dir(run_dir, 6))
+    assert_one_line_naming(run_job([f"checkpoint={run_dir}"], launcher="none", module=module, check=False),
+                           damaged_file)
+
+
+def remove_weights(checkpoint_dir: Path) -> Path:
+    (checkpoint_dir / "model.safetensors").unlink()
+    return checkpoint_dir / "model.safetensors"
+
+
+def previous_export(tmp_path: Path) -> Path:
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / "model.safetensors").write_text("the previous export")
+    return out
+
+
+def assert_untouched(out: Path) -> None:
+    assert [p.name for p in out.iterdir()] == ["model.safetensors"]
+    assert (out / "model.safetensors").read_text() == "the previous export"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["exported", "run"]  # no staging directory left
+
+
+@pytest.mark.parametrize("damage", [truncate_weights, remove_weights], ids=lambda damage: damage.__name__)
+def test_an_export_of_damaged_weights_is_one_line_and_leaves_the_previous_export_as_it_was(run_dir, tmp_path, damage):
+    damaged_file = damage(step_dir(run_dir, 6))
+    out = previous_export(tmp_path)
+    result = run_job([f"checkpoint={run_dir}", f"out={out}"], launcher="none", module="app.export", check=False)
+    assert_one_line_naming(result, damaged_file)
+    assert_untouched(out)
+
+
+def test_an_export_that_fails_after_its_weights_are_written_leaves_the_previous_export(run_dir, tmp_path):
+    out = previous_export(tmp_path)
+    # run_dir has no tokenizer, which the export copies last.
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        export.export(OmegaConf.structured(config.ExportConfig(checkpoint=str(run_dir), out=str(out))))
+    assert_untouched(out)
 
 
 def test_rng_state_round_trips_through_a_checkpoint(run_dir):

@@ -146,7 +146,7 @@ def test_export_of_a_sharded_run_is_the_full_hugging_face_model(runs, tmp_path):
     from transformers import LlamaForCausalLM
 
     out = tmp_path / "exported"
-    export.export(OmegaConf.create({"checkpoint": str(runs[3]), "out": str(out), "dtype": "float32"}))
+    export.export(OmegaConf.structured(config.ExportConfig(checkpoint=str(runs[3]), out=str(out))))
     exported = LlamaForCausalLM.from_pretrained(out).state_dict()
     reference = weights(runs["one"])
     assert max((exported[k] - reference[k]).abs().max().item() for k in reference) < ADAM_ATOL
