@@ -21,12 +21,12 @@ import horovod.torch as hvd
 import numpy as np
 import torch
 
-from app import dist, models
+from app import dist
 from app.checkpoint import SavedState
 from app.parallel.base import Parallelism, load_model_state
 from app.parallel.data import DataSync, LocalSGD
 from app.parallel.model_part import ModelPart
-from app.parallel.optimizer_state import by_index, by_name, full_model_order, is_per_element
+from app.parallel.optimizer_state import by_index, by_name, full_model_order
 from app.parallel.placement import assemble, assemble_state, cut_state
 
 
@@ -222,7 +222,7 @@ class Layout(Parallelism):
         if self.schedule is not None:
             described.update(self.schedule.describe(self.data.accum_steps))
         if not self.part.is_whole:
-            described["groups"] = {d: self.mesh.groups(d) for d in ("pipeline", "data", "tensor")}
+            described["groups"] = {d: self.mesh.groups(d) for d, size in self.mesh.sizes().items() if size > 1}
             described["ranks"] = self.mesh.describe(self.hosts)["ranks"]
         return described
 
