@@ -14,6 +14,9 @@ so its tokens/s say more about the machine than about the layout.
 """
 import re
 
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
 from app import cli, dist, fileio, metrics
 from app.bench import launch, worker
 from app.bench.context import Context
@@ -56,7 +59,10 @@ def cell_plan(ctx: Context, cell) -> tuple:
     shared = [o for o in ctx.train_overrides if not o.startswith("model=")]
     overrides = [f"model={lc.model}", *shared, f"train.precision={lc.precision}",
                  f"train.grad_accum_steps={lc.micro_batches}", *cell.overrides]
-    parallel = cli.compose_config(overrides).parallel
+    try:
+        parallel = cli.compose_config(overrides).parallel
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(f"layouts cell {cell.name}: {' '.join(str(error).split())}") from error
     model_ranks = parallel.tensor * parallel.pipeline
     data = processes // model_ranks
     if processes % model_ranks or lc.global_batch % (data * lc.micro_batches):
@@ -73,10 +79,9 @@ def cell_plan(ctx: Context, cell) -> tuple:
     return overrides, row
 
 
-def run_cell(ctx: Context, cell, log=print) -> dict:
+def run_cell(ctx: Context, cell, overrides: list, row: dict, log=print) -> dict:
     """One cell's row: its measurements, or the one line that refused it."""
     lc = ctx.bench.layouts
-    overrides, row = cell_plan(ctx, cell)
     log(f"bench: layout {cell.name}, {row['processes']} ranks under {row['launcher']}"
         + (" (oversubscribed)" if row["oversubscribed"] else ""))
     spec = {"overrides": overrides, "threads": max(1, ctx.cores // row["processes"]),
@@ -95,7 +100,9 @@ def run_cell(ctx: Context, cell, log=print) -> dict:
 
 def measure(ctx: Context, log=print) -> dict:
     lc = ctx.bench.layouts
-    rows = [run_cell(ctx, cell, log) for cell in selected_cells(lc)]
+    cells = selected_cells(lc)
+    plans = [cell_plan(ctx, cell) for cell in cells]  # every cell's bad input before the first launch
+    rows = [run_cell(ctx, cell, overrides, row, log) for cell, (overrides, row) in zip(cells, plans)]
     return {"model": lc.model, "precision": lc.precision, "global_batch": lc.global_batch,
             "micro_batches": lc.micro_batches, "warmup_steps": lc.warmup_steps, "measure_steps": lc.measure_steps,
             "cores": ctx.cores, "rows": rows}
