@@ -32,6 +32,17 @@ def quick_bench(tiny_data, tmp_path_factory):
     return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text(), result.stdout
 
 
+@pytest.fixture(scope="module")
+def layouts_bench(tiny_data, tmp_path_factory):
+    """sections=[layouts] with a cell that runs and one refused until tensor x ZeRO composes."""
+    out = tmp_path_factory.mktemp("layouts")
+    overrides = ",".join(f"'{o}'" for o in [f"data.vocab_size={TINY_VOCAB}", f"data.dir={tiny_data}"])
+    run_job(["sections=[layouts]", "model=llama_tiny", "layouts.model=llama_tiny", f"out={out}",
+             "layouts.names=[D4,T2xD2-ZeRO1]", "layouts.warmup_steps=1", "layouts.measure_steps=2",
+             f"train_overrides=[{overrides}]"], launcher="none", module="app.bench", timeout=300)
+    return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text()
+
+
 def _run(results, method, processes):
     return next(r for r in results["throughput"]["runs"] if (r["method"], r["processes"]) == (method, processes))
 
@@ -217,3 +228,46 @@ def test_bad_bench_config_is_one_line_and_exit_2(tmp_path, override, message):
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_layouts_rows_measure_each_cell_on_four_ranks_or_say_why_it_was_refused(layouts_bench):
+    results, markdown = layouts_bench
+    assert results["errors"] == {}
+    section = results["layouts"]
+    rows = {row["cell"]: row for row in section["rows"]}
+    assert list(rows) == ["D4", "T2xD2-ZeRO1"]
+    # 4 ranks on this machine's cores: oversubscribed on the 2-core machine the suite runs on.
+    cores = len(os.sched_getaffinity(0))
+    assert section["cores"] == cores
+    plain = rows["D4"]
+    mesh = ("processes", "pipeline", "tensor", "data", "zero_stage")
+    assert tuple(plain[key] for key in mesh) == (4, 1, 1, 4, 0)
+    assert plain["refused"] is None and plain["oversubscribed"] is (4 > cores)
+    # The same global batch in every cell: 16 samples of llama_tiny's 64 tokens per step.
+    assert plain["global_batch"] == 16 and plain["micro_batch_per_rank"] == 16 // (4 * section["micro_batches"])
+    assert plain["tokens_per_second"] == pytest.approx(16 * 64 / plain["seconds_per_step"])
+    peaks = plain["peak_memory_bytes_per_rank"]
+    # An interpreter with torch and Horovod loaded holds well over 100 MiB.
+    assert len(peaks) == 4 and min(peaks) > 100 * 2**20 and plain["max_peak_memory_bytes"] == max(peaks)
+    composed = rows["T2xD2-ZeRO1"]
+    assert tuple(composed[key] for key in mesh) == (4, 1, 2, 2, 1)
+    # Refused until tensor x ZeRO composes; measured once it does.
+    if composed["refused"] is None:
+        assert composed["tokens_per_second"] > 0 and len(composed["peak_memory_bytes_per_rank"]) == 4
+    else:
+        assert "parallel.zero_stage" in composed["refused"] and "\n" not in composed["refused"]
+        assert f"refused: {composed['refused']} |" in markdown
+    assert f"| D4 | 4 | P1 x T1 x D4 | 0 |  | {plain['tokens_per_second']:,.0f} |" in markdown
+
+
+def test_layouts_worker_refuses_a_config_the_trainer_refuses_in_one_line(tmp_path):
+    """Without the trainer's check a bench worker would run another layout under the cell's name."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"overrides": ["model=llama_tiny", "sync=adasum", "parallel.zero_stage=1"],
+                                "threads": 1, "warmup_steps": 1, "measure_steps": 1,
+                                "result": str(tmp_path / "result.json")}))
+    result = run_job([str(spec)], launcher="none", module="app.bench.layouts", check=False, timeout=120)
+    assert result.returncode == 2 and not (tmp_path / "result.json").exists()
+    assert result.stderr.strip().splitlines() == [
+        "error: parallel.zero_stage=1 averages gradients itself; use sync=allreduce (or sync=fp16_compression), "
+        "or parallel.zero_stage=0 for sync=adasum"]

@@ -4,13 +4,15 @@
     python -m app.bench preset=quick       # every section in about 1.5 minutes, plus three small compilations
     python -m app.bench sections=[throughput] throughput.precisions=[bf16] out=runs/bench/tp
     python -m app.bench sections=[memory]  # ZeRO stages 0-3 x activation checkpointing, llama_125m
+    python -m app.bench sections=[layouts] # every layout cell on 4 ranks: tokens/s, peak memory per rank
 
 Sections: the matmul peak (fp32, bf16; 1 thread and all cores); tokens/s and MFU of the trainer
 at 1..N processes, eager and compiled, against a plain PyTorch loop, DDP and Hugging Face's
 Trainer (eager and torch_compile=True), with scaling efficiency; allreduce bus
 bandwidth under Gloo and MPI; the gradient-set allreduce under Horovod's fusion and cycle
-settings; a step-time breakdown; on request (sections=[pipeline]), a pipeline against data
-parallelism. Writes <out>/bench.md (also printed) and <out>/bench.json.
+settings; a step-time breakdown; on request, a pipeline against data parallelism (sections=[pipeline])
+and every layout cell, composed ones included (sections=[layouts]). Writes <out>/bench.md (also
+printed) and <out>/bench.json.
 Targets are measured and reported; a miss does not fail the command, a failed section does.
 """
 import platform
@@ -25,8 +27,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from app import cli, config, fileio
-from app.bench import (bandwidth, breakdown, context, fusion, launch, memory, peak, pipeline, report, tensor_parallel,
-                       throughput)
+from app.bench import (bandwidth, breakdown, context, fusion, launch, layouts, memory, peak, pipeline, report,
+                       tensor_parallel, throughput)
 from app.bench import config as bench_config
 
 CONF_DIR = str(Path(cli.CONF_DIR) / "bench")
@@ -83,6 +85,7 @@ def run_sections(cfg, ctx: context.Context) -> dict:
         "pipeline": lambda: pipeline.measure(ctx, log),
         "memory": lambda: memory.measure(ctx, log),
         "tensor": lambda: tensor_parallel.measure(ctx, log),
+        "layouts": lambda: layouts.measure(ctx, log),
     }
     results, failed = {}, {}
     for name in bench_config.BENCH_SECTIONS:  # a fixed order: the peak first, while the machine is quiet

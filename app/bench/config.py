@@ -137,6 +137,36 @@ class BenchMemoryConfig:
 
 
 @dataclass
+class BenchLayoutCell:
+    """One layout of bench.layouts: a name for the table and the training overrides that make it."""
+    name: str = "???"
+    overrides: List[str] = field(default_factory=list)
+    # None: bench.layouts.processes.
+    processes: Optional[int] = None
+    # Left out unless named in bench.layouts.names (the 8-rank cell: a long run on a small machine).
+    opt_in: bool = False
+
+
+@dataclass
+class BenchLayoutsConfig:
+    """Tokens/s and peak memory per rank of every layout cell on the same ranks, model, precision
+    and global batch (app/bench/layouts.py); opt in with sections=[layouts]. The cells are listed in
+    conf/bench/config.yaml; a cell the trainer refuses is a row with the refusal's reason."""
+    model: str = "llama_tiny"
+    precision: str = "bf16"
+    processes: int = 4
+    global_batch: int = 16
+    # Micro-batches per step (train.grad_accum_steps) in every cell: a pipeline needs several
+    # to fill its stages, and the other cells take the same number so the step is the same work.
+    micro_batches: int = 4
+    warmup_steps: int = 2
+    measure_steps: int = 4
+    cells: List[BenchLayoutCell] = field(default_factory=list)
+    # Cells to run, by name; None: every cell not marked opt_in.
+    names: Optional[List[str]] = None
+
+
+@dataclass
 class BenchConfig:
     """python -m app.bench [preset=quick] [out=DIR] [model=PRESET] [throughput.precisions=[bf16]] ..."""
     out: str = "runs/bench/${now:%Y-%m-%d_%H-%M-%S}"
@@ -168,13 +198,14 @@ class BenchConfig:
     pipeline: BenchPipelineConfig = field(default_factory=BenchPipelineConfig)
     memory: BenchMemoryConfig = field(default_factory=BenchMemoryConfig)
     tensor: BenchTensorConfig = field(default_factory=BenchTensorConfig)
+    layouts: BenchLayoutsConfig = field(default_factory=BenchLayoutsConfig)
 
 
 def register() -> None:
     ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
 
 
-BENCH_SECTIONS = ("peak", "throughput", "bandwidth", "fusion", "breakdown", "pipeline", "memory", "tensor")
+BENCH_SECTIONS = ("peak", "throughput", "bandwidth", "fusion", "breakdown", "pipeline", "memory", "tensor", "layouts")
 
 
 def validate(cfg: BenchConfig) -> None:
@@ -194,6 +225,8 @@ def validate(cfg: BenchConfig) -> None:
         ("throughput.trainer_compile", [compilation_mode(cfg.throughput.trainer_compile)],
          ("false", "model", "regional")),
         ("throughput.hf_trainer", cfg.throughput.hf_trainer, ("eager", "compile")),
+        ("layouts.precision", [cfg.layouts.precision], precisions),
+        ("layouts.names", cfg.layouts.names or [], [cell.name for cell in cfg.layouts.cells]),
     ):
         for value in values:
             if value not in allowed:
@@ -211,6 +244,10 @@ def validate(cfg: BenchConfig) -> None:
         "pipeline.micro_batches": cfg.pipeline.micro_batches,
         "memory.processes": cfg.memory.processes,
         "memory.measure_steps": cfg.memory.measure_steps,
+        "layouts.processes": cfg.layouts.processes,
+        "layouts.global_batch": cfg.layouts.global_batch,
+        "layouts.micro_batches": cfg.layouts.micro_batches,
+        "layouts.measure_steps": cfg.layouts.measure_steps,
     }
     for key, value in positive.items():
         if value < 1:

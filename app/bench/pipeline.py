@@ -8,22 +8,13 @@ timeline of one step. It runs the trainer's own step (app/step.py), as the break
 Measured bubble: on each rank, the share of its forward/backward span spent waiting for a
 neighbour (receives, the last sends, the loss from the last stage), averaged over ranks.
 """
-import resource
 import time
 
-import torch
-
-from app import dist, fileio
+from app import dist, fileio, metrics
 from app.bench import launch, worker
 from app.step import PhaseTimer, train_step
 
 PHASES = ("forward", "backward", "pipeline_wait", "allreduce_wait", "optimizer")
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def run_steps(training, first: int, count: int, timer: PhaseTimer) -> None:
@@ -32,22 +23,28 @@ def run_steps(training, first: int, count: int, timer: PhaseTimer) -> None:
         train_step(training, step * batch, step, timer)
 
 
-def main() -> None:
-    spec, cfg, training = worker.read_spec_and_start()
-    timer = PhaseTimer(training.device)
+def timed_steps(training, spec: dict, timer: PhaseTimer) -> float:
+    """Wall seconds of the spec's measured steps after its warm-up steps, from the first rank to
+    start to the last to finish; the timer holds the measured steps' phases only."""
     run_steps(training, 0, spec["warmup_steps"], timer)
     timer.take()
     dist.barrier()
     started = time.perf_counter()
     run_steps(training, spec["warmup_steps"], spec["measure_steps"], timer)
     dist.barrier()
-    elapsed = time.perf_counter() - started
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    spec, cfg, training = worker.read_spec_and_start()
+    timer = PhaseTimer(training.device)
+    elapsed = timed_steps(training, spec, timer)
     seconds = {phase: total / spec["measure_steps"] for phase, total in timer.take().items()}
     busy = seconds.get("forward", 0.0) + seconds.get("backward", 0.0)
     rows = dist.allgather_object({
         "rank": dist.rank(), "stage": training.parallel.replica_group(), "seconds_per_step": seconds,
         "wait_fraction": seconds.get("pipeline_wait", 0.0) / (busy + seconds.get("pipeline_wait", 0.0)),
-        "peak_memory_bytes": peak_memory_bytes(training.device),
+        "peak_memory_bytes": metrics.peak_memory_bytes(training.device),
         "timeline": getattr(training.parallel, "timeline", [])}, name="pipeline_rows")
     if dist.is_main():
         tokens_per_step = training.task.stream.global_batch * training.task.seq_len

@@ -217,13 +217,36 @@ def tensor(section: dict) -> str:
             + _table(header, rows))
 
 
+def _layout_row(r: dict) -> list:
+    row = [r["cell"], r["processes"], f"P{r['pipeline']} x T{r['tensor']} x D{r['data']}", r["zero_stage"],
+           r["schedule"] or ""]
+    if r["refused"]:
+        row += ["", "", "", ""]
+    else:
+        peaks = " / ".join(_mib(b) for b in r["peak_memory_bytes_per_rank"])
+        row += [f"{r['tokens_per_second']:,.0f}", f"{r['seconds_per_step']:.3f}", peaks, _mib(r["max_peak_memory_bytes"])]
+    return row + ["yes" if r["oversubscribed"] else "no", f"refused: {r['refused']}" if r["refused"] else ""]
+
+
+def layouts(section: dict) -> str:
+    header = ["cell", "ranks", "mesh", "ZeRO", "schedule", "tokens/s", "s/step", "peak memory per rank (MiB)",
+              "max (MiB)", "oversubscribed", "refused"]
+    return (f"## Layouts ({section['model']}, {section['precision']}, global batch {section['global_batch']} in "
+            f"{section['micro_batches']} micro-batches per step, {section['measure_steps']} timed steps after "
+            f"{section['warmup_steps']} warm-up, {section['cores']} cores)\n\n"
+            "Peak memory: each rank's resident-set high-water mark on a CPU (the allocator's peak on a GPU), "
+            "the interpreter and libraries included. Oversubscribed: more ranks than cores, so ranks time-share "
+            "the cores and tokens/s compare layouts poorly. Refused: the one line the trainer's config check "
+            "gave at start-up.\n\n" + _table(header, [_layout_row(r) for r in section["rows"]]))
+
+
 def errors(failed: dict) -> str:
     lines = [f"- {name}: {message.splitlines()[0]}" for name, message in failed.items()]
     return "## Sections that failed\n\n" + "\n".join(lines)
 
 
 SECTIONS = {"peak": peak, "throughput": throughput, "bandwidth": bandwidth, "fusion": fusion, "breakdown": breakdown,
-            "pipeline": pipeline, "memory": memory, "tensor": tensor}
+            "pipeline": pipeline, "memory": memory, "tensor": tensor, "layouts": layouts}
 
 
 def markdown(results: dict) -> str:

@@ -9,10 +9,15 @@ from app.step import Training, build_training
 
 
 def start_training(spec: dict):
-    """(cfg, training) for the worker whose spec this is."""
+    """(cfg, training) for the worker whose spec this is. A config the trainer refuses, or a layout
+    the world size cannot take, is one `error:` line on every rank and exit 2, as in app.train."""
     cfg = cli.compose_config(spec["overrides"])
     OmegaConf.resolve(cfg)
-    dist.init(cfg.horovod, cfg.parallel)
+    try:
+        config.validate(cfg)
+        dist.init(cfg.horovod, cfg.parallel)
+    except ValueError as error:  # config.ConfigError is one
+        cli.fail(" ".join(str(error).split()))
     torch.set_num_threads(dist.place_rank(spec["threads"], cfg.train.bind_cores))
     runtime.set_freed_memory(config.keeps_freed_memory(cfg))  # as app.train's place_threads does
     training: Training = build_training(cfg, runtime.pick_device(cfg.train.device, dist.local_rank()))
