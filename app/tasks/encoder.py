@@ -11,7 +11,6 @@ from typing import List, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from app import classification_metrics, data, dist, labelled_data, models, prepared, tokenizer
 
@@ -191,11 +190,10 @@ class MaskedLM(EncoderTask):
 
     @staticmethod
     def summed_loss(model, batch: dict) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The summed cross-entropy of the masked tokens, and the model's logits."""
+        """The summed cross-entropy of the masked tokens (the vocabulary-parallel one when the
+        layout split the decoder), and the model's logits."""
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        summed = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE,
-                                 reduction="sum")
-        return summed, logits
+        return models.logits_loss(model)(logits, batch["labels"], reduction="sum", ignore_index=IGNORE), logits
 
     @staticmethod
     def loss(model, batch: dict) -> torch.Tensor:
