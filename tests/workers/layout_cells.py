@@ -2,12 +2,14 @@
 Horovod start-up serve them all), each trained from scratch, or resumed from a checkpoint, with the
 trainer's own step (app/step.py) and learning-rate schedule, as the loop runs them. Rank 0 saves
 each cell's final whole model and optimizer state (the layout's saved_state, which checkpoints
-write) and every step's loss, gradient norm and number of ZeRO reduce-scatters and allgathers to
+write), every step's loss, gradient norm and number of ZeRO reduce-scatters and allgathers, and
+each rank's coordinates, checksum of its tensor-replicated parameters and CPU RNG state to
 OUT/<cell>.pt; a cell may also write a real checkpoint at a step, for another layout to resume.
 
     mpirun -np 8 python tests/workers/layout_cells.py OUT CELLS_JSON
     CELLS_JSON: [{"name": ..., "overrides": [...], "resume": path|null, "save_at": step|null}, ...]
 """
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ import horovod.torch as hvd
 import torch
 from omegaconf import OmegaConf
 
-from app import checkpoint, dist, optim, train
+from app import checkpoint, dist, models, optim, train
 from app.bench.worker import start_training
 from app.step import PhaseTimer, train_step
 
@@ -57,9 +59,21 @@ def run_cell(out: Path, cell: dict) -> None:
             train.save_checkpoint(cfg, run_dir, training, state, train.Window(training.device))
     saved = training.parallel.saved_state()
     training.batches.close()
+    ranks = dist.allgather_object({"coordinates": training.parallel.coordinates,
+                                   "replicated": replicated_checksum(training.parallel.part),
+                                   "rng": torch.get_rng_state()}, name="cell_ranks")
     if dist.is_main():
-        torch.save({"model": saved.model, "optimizer": saved.optimizer, "steps": rows,
+        torch.save({"model": saved.model, "optimizer": saved.optimizer, "steps": rows, "ranks": ranks,
                     "layout": training.parallel.layout()}, out / f"{cell['name']}.pt")
+
+
+def replicated_checksum(part) -> str:
+    """A hash of the parameters this rank's tensor set replicates (norms, BERT's position
+    embeddings): equal on the set's ranks exactly when they kept their copies together."""
+    digest = hashlib.sha256()
+    models.add_to_checksum(digest, [(name, param) for name, param in part.module.named_parameters()
+                                    if "tensor" in part.placements[name].replicated])
+    return digest.hexdigest()[:16]
 
 
 def main() -> None:
