@@ -117,6 +117,13 @@ def logits_loss(model):
     return getattr(model, "logits_cross_entropy", token_cross_entropy)
 
 
+def predicted_tokens(model, logits: torch.Tensor) -> torch.Tensor:
+    """Each position's most likely token, over the whole vocabulary also where a layout split the
+    logits across ranks."""
+    own = getattr(model, "logits_cross_entropy", None)
+    return logits.argmax(-1) if own is None else own.predictions(logits)
+
+
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
                         ignore_index: int = -100) -> torch.Tensor:
     """Cross-entropy of each position's logits against its target, F.cross_entropy's arguments."""

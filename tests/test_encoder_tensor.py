@@ -1,7 +1,8 @@
 """BERT under tensor parallelism (app/parallel/tensor.py's BERT plans) trains as one process on
 the same global batch: masked LM at T2 (2 ranks) and T2 x D2 (4 ranks), classification at T2;
-and with dropout on, each tensor set draws the same masks (its replicated parameters stay
-identical) while the data replicas draw their own.
+its evaluation on the split model scores as one process's; and with dropout on, each tensor set
+draws the same masks (its replicated parameters stay identical) while the data replicas draw
+their own.
 
 Three launches serve every cell (tests/workers/layout_cells.py runs the trainer's own step):
 one process for the references, then horovodrun --gloo with 2 and 4 ranks. All runs are fp32,
@@ -34,8 +35,10 @@ LAUNCHES = {
     (2, 2): {"mlm_t2": ("mlm", [NO_DROPOUT]), "classify_t2": ("classify", [NO_DROPOUT])},
     (4, 2): {"mlm_t2d2": ("mlm", [NO_DROPOUT]), "mlm_t2d2_dropout": ("mlm", ["model.dropout=0.1"])},
 }
-# Each split cell -> the one-process cell it must equal.
+# Each split cell -> the one-process cell it must equal, in training and in evaluation.
 EQUIVALENT = {"mlm_t2": "mlm", "mlm_t2d2": "mlm", "classify_t2": "classify"}
+# 24 validation passages: on the split model a tensor set evaluates one share together.
+EVALUATE = {"batch_size": 8, "max_batches": 3}
 
 
 def overrides(data_dir, ranks: int, tensor: int, task: str, *extra) -> list:
@@ -49,7 +52,8 @@ def overrides(data_dir, ranks: int, tensor: int, task: str, *extra) -> list:
 def cells(tiny_genre_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("encoder_tensor")
     for (ranks, tensor), named in LAUNCHES.items():
-        specs = [{"name": name, "overrides": overrides(tiny_genre_data, ranks, tensor, task, *extra)}
+        specs = [{"name": name, "overrides": overrides(tiny_genre_data, ranks, tensor, task, *extra),
+                  "evaluate": EVALUATE if name in EQUIVALENT or name in EQUIVALENT.values() else None}
                  for name, (task, extra) in named.items()]
         run_worker("layout_cells.py", [out, json.dumps(specs)], np_=ranks, launcher="gloo" if ranks > 1 else "none",
                    timeout=900)
@@ -73,6 +77,23 @@ def test_a_tensor_parallel_bert_trains_as_one_process_on_the_same_global_batch(c
         assert row["grad_norm"] == pytest.approx(reference["grad_norm"], rel=GRAD_NORM_RTOL), (row, reference)
         if data == 1:  # the step's loss is rank 0's, of the whole global batch only without data replicas
             assert row["loss"] == pytest.approx(reference["loss"], abs=ATOL), (row, reference)
+
+
+@pytest.mark.parametrize("cell", EQUIVALENT)
+def test_evaluation_on_the_split_model_scores_as_one_process(cells, cell):
+    """The masked-LM accuracy takes the argmax over the whole vocabulary, not this rank's slice;
+    the tensor set's ranks, which evaluate one share together, count its passages once."""
+    got, expected = cells[cell]["evaluated"], cells[EQUIVALENT[cell]]["evaluated"]
+    assert got["val/loss"] == pytest.approx(expected["val/loss"], rel=1e-5)
+    if cell.startswith("mlm"):
+        assert got["val/masked_tokens"] == expected["val/masked_tokens"] > 0
+        assert expected["val/masked_accuracy"] > 0
+        # Weights 1e-6 apart may flip a near-tie: one token at most.
+        assert got["val/masked_accuracy"] == pytest.approx(expected["val/masked_accuracy"],
+                                                           abs=1.01 / expected["val/masked_tokens"])
+    else:
+        assert got["val/examples"] == expected["val/examples"] == EVALUATE["batch_size"] * EVALUATE["max_batches"]
+        assert got["val/confusion_matrix"] == expected["val/confusion_matrix"]
 
 
 def test_dropout_masks_agree_within_a_tensor_set_and_differ_across_data_replicas(cells):

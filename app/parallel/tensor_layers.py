@@ -173,9 +173,10 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 class VocabParallelLoss:
-    """F.cross_entropy of a vocabulary-parallel head's logits (batch x ... x V/T), targets equal
-    to ignore_index skipped; parallelize attaches it to the model (models.logits_loss uses a
-    model's own loss when it has one)."""
+    """Reads a vocabulary-parallel head's logits (batch x ... x V/T): called, F.cross_entropy of
+    them, targets equal to ignore_index skipped; `predictions`, their argmax over the whole
+    vocabulary. parallelize attaches it to the model (models.logits_loss and
+    models.predicted_tokens use a model's own when it has one)."""
 
     def __init__(self, group: TensorGroup, shard_rows: int):
         self.group, self.start = group, group.rank * shard_rows
@@ -188,3 +189,12 @@ class VocabParallelLoss:
         losses = VocabParallelCrossEntropy.apply(logits, targets, self.group, self.start).masked_fill(~kept, 0.0)
         total = losses.sum()
         return {"sum": total, "mean": total / kept.sum()}[reduction]
+
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each position's most likely token id: the group's best (value, global id) pairs
+        gathered, the first rank's on a tie, so the lowest id wins, as torch.argmax picks."""
+        best, index = logits.detach().float().max(dim=-1)
+        pairs = torch.stack([best, (index + self.start).float()], dim=-1).unsqueeze(0)  # ids < 2^24: exact
+        gathered = self.group.allgather(pairs, "predictions")  # T x batch x ... x 2
+        winner = gathered[..., 0].argmax(dim=0, keepdim=True)
+        return gathered[..., 1].gather(0, winner).squeeze(0).long()
