@@ -19,7 +19,10 @@ from collections import defaultdict
 
 import pytest
 import torch
+from transformers import BertConfig
 
+from app import cli, config
+from app.parallel.tensor import check_divisible
 from tests.conftest import ALWAYS_CLIPS, CLIPPED, GRAD_NORM_RTOL, run_worker, tiny_encoder_args
 from tests.test_layouts import max_abs_difference
 
@@ -53,7 +56,8 @@ def cells(tiny_genre_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("encoder_tensor")
     for (ranks, tensor), named in LAUNCHES.items():
         specs = [{"name": name, "overrides": overrides(tiny_genre_data, ranks, tensor, task, *extra),
-                  "evaluate": EVALUATE if name in EQUIVALENT or name in EQUIVALENT.values() else None}
+                  "evaluate": EVALUATE if name in EQUIVALENT or name in EQUIVALENT.values() else None,
+                  "ranks": name == "mlm_t2d2_dropout"}
                  for name, (task, extra) in named.items()]
         run_worker("layout_cells.py", [out, json.dumps(specs)], np_=ranks, launcher="gloo" if ranks > 1 else "none",
                    timeout=900)
@@ -109,3 +113,24 @@ def test_dropout_masks_agree_within_a_tensor_set_and_differ_across_data_replicas
         assert ranks[0]["replicated"] == ranks[1]["replicated"], ranks
         assert torch.equal(ranks[0]["rng"], ranks[1]["rng"])
     assert not torch.equal(by_replica[0][0]["rng"], by_replica[1][0]["rng"])
+
+
+BERT = ["model=bert_tiny", "data=shakespeare_genre", "parallel.tensor=2"]
+
+
+@pytest.mark.parametrize("task", ["mlm", "classify"])
+def test_bert_tasks_may_split_where_the_sizes_divide(task):
+    config.validate(cli.compose_config([f"task={task}", *BERT]))
+
+
+@pytest.mark.parametrize("override", ["model.num_heads=1", "model.intermediate_size=255", "model.vocab_size=2047"])
+def test_a_bert_that_does_not_split_is_refused_naming_the_key(override):
+    cfg = cli.compose_config(["task=mlm", *BERT, override])
+    with pytest.raises(config.ConfigError, match=f"^{override} is not divisible by parallel.tensor=2; set"):
+        config.validate(cfg)
+
+
+def test_a_bert_vocabulary_left_to_the_tokenizer_is_checked_when_the_model_is_built():
+    bert = BertConfig(vocab_size=2047, hidden_size=64, num_attention_heads=2, intermediate_size=256)
+    with pytest.raises(ValueError, match="model.vocab_size=2047 is not divisible by parallel.tensor=2; set"):
+        check_divisible(bert, 2)

@@ -133,8 +133,8 @@ class VocabParallelEmbedding(nn.Module):
         self.group, self.site = group, site
         self.weight = _sharded_parameter(embedding.weight, group, 0)
         self.start = group.rank * self.weight.shape[0]
-        pad = embedding.padding_idx
-        self.padding_idx = pad - self.start if pad is not None and 0 <= pad - self.start < self.weight.shape[0] else None
+        pad = None if embedding.padding_idx is None else embedding.padding_idx - self.start
+        self.padding_idx = pad if pad is not None and 0 <= pad < self.weight.shape[0] else None
 
     def forward(self, input_ids):
         outside = (input_ids < self.start) | (input_ids >= self.start + self.weight.shape[0])

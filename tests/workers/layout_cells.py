@@ -3,13 +3,14 @@ Horovod start-up serve them all), each trained from scratch, or resumed from a c
 trainer's own step (app/step.py) and learning-rate schedule, as the loop runs them. Rank 0 saves
 each cell's final whole model and optimizer state (the layout's saved_state, which checkpoints
 write), every step's loss, gradient norm and number of ZeRO reduce-scatters and allgathers, and
-each rank's coordinates, checksum of its tensor-replicated parameters and CPU RNG state, and
-the task's evaluation at the end where the cell asks for one, to OUT/<cell>.pt; a cell may also
-write a real checkpoint at a step, for another layout to resume.
+where the cell asks, each rank's coordinates, checksum of its tensor-replicated parameters and
+CPU RNG state (ZeRO-3 cells cannot: their parameters are freed between steps) and the task's
+evaluation at the end, to OUT/<cell>.pt; a cell may also write a real checkpoint at a step, for
+another layout to resume.
 
     mpirun -np 8 python tests/workers/layout_cells.py OUT CELLS_JSON
     CELLS_JSON: [{"name": ..., "overrides": [...], "resume": path|null, "save_at": step|null,
-                 "evaluate": {"batch_size": b, "max_batches": n}|null}, ...]
+                 "evaluate": {"batch_size": b, "max_batches": n}|null, "ranks": bool}, ...]
 """
 import hashlib
 import json
@@ -62,12 +63,14 @@ def run_cell(out: Path, cell: dict) -> None:
     evaluated = evaluate(training, cell["evaluate"]) if cell.get("evaluate") else None
     saved = training.parallel.saved_state()
     training.batches.close()
-    ranks = dist.allgather_object({"coordinates": training.parallel.coordinates,
-                                   "replicated": replicated_checksum(training.parallel.part),
-                                   "rng": torch.get_rng_state()}, name="cell_ranks")
+    ranks = None
+    if cell.get("ranks"):
+        ranks = dist.allgather_object({"coordinates": training.parallel.coordinates,
+                                       "replicated": replicated_checksum(training.parallel.part),
+                                       "rng": torch.get_rng_state()}, name="cell_ranks")
     if dist.is_main():
-        torch.save({"model": saved.model, "optimizer": saved.optimizer, "steps": rows, "ranks": ranks, "evaluated": evaluated,
-                    "layout": training.parallel.layout()}, out / f"{cell['name']}.pt")
+        torch.save({"model": saved.model, "optimizer": saved.optimizer, "steps": rows, "ranks": ranks,
+                    "evaluated": evaluated, "layout": training.parallel.layout()}, out / f"{cell['name']}.pt")
 
 
 def evaluate(training, batches: dict) -> dict:
