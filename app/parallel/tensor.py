@@ -34,7 +34,7 @@ class Plan:
     blocks: str  # the module list of its blocks (decoder or encoder layers)
     block: Dict[str, Callable]  # module path inside a block -> its tensor-parallel replacement
     block_inputs: Tuple[str, ...]  # block modules whose hidden-states input gets f once (see SHARED_INPUT)
-    head_counts: Tuple[str, ...]  # attributes inside a block that count all heads: made the local count
+    head_counts: Tuple[str, ...]  # attributes inside a block that count all heads or their width: made local
     model: Dict[str, Callable]  # module path outside the blocks -> its replacement
     logits: Optional[str]  # the vocabulary-parallel layer whose logits the loss reads; None: whole logits
 
