@@ -476,16 +476,15 @@ def check_elastic(cfg: Config) -> None:
 
 
 def validate_tensor_parallel(cfg: Config) -> None:
-    """What parallel.tensor=T needs: a LLaMA whose heads, KV heads, FFN width and vocabulary split
-    into T equal shards (a vocabulary left to the tokenizer is checked once it is known), and
-    gradients averaged every step (the other sync modes reduce over all ranks, mixing shards)."""
-    tensor = cfg.parallel.tensor
-    if cfg.task != "clm":
-        raise ConfigError(f"parallel.tensor={tensor} splits LLaMA decoders (task=clm) only; use parallel.tensor=1 "
-                          f"for task={cfg.task}")
-    sizes = {"model.num_heads": cfg.model.num_heads, "model.num_kv_heads": cfg.model.num_kv_heads,
-             "model.intermediate_size": cfg.model.intermediate_size, "model.vocab_size": cfg.model.vocab_size}
-    check_divisible_by_tensor(sizes, tensor)
+    """What parallel.tensor=T needs: a LLaMA decoder (task=clm) or a BERT encoder (task=mlm or
+    task=classify; validate_task pairs them) whose heads, LLaMA's KV heads, FFN width and
+    vocabulary split into T equal shards (a vocabulary left to the tokenizer is checked once it
+    is known)."""
+    model = cfg.model
+    sizes = {"model.num_heads": model.num_heads,
+             "model.num_kv_heads": model.num_kv_heads if model.family == "llama" else None,
+             "model.intermediate_size": model.intermediate_size, "model.vocab_size": model.vocab_size}
+    check_divisible_by_tensor(sizes, cfg.parallel.tensor)
 
 
 def check_divisible_by_tensor(sizes: dict, tensor: int) -> None:

@@ -106,15 +106,34 @@ def build_encoder(model_cfg, vocab_size: int, pad_token_id: int, task: str, num_
 
 
 def causal_lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; targets are the inputs shifted by one (data.py). A model
-    whose logits are split across ranks carries the loss that reads them (app/parallel/tensor.py
-    attaches it), so the task computes its loss without knowing the layout."""
-    return getattr(model, "logits_cross_entropy", next_token_loss)(model(input_ids=inputs).logits, targets)
+    """Mean next-token cross-entropy; targets are the inputs shifted by one (data.py)."""
+    return logits_loss(model)(model(input_ids=inputs).logits, targets)
+
+
+def logits_loss(model):
+    """The cross-entropy of this model's logits, called as token_cross_entropy is. A model whose
+    logits are split across ranks carries the loss that reads them (app/parallel/tensor.py
+    attaches it), so a task computes its loss without knowing the layout."""
+    return getattr(model, "logits_cross_entropy", token_cross_entropy)
+
+
+def predicted_tokens(model, logits: torch.Tensor) -> torch.Tensor:
+    """Each position's most likely token, over the whole vocabulary also where a layout split the
+    logits across ranks."""
+    own = getattr(model, "logits_cross_entropy", None)
+    return logits.argmax(-1) if own is None else own.predictions(logits)
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+                        ignore_index: int = -100) -> torch.Tensor:
+    """Cross-entropy of each position's logits against its target, F.cross_entropy's arguments."""
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), reduction=reduction,
+                           ignore_index=ignore_index)
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The loss of causal_lm_loss from the logits, for a pipeline's last stage that has only them."""
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+    return token_cross_entropy(logits, targets)
 
 
 def count_parameters(model: torch.nn.Module, include_embeddings: bool = True) -> int:

@@ -34,6 +34,6 @@ def build(cfg, model: torch.nn.Module) -> Parallelism:
     schedule = None
     if part.stage is not None:
         # The last stage's loss from its logits: the vocabulary-parallel one when tensors are split.
-        loss_of_logits = getattr(model, "logits_cross_entropy", models.next_token_loss)
+        loss_of_logits = models.logits_loss(model)
         schedule = PipelineSchedule(part.stage, part.coordinates, mesh.pipeline, cfg, loss_of_logits)
     return Layout(part, sync, schedule)

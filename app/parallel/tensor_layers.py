@@ -125,18 +125,21 @@ class RowParallelLinear(nn.Module):
 
 class VocabParallelEmbedding(nn.Module):
     """Each rank holds the rows of its slice of the vocabulary and looks up only those tokens;
-    the others' rows are zero, so the sum over the group is the full lookup."""
+    the others' rows are zero, so the sum over the group is the full lookup. The padding row
+    (BERT's) gets no gradient from lookups, as in nn.Embedding, on the rank that holds it."""
 
     def __init__(self, embedding: nn.Embedding, group: TensorGroup, site: str):
         super().__init__()
         self.group, self.site = group, site
         self.weight = _sharded_parameter(embedding.weight, group, 0)
         self.start = group.rank * self.weight.shape[0]
+        pad = None if embedding.padding_idx is None else embedding.padding_idx - self.start
+        self.padding_idx = pad if pad is not None and 0 <= pad < self.weight.shape[0] else None
 
     def forward(self, input_ids):
         outside = (input_ids < self.start) | (input_ids >= self.start + self.weight.shape[0])
         local = (input_ids - self.start).masked_fill(outside, 0)
-        rows = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        rows = F.embedding(local, self.weight, padding_idx=self.padding_idx).masked_fill(outside.unsqueeze(-1), 0.0)
         return SumShards.apply(rows, self.group, self.site)
 
 
@@ -170,11 +173,28 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 class VocabParallelLoss:
-    """Mean next-token cross-entropy of a vocabulary-parallel LM head's logits; parallelize
-    attaches it to the model (models.causal_lm_loss uses a model's own loss when it has one)."""
+    """Reads a vocabulary-parallel head's logits (batch x ... x V/T): called, F.cross_entropy of
+    them, targets equal to ignore_index skipped; `predictions`, their argmax over the whole
+    vocabulary. parallelize attaches it to the model (models.logits_loss and
+    models.predicted_tokens use a model's own when it has one)."""
 
     def __init__(self, group: TensorGroup, shard_rows: int):
         self.group, self.start = group, group.rank * shard_rows
 
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return VocabParallelCrossEntropy.apply(logits, targets, self.group, self.start).mean()
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+                 ignore_index: int = -100) -> torch.Tensor:
+        # An ignored target lies outside every rank's slice, so the Function computes a finite
+        # loss for it; masking that loss zeroes its gradient too.
+        kept = targets != ignore_index
+        losses = VocabParallelCrossEntropy.apply(logits, targets, self.group, self.start).masked_fill(~kept, 0.0)
+        total = losses.sum()
+        return {"sum": total, "mean": total / kept.sum()}[reduction]
+
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each position's most likely token id: the group's best (value, global id) pairs
+        gathered, the first rank's on a tie, so the lowest id wins, as torch.argmax picks."""
+        best, index = logits.detach().float().max(dim=-1)
+        pairs = torch.stack([best, (index + self.start).float()], dim=-1).unsqueeze(0)  # ids < 2^24: exact
+        gathered = self.group.allgather(pairs, "predictions")  # T x batch x ... x 2
+        winner = gathered[..., 0].argmax(dim=0, keepdim=True)
+        return gathered[..., 1].gather(0, winner).squeeze(0).long()

@@ -11,7 +11,6 @@ from typing import List, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from app import classification_metrics, data, dist, labelled_data, models, prepared, tokenizer
 
@@ -63,6 +62,12 @@ class EncoderTask:
         for start in range(0, len(mine), batch_size):
             yield mine[start : start + batch_size]
 
+    @staticmethod
+    def sum_over_shares(totals: torch.Tensor, share: Tuple[int, int], name: str) -> torch.Tensor:
+        """Evaluation totals summed over the shares: the ranks that compute one share together
+        (a tensor set, on the split model) each hold its totals whole, so they count once."""
+        return dist.sum_over_ranks(totals, name=name) / (dist.size() // share[1])
+
     def finish(self, whole_model, run_dir, logger, log) -> None:
         pass
 
@@ -94,7 +99,8 @@ class Classify(EncoderTask):
             )
         model.train(was_training)
         # Counts are summed, so the metrics are those of the whole set, not a mean of rank means.
-        summed = dist.sum_over_ranks(torch.tensor([*matrix.flatten(), loss_sum], dtype=torch.float64), name="eval_cls")
+        summed = self.sum_over_shares(torch.tensor([*matrix.flatten(), loss_sum], dtype=torch.float64), share,
+                                      "eval_cls")
         matrix = summed[:-1].numpy().round().astype(np.int64).reshape(k, k)
         result = {f"val/{key}": value for key, value in classification_metrics.summarize(matrix, self.labels).items()}
         result.update({"val/loss": summed[-1].item() / matrix.sum(), "val/examples": int(matrix.sum()),
@@ -191,11 +197,10 @@ class MaskedLM(EncoderTask):
 
     @staticmethod
     def summed_loss(model, batch: dict) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The summed cross-entropy of the masked tokens, and the model's logits."""
+        """The summed cross-entropy of the masked tokens (the vocabulary-parallel one when the
+        layout split the decoder), and the model's logits."""
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        summed = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE,
-                                 reduction="sum")
-        return summed, logits
+        return models.logits_loss(model)(logits, batch["labels"], reduction="sum", ignore_index=IGNORE), logits
 
     @staticmethod
     def loss(model, batch: dict) -> torch.Tensor:
@@ -216,10 +221,10 @@ class MaskedLM(EncoderTask):
             with precision_ctx:
                 loss_sum, logits = self.summed_loss(model, batch)
             masked = batch["labels"] != IGNORE
-            correct = (logits.argmax(-1)[masked] == batch["labels"][masked]).sum()
+            correct = (models.predicted_tokens(model, logits)[masked] == batch["labels"][masked]).sum()
             totals += torch.tensor([loss_sum.item(), masked.sum().item(), correct.item()], dtype=torch.float64)
         model.train(was_training)
-        totals = dist.sum_over_ranks(totals, name="eval_mlm")
+        totals = self.sum_over_shares(totals, share, "eval_mlm")
         loss = (totals[0] / totals[1]).item()
         return {"val/loss": loss, "val/perplexity": float(np.exp(loss)),
                 "val/masked_accuracy": (totals[2] / totals[1]).item(), "val/masked_tokens": int(totals[1])}

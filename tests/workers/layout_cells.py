@@ -2,12 +2,17 @@
 Horovod start-up serve them all), each trained from scratch, or resumed from a checkpoint, with the
 trainer's own step (app/step.py) and learning-rate schedule, as the loop runs them. Rank 0 saves
 each cell's final whole model and optimizer state (the layout's saved_state, which checkpoints
-write) and every step's loss, gradient norm and number of ZeRO reduce-scatters and allgathers to
-OUT/<cell>.pt; a cell may also write a real checkpoint at a step, for another layout to resume.
+write), every step's loss, gradient norm and number of ZeRO reduce-scatters and allgathers, and
+where the cell asks, each rank's coordinates, checksum of its tensor-replicated parameters and
+CPU RNG state (ZeRO-3 cells cannot: their parameters are freed between steps) and the task's
+evaluation at the end, to OUT/<cell>.pt; a cell may also write a real checkpoint at a step, for
+another layout to resume.
 
     mpirun -np 8 python tests/workers/layout_cells.py OUT CELLS_JSON
-    CELLS_JSON: [{"name": ..., "overrides": [...], "resume": path|null, "save_at": step|null}, ...]
+    CELLS_JSON: [{"name": ..., "overrides": [...], "resume": path|null, "save_at": step|null,
+                 "evaluate": {"batch_size": b, "max_batches": n}|null, "ranks": bool}, ...]
 """
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -16,7 +21,7 @@ import horovod.torch as hvd
 import torch
 from omegaconf import OmegaConf
 
-from app import checkpoint, dist, optim, train
+from app import checkpoint, dist, models, optim, train
 from app.bench.worker import start_training
 from app.step import PhaseTimer, train_step
 
@@ -57,11 +62,33 @@ def run_cell(out: Path, cell: dict) -> None:
                      **{key: issued[key] - before[key] for key in issued}})
         if state.step == cell.get("save_at"):
             train.save_checkpoint(cfg, run_dir, training, state, train.Window(training.device))
+    evaluated = evaluate(training, cell["evaluate"]) if cell.get("evaluate") else None
     saved = training.parallel.saved_state()
     training.batches.close()
+    ranks = None
+    if cell.get("ranks"):
+        ranks = dist.allgather_object({"coordinates": training.parallel.coordinates,
+                                       "replicated": replicated_checksum(training.parallel.part),
+                                       "rng": torch.get_rng_state()}, name="cell_ranks")
     if dist.is_main():
-        torch.save({"model": saved.model, "optimizer": saved.optimizer, "steps": rows,
-                    "layout": training.parallel.layout()}, out / f"{cell['name']}.pt")
+        torch.save({"model": saved.model, "optimizer": saved.optimizer, "steps": rows, "ranks": ranks,
+                    "evaluated": evaluated, "layout": training.parallel.layout()}, out / f"{cell['name']}.pt")
+
+
+def evaluate(training, batches: dict) -> dict:
+    """The task's evaluation on the model the layout evaluates, as the loop runs it."""
+    with training.parallel.evaluation_model() as (model, share):
+        return training.task.evaluate(model, share, training.device, training.precision_ctx,
+                                      batches["batch_size"], batches["max_batches"])
+
+
+def replicated_checksum(part) -> str:
+    """A hash of the parameters this rank's tensor set replicates (norms, BERT's position
+    embeddings): equal on the set's ranks exactly when they kept their copies together."""
+    digest = hashlib.sha256()
+    models.add_to_checksum(digest, [(name, param) for name, param in part.module.named_parameters()
+                                    if "tensor" in part.placements[name].replicated])
+    return digest.hexdigest()[:16]
 
 
 def main() -> None:
