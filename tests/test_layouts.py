@@ -31,7 +31,9 @@ GLOBAL_BATCH = 16  # micro-batch x 2 micro-batches x data replicas
 # Cells by launch: (launcher, ranks, pipeline, tensor) -> {cell: its own overrides}.
 LAUNCHES = {
     ("gloo", 4, 1, 2): {
-        f"t2d2_zero{stage}": [f"parallel.zero_stage={stage}"] for stage in (1, 2, 3)},
+        **{f"t2d2_zero{stage}": [f"parallel.zero_stage={stage}"] for stage in (1, 2, 3)},
+        # Averaging identical replicas changes nothing, unless it mixes other sets' shards in.
+        "t2d2_param_average": ["sync=param_average", "sync.param_average_every=2"]},
     ("mpi", 4, 2, 1): {
         "p2d2_zero1_1f1b": ["parallel.zero_stage=1", "parallel.schedule=1f1b"],
         "p2d2_zero1_gpipe": ["parallel.zero_stage=1", "parallel.schedule=gpipe"],

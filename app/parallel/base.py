@@ -4,8 +4,8 @@ A `Parallelism` owns how gradients and parameters move between ranks: it wraps t
 runs a step's forward and backward passes (a pipeline replaces only that part), waits for the
 gradients, clips by the true global norm, steps, averages parameters, and gives and takes the
 model and optimizer state that checkpoints hold. The loop (app/train.py), the step
-(app/step.py) and the benchmark call only this interface; data parallelism (app/parallel/data.py)
-is its first implementation, sharded, tensor, pipeline and elastic layouts are further ones.
+(app/step.py) and the benchmark call only this interface; app/parallel/layout.py implements it
+for every layout, as a composition of the concerns app/parallel/ lists.
 """
 from contextlib import contextmanager
 from typing import Callable, Dict, List, Optional
@@ -17,7 +17,7 @@ from app.checkpoint import SavedState
 
 
 class Parallelism:
-    """Defaults shared by every layout; each implementation overrides what it changes."""
+    """The interface, with the defaults a whole model on one rank would use."""
 
     name = "none"
 
@@ -55,18 +55,16 @@ class Parallelism:
     def unscale_gradients(self, scaler) -> None:
         """fp16: divide the gradients by the loss scale, noting whether any is inf or NaN (the
         scaler then skips the step)."""
-        scaler.unscale_(self.optimizer)
+        raise NotImplementedError
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        """Scale the gradients so that the whole model's global norm is at most `max_norm`;
+        return the norm before."""
+        raise NotImplementedError
 
     def optimizer_step(self, scaler) -> None:
-        if scaler is not None:
-            scaler.step(self.optimizer)
-            scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad()
+        """Apply the gradients (through the loss scaler under fp16) and zero them."""
+        raise NotImplementedError
 
     def after_step(self, step: int) -> None:
         """Called once optimizer step `step` (1-based) is done on every rank."""

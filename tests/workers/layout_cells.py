@@ -51,7 +51,9 @@ def run_cell(out: Path, cell: dict) -> None:
         output = train_step(training, state.samples_seen, state.step, timer)
         state.step += 1
         state.samples_seen += training.task.stream.global_batch
-        rows.append({"step": state.step, "loss": float(output.loss), "grad_norm": float(output.grad_norm),
+        # The loop's logged loss: the mean over ranks of each rank's mean (its replica's share).
+        loss = dist.sum_over_ranks(output.loss.reshape(1).double(), name="cell_loss").item() / dist.size()
+        rows.append({"step": state.step, "loss": loss, "grad_norm": float(output.grad_norm),
                      **{key: issued[key] - before[key] for key in issued}})
         if state.step == cell.get("save_at"):
             train.save_checkpoint(cfg, run_dir, training, state, train.Window(training.device))
