@@ -417,8 +417,10 @@ def validate_pipeline(cfg: Config) -> None:
         (cfg.task != "clm", f"trains decoder stages (task=clm), not task={cfg.task}"),
         (cfg.model.num_layers < stages, f"needs at least one decoder layer per stage; model.num_layers="
                                         f"{cfg.model.num_layers}"),
-        (cfg.model.tie_embeddings, "keeps the embedding on the first stage and the LM head on the last, so they "
-                                   "cannot be tied; use model.tie_embeddings=false"),
+        (cfg.model.tie_embeddings and cfg.parallel.zero_stage > 0,
+         f"cannot shard tied embeddings with parallel.zero_stage={cfg.parallel.zero_stage}: the first stage's and "
+         "the last stage's flat ZeRO slices do not line up, so their tied gradients cannot be summed; use "
+         "parallel.zero_stage=0 or model.tie_embeddings=false"),
     ]
     for refused, why in refusals:
         if refused:

@@ -11,6 +11,11 @@ weights, the bound tests/test_equivalence.py explains (data-parallel sums reorde
 which AdamW can amplify where gradients are tiny); a real fault moves them by about lr = 1e-3.
 Launches: horovodrun --gloo without a pipeline, mpirun with one. 8 ranks of llama_tiny on 2
 cores are oversubscribed, which costs time, not correctness.
+
+Tied embeddings under a pipeline (`_tied` cells) are held to a tied one-process run. The `_fp16`
+cells train with an fp16 loss scaler and one rank's gradients forced to inf at one step: every
+rank must skip that step and halve its scale; before it, the scaled steps are one process's (the
+loss scaled once, unscaled before the clip).
 """
 import json
 
@@ -22,10 +27,14 @@ from app import checkpoint
 from tests.conftest import (ALWAYS_CLIPS, CLIPPED, GRAD_NORM_RTOL, read_metrics, run_job, run_worker,
                             tiny_train_args)
 
+# A test runs a launch the first time it needs one of its cells: 8 oversubscribed ranks on a
+# loaded 2-core machine can take over the default 600 s.
+pytestmark = pytest.mark.timeout(1800)
 ATOL = 1e-5
 STEPS = 6
 SAVE_AT = 3
-COMMON = ("model.tie_embeddings=false", "optim=adamw", CLIPPED, "train.grad_accum_steps=2", "train.log_every=1")
+COMMON = ("optim=adamw", CLIPPED, "train.grad_accum_steps=2", "train.log_every=1")
+UNTIED, TIED = "model.tie_embeddings=false", "model.tie_embeddings=true"
 GLOBAL_BATCH = 16  # micro-batch x 2 micro-batches x data replicas
 
 # Cells by launch: (launcher, ranks, pipeline, tensor) -> {cell: its own overrides}.
@@ -38,33 +47,56 @@ LAUNCHES = {
         "p2d2_zero1_1f1b": ["parallel.zero_stage=1", "parallel.schedule=1f1b"],
         "p2d2_zero1_gpipe": ["parallel.zero_stage=1", "parallel.schedule=gpipe"],
         "p2d2_zero2": ["parallel.zero_stage=2"],
-        "p2d2_zero3": ["parallel.zero_stage=3"]},
-    ("mpi", 4, 2, 2): {"p2t2": []},
+        "p2d2_zero3": ["parallel.zero_stage=3"],
+        "p2d2_tied": [TIED],
+        "p2d2_tied_resumed": [TIED],
+        "p2d2_zero2_fp16": ["parallel.zero_stage=2"]},
+    ("mpi", 4, 2, 2): {"p2t2": [], "p2t2_tied": [TIED], "p2t2_fp16": []},
     ("mpi", 8, 2, 2): {
         "p2t2d2_zero1": ["parallel.zero_stage=1"],
         "p2t2d2_zero1_resumed": ["parallel.zero_stage=1"]},
 }
 CELLS = [cell for cells in LAUNCHES.values() for cell in cells]
+# The step at which one rank's gradients overflow, and the rank: (p1, t1) and (p1, d1), whose
+# overflow the other stage must agree on, and the rest of its tensor or ZeRO data set.
+OVERFLOWS = {"p2t2_fp16": {"step": 4, "rank": 3}, "p2d2_zero2_fp16": {"step": 4, "rank": 3}}
+INITIAL_SCALE = 2.0 ** 10  # tests/workers/layout_cells.py's
+EQUIVALENT = [cell for cell in CELLS if cell not in OVERFLOWS]
+TIED_CELLS = [cell for cell in CELLS if "_tied" in cell]
 
 
 def overrides(data_dir, ranks: int, pipeline: int, tensor: int, *extra) -> list:
     data = ranks // (pipeline * tensor)
+    tie = TIED if TIED in extra else UNTIED
     args = tiny_train_args(data_dir, "unused", *COMMON, f"train.micro_batch_size={GLOBAL_BATCH // 2 // data}",
-                           f"parallel.pipeline={pipeline}", f"parallel.tensor={tensor}", *extra)
+                           f"parallel.pipeline={pipeline}", f"parallel.tensor={tensor}", tie,
+                           *(arg for arg in extra if arg != TIED))
     return [arg for arg in args if not arg.startswith("hydra.")]
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_data, tmp_path_factory):
+def one_process(data_dir, run_dir, tie: str):
     """One process, the whole global batch; its step-3 checkpoint is resumed by a composed cell."""
-    run_dir = tmp_path_factory.mktemp("layouts") / "one"
-    run_job(tiny_train_args(tiny_data, run_dir, *COMMON, f"train.micro_batch_size={GLOBAL_BATCH // 2}",
+    run_job(tiny_train_args(data_dir, run_dir, *COMMON, tie, f"train.micro_batch_size={GLOBAL_BATCH // 2}",
                             f"train.checkpoint_every={SAVE_AT}"), launcher="none")
     return run_dir
 
 
 @pytest.fixture(scope="module")
-def cells(tiny_data, reference, tmp_path_factory):
+def reference(tiny_data, tmp_path_factory):
+    return one_process(tiny_data, tmp_path_factory.mktemp("layouts") / "one", UNTIED)
+
+
+@pytest.fixture(scope="module")
+def tied_reference(tiny_data, tmp_path_factory):
+    return one_process(tiny_data, tmp_path_factory.mktemp("layouts") / "one_tied", TIED)
+
+
+def reference_of(cell: str, reference, tied_reference):
+    return tied_reference if cell in TIED_CELLS else reference
+
+
+@pytest.fixture(scope="module")
+def cells(tiny_data, reference, tied_reference, tmp_path_factory):
     """cell name -> what rank 0 saved of it (and "dir": their run directories), running a
     launch the first time one of its cells is asked for: each test pays only for its own."""
     out = tmp_path_factory.mktemp("cells")
@@ -76,19 +108,19 @@ def cells(tiny_data, reference, tmp_path_factory):
         key = next(key for key, named in LAUNCHES.items() if name in named)
         if key not in launched:
             launcher, ranks, pipeline, tensor = key
-            specs = [{"name": cell, "overrides": overrides(tiny_data, ranks, pipeline, tensor, *extra)}
-                     for cell, extra in LAUNCHES[key].items()]
+            specs = [{"name": cell, "overrides": overrides(tiny_data, ranks, pipeline, tensor, *extra),
+                      "overflow": OVERFLOWS.get(cell)} for cell, extra in LAUNCHES[key].items()]
             for spec in specs:
                 if spec["name"] == "p2t2d2_zero1":
                     spec["save_at"] = SAVE_AT
                 if spec["name"].endswith("_resumed"):
-                    spec["resume"] = str(reference / "checkpoints" / checkpoint.step_dir_name(SAVE_AT))
+                    resumed = reference_of(spec["name"], reference, tied_reference)
+                    spec["resume"] = str(resumed / "checkpoints" / checkpoint.step_dir_name(SAVE_AT))
             run_worker("layout_cells.py", [out, json.dumps(specs)], np_=ranks, launcher=launcher, timeout=900)
             launched[key] = {cell: torch.load(out / f"{cell}.pt", weights_only=False) for cell in LAUNCHES[key]}
         return launched[key][name]
 
     return get
-
 
 def reference_weights(run_dir, step=STEPS):
     return load_file(str(checkpoint.checkpoints_root(run_dir) / checkpoint.step_dir_name(step) / "model.safetensors"))
@@ -103,8 +135,9 @@ def max_abs_difference(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("cell", CELLS)
-def test_each_cell_trains_as_one_process_on_the_same_global_batch(cells, reference, cell):
+@pytest.mark.parametrize("cell", EQUIVALENT)
+def test_each_cell_trains_as_one_process_on_the_same_global_batch(cells, reference, tied_reference, cell):
+    reference = reference_of(cell, reference, tied_reference)
     got, expected = cells(cell), reference_steps(reference)
     sizes = {d: got["layout"][d] for d in ("pipeline", "tensor", "data")}
     assert sizes == {"pipeline": 2 if cell.startswith("p2") else 1, "tensor": 2 if "t2" in cell else 1,
@@ -122,8 +155,9 @@ def test_each_cell_trains_as_one_process_on_the_same_global_batch(cells, referen
             assert torch.allclose(got["optimizer"]["state"][index][key].float(), value.float(), atol=ATOL), (index, key)
 
 
-def test_the_reference_clips_at_every_step(reference):
-    assert min(row["grad_norm"] for row in reference_steps(reference).values()) > ALWAYS_CLIPS
+def test_the_references_clip_at_every_step(reference, tied_reference):
+    for one in (reference, tied_reference):
+        assert min(row["grad_norm"] for row in reference_steps(one).values()) > ALWAYS_CLIPS
 
 
 def test_zero_under_a_pipeline_reduces_and_gathers_once_a_step_not_once_a_micro_batch(cells):
@@ -152,3 +186,29 @@ def test_a_p2_t2_d2_checkpoint_resumes_on_one_process_and_the_reverse(cells, ref
     for step, row in resumed.items():
         assert row["train/loss"] == pytest.approx(expected[step]["train/loss"], abs=ATOL)
     assert [row["step"] for row in cells("p2t2d2_zero1_resumed")["steps"]] == [4, 5, 6]
+
+
+
+@pytest.mark.parametrize("cell", TIED_CELLS)
+def test_the_ends_of_a_tied_pipeline_keep_bitwise_equal_copies(cells, cell):
+    """The first stage's embedding and the last stage's head took the same summed gradient."""
+    assert cells(cell)["tied_difference"] == 0.0
+
+
+@pytest.mark.parametrize("cell", OVERFLOWS)
+def test_an_fp16_overflow_on_one_rank_skips_the_step_on_every_rank_and_halves_every_scale(cells, reference, cell):
+    at, per_rank = OVERFLOWS[cell]["step"], cells(cell)["scaling"]
+    assert len(per_rank) == 4
+    for rows in per_rank:
+        assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+        for row in rows:
+            overflowed = row["step"] == at
+            assert row["changed"] != overflowed, row  # skipped there, and the next step trains
+            assert row["scale_after"] == row["scale_before"] / (2 if overflowed else 1), row
+        assert rows[0]["scale_before"] == INITIAL_SCALE
+    # Before the overflow the scaled steps are one process's (powers of two scale exactly): the
+    # loss was scaled once (the pipeline's last stage), and unscaled before the norm and the clip.
+    expected = reference_steps(reference)
+    for row in cells(cell)["steps"][:at - 1]:
+        assert row["grad_norm"] == pytest.approx(expected[row["step"]]["grad_norm"], rel=GRAD_NORM_RTOL), row
+        assert row["loss"] == pytest.approx(expected[row["step"]]["train/loss"], abs=ATOL), row

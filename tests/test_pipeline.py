@@ -56,9 +56,9 @@ def test_1f1b_holds_at_most_p_minus_s_micro_batches_where_gpipe_holds_all():
     assert schedule.ideal_bubble_fraction(2, 4) == pytest.approx(1 / 5)
 
 
-def tiny_model(num_layers=3):
+def tiny_model(num_layers=3, tie_embeddings=False):
     spec = SimpleNamespace(hidden_size=32, intermediate_size=64, num_layers=num_layers, num_heads=2, num_kv_heads=None,
-                           max_seq_len=16, rope_theta=1e4, norm_eps=1e-5, dropout=0.0, tie_embeddings=False,
+                           max_seq_len=16, rope_theta=1e4, norm_eps=1e-5, dropout=0.0, tie_embeddings=tie_embeddings,
                            init_std=0.02, init_from=None, vocab_size=None)
     torch.manual_seed(0)
     return models.build_causal_lm(spec, 64)
@@ -72,6 +72,25 @@ def test_stages_in_a_row_compute_the_whole_models_loss_and_own_every_parameter_o
     assert models.next_token_loss(last(first(ids)), targets).item() == models.causal_lm_loss(model, ids, targets).item()
     owned = list(first.full_names.values()) + list(last.full_names.values())
     assert owned == [name for name, _ in model.named_parameters()]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_a_tied_models_cut_gives_each_end_its_own_weight_under_the_one_name_and_the_middle_neither(stage):
+    model = tiny_model(tie_embeddings=True)
+    tied = model.lm_head.weight
+    initial, names = tied.detach().clone(), [name for name, _ in model.named_parameters()]
+    cut = Stage(model, stage, 3)
+    cut.free_others()
+    held = {cut.full_names[name]: p for name, p in cut.named_parameters()}
+    if stage == 1:
+        assert "model.embed_tokens.weight" not in held
+    else:  # the embedding on the first stage, the head's own copy on the last: real, equal, one name
+        assert torch.equal(held["model.embed_tokens.weight"], initial)
+        assert (held["model.embed_tokens.weight"] is tied) == (stage == 0)
+    # The whole model stays tied (one weight, the checkpoint's names), on this rank's end where it has one.
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert [name for name, _ in model.named_parameters()] == names
+    assert model.lm_head.weight.is_meta == (stage == 1)
 
 
 def test_optimizer_state_rekeyed_by_name_is_the_full_models_and_comes_back():
@@ -97,14 +116,21 @@ def test_optimizer_state_rekeyed_by_name_is_the_full_models_and_comes_back():
 
 @pytest.mark.parametrize("override, message", [
     ("parallel.schedule=zigzag", "parallel.schedule='zigzag' is not one of gpipe, 1f1b"),
-    ("model.tie_embeddings=true", "cannot be tied"),
+    ("model.tie_embeddings=true parallel.zero_stage=1", "cannot shard tied embeddings with parallel.zero_stage=1: "
+                                                       "the first stage's and the last stage's flat ZeRO slices"),
     ("sync=local_sgd", "use sync=allreduce"),
     ("model.num_layers=1", "at least one decoder layer per stage"),
 ])
 def test_a_pipeline_it_cannot_run_is_refused_naming_the_key(override, message):
-    cfg = cli.compose_config(["parallel.pipeline=2", "model=llama_tiny", override])
+    cfg = cli.compose_config(["parallel.pipeline=2", "model=llama_tiny", *override.split()])
     with pytest.raises(config.ConfigError, match=re.escape(message)):
         config.validate(cfg)
+
+
+def test_tied_embeddings_and_fp16_are_accepted_under_a_pipeline_and_beside_tensors():
+    for extra in ([], ["parallel.tensor=2", "parallel.zero_stage=0"]):
+        config.validate(cli.compose_config(["parallel.pipeline=2", "model=llama_tiny", "model.tie_embeddings=true",
+                                            "train.precision=fp16", *extra]))
 
 
 # --- real jobs -------------------------------------------------------------------------------

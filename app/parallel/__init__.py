@@ -4,13 +4,14 @@ torchtitan's order, each concern one object (app/parallel/layout.py composes the
 1. cut this rank's pipeline stage (stages.py) and 2. split its tensors across the tensor set
    (tensor.py): the rank's part and its placements (model_part.py, placement.py);
 3. activation checkpointing (layers.py); 4. compile (app/compilation.py, applied by the step);
-5. the data dimension's gradient handling over the data set (data.py, zero.py);
+5. the data dimension's gradient handling over the data set (data.py, zero.py), and a tied
+   embedding's between a pipeline's ends (tied.py);
 6. the schedule: plain, or a pipeline's GPipe or 1F1B (pipeline.py).
 """
 import torch
 
 from app import dist, models
-from app.parallel import data
+from app.parallel import data, tied
 from app.parallel.base import Parallelism
 from app.parallel.layers import apply_activation_checkpointing
 from app.parallel.layout import Layout
@@ -36,4 +37,4 @@ def build(cfg, model: torch.nn.Module) -> Parallelism:
         # The last stage's loss from its logits: the vocabulary-parallel one when tensors are split.
         loss_of_logits = models.logits_loss(model)
         schedule = PipelineSchedule(part.stage, part.coordinates, mesh.pipeline, cfg, loss_of_logits)
-    return Layout(part, sync, schedule)
+    return Layout(part, sync, schedule, tied.build(part))

@@ -6,7 +6,9 @@
   their replicas of the part together: allreduce, fp16 compression, Adasum, local SGD /
   parameter averaging, or ZeRO 1-3;
 - the schedule: the plain forward and backward of every micro-batch, or a pipeline's
-  (app/parallel/pipeline.py).
+  (app/parallel/pipeline.py);
+- under a pipeline of a tied model, the tied weight's gradient summed between its ends
+  (app/parallel/tied.py).
 
 `Layout` is the one object the loop and the step talk to (app/parallel/base.py); it reaches the
 whole model only through placements: the global gradient norm, the fp16 overflow flag,
@@ -28,12 +30,13 @@ from app.parallel.data import DataSync, LocalSGD
 from app.parallel.model_part import ModelPart
 from app.parallel.optimizer_state import by_index, by_name, full_model_order
 from app.parallel.placement import assemble, assemble_state, cut_state
+from app.parallel.tied import TiedEmbedding
 
 
 class Layout(Parallelism):
-    def __init__(self, part: ModelPart, data: DataSync, schedule=None):
+    def __init__(self, part: ModelPart, data: DataSync, schedule=None, tied: Optional[TiedEmbedding] = None):
         super().__init__(part.module)
-        self.part, self.data, self.schedule = part, data, schedule
+        self.part, self.data, self.schedule, self.tied = part, data, schedule, tied
         self.mesh, self.coordinates = part.mesh, part.coordinates
         # Where each rank runs, for the summary of a split layout (no collective otherwise: an
         # elastic run may have none before its loop).
@@ -88,6 +91,8 @@ class Layout(Parallelism):
 
     def sync_gradients(self) -> None:
         self.data.sync_gradients()
+        if self.tied is not None:  # after the data set's average: the ends add averaged gradients
+            self.tied.sum_gradients()
 
     def _sum_over_model(self, value: torch.Tensor, op=hvd.Sum) -> torch.Tensor:
         """`value` (a scalar) summed, or maxed, over the ranks that hold the other parts of one

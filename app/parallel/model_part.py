@@ -34,18 +34,26 @@ class ModelPart:
         self.splits = splits
         self.global_names: Dict[str, str] = (dict(self.stage.full_names) if self.stage is not None else
                                              {name: name for name, _ in model.named_parameters()})
+        # A tied weight under a pipeline: this rank's local name for it on the first or last stage.
+        self.tied: Optional[str] = None
+        if self.stage is not None and self.stage.tied_name is not None:
+            self.tied = self.local_names().get(self.stage.tied_name)
         self.placements: Dict[str, Placement] = {
             local: self._placement(self.global_names[local], param) for local, param in self.module.named_parameters()}
         if self.stage is not None:
             self.stage.free_others()
 
     def _placement(self, name: str, param: torch.Tensor) -> Placement:
+        # The tied weight's two ends hold equal copies (app/parallel/tied.py): replicated along the
+        # pipeline too, so the first stage's copy alone counts in a norm and is saved.
+        replicated = ("data", "tensor", "pipeline") if self.tied is not None and name == self.stage.tied_name \
+            else ("data", "tensor")
         if name not in self.splits:
-            return Placement.whole(name, param.shape, ("data", "tensor"))
+            return Placement.whole(name, param.shape, replicated)
         dim, parts = self.splits[name], self.mesh.tensor
         shape = list(param.shape)
         shape[dim] *= parts
-        return Placement.whole(name, shape, ("data", "tensor")).split(dim, parts, self.coordinates["tensor"], "tensor")
+        return Placement.whole(name, shape, replicated).split(dim, parts, self.coordinates["tensor"], "tensor")
 
     # --- what the layout asks of the part ---------------------------------------------------------
     @property

@@ -77,6 +77,11 @@ class PipelineSchedule:
         pipeline's mean loss on every stage. (loss_of is the task's whole-model loss; the last
         stage computes the same loss from its logits.)"""
         plan = actions(self.schedule, self.stage_index, self.stages, len(batches))
+        if scaler is not None and not self.last:
+            # fp16: the loss is scaled once, on the last stage, and the gradients reaching the
+            # other stages are scaled already; but a GradScaler creates its scale at its first
+            # scale() call, and unscale_ needs it on every stage.
+            scaler.scale(torch.zeros((), device=self.device))
         link = Link(self.comm, self.wire_dtype)
         expected = [(ACTIVATION, self.stage_index - 1, i) if kind == FORWARD else
                     (GRADIENT, self.stage_index + 1, i)

@@ -2,6 +2,10 @@
 consecutive decoder layers per stage, the embedding with the first, the final norm and LM head
 with the last. The model file is untouched; a stage module holds references to the model's own
 submodules, so parameter names map back to the full model's (its placements' global names).
+
+Tied embeddings (Megatron's embedding group): the first stage holds the embedding, the last
+stage its own copy of the same weight as its LM head, both under the checkpoint's one name,
+model.embed_tokens.weight; app/parallel/tied.py keeps the copies equal. Middle stages hold neither.
 """
 from typing import Dict, List
 
@@ -51,7 +55,17 @@ class Stage(torch.nn.Module):
         self.norm = decoder.norm if self.last else None
         self.lm_head = model.lm_head if self.last else None
         self.rotary_emb = decoder.rotary_emb  # no parameters; every stage needs the angles
-        full_name = {id(p): name for name, p in model.named_parameters()}
+        full_name = {id(p): name for name, p in model.named_parameters()}  # a tied weight: the embedding's name
+        # A tied model's embedding and LM head are one Parameter object: the first stage steps it as
+        # its embedding, the last as its head, each a copy of its own under the one name.
+        tied = model.lm_head.weight is decoder.embed_tokens.weight
+        self.tied_ends = (decoder.embed_tokens, model.lm_head) if tied else None
+        self.tied_name = full_name[id(decoder.embed_tokens.weight)] if tied else None
+        if tied and self.last:
+            # The head's own Parameter (the same storage, nothing copied), before anything is freed.
+            shared = model.lm_head.weight
+            model.lm_head.weight = torch.nn.Parameter(shared.detach(), requires_grad=shared.requires_grad)
+            full_name[id(model.lm_head.weight)] = self.tied_name
         self.full_names: Dict[str, str] = {name: full_name[id(p)] for name, p in self.named_parameters()}
         # The full model's modules this stage does not run, freed once the stage has its weights.
         owned, module_name = {id(m) for m in self.modules()}, {id(m): name for name, m in model.named_modules()}
@@ -73,3 +87,11 @@ class Stage(torch.nn.Module):
         meta device: the whole model's parameter names and shapes, which checkpoints read)."""
         for _, module in self.others:
             module.to("meta")
+        if self.tied_ends is not None:
+            # Moving one of two tied modules gives it a meta Parameter of its own: the whole model
+            # would count (and checkpoints name) two weights. The end this rank holds serves both.
+            embedding, head = self.tied_ends
+            if self.last:
+                embedding.weight = head.weight
+            else:
+                head.weight = embedding.weight

@@ -8,9 +8,16 @@ CPU RNG state (ZeRO-3 cells cannot: their parameters are freed between steps) an
 evaluation at the end, to OUT/<cell>.pt; a cell may also write a real checkpoint at a step, for
 another layout to resume.
 
+A cell with "overflow" trains with an fp16 loss scaler (torch.amp.GradScaler on the CPU: the
+same unscale, clip and step path as on a GPU) and, at that step, one rank's gradients forced to
+inf (tensor_steps.py's way); every rank's scale and parameter checksum around each step are
+saved too. Every cell saves the largest difference between the copies of a tied weight that the
+ranks hold (the first and last stages' under a pipeline).
+
     mpirun -np 8 python tests/workers/layout_cells.py OUT CELLS_JSON
     CELLS_JSON: [{"name": ..., "overrides": [...], "resume": path|null, "save_at": step|null,
-                 "evaluate": {"batch_size": b, "max_batches": n}|null, "ranks": bool}, ...]
+                 "evaluate": {"batch_size": b, "max_batches": n}|null, "ranks": bool,
+                 "overflow": {"step": 1-based step, "rank": global rank}|null}, ...]
 """
 import hashlib
 import json
@@ -27,6 +34,8 @@ from app.step import PhaseTimer, train_step
 
 
 issued = {"reduce_scatters": 0, "gathers": 0}  # ZeRO's grouped collectives on this rank
+# A power of two: scaling and unscaling are exact, so the scaled steps are the unscaled ones.
+INITIAL_SCALE = 2.0 ** 10
 
 
 def counting(collective, key):
@@ -48,22 +57,39 @@ def run_cell(out: Path, cell: dict) -> None:
                                   config=OmegaConf.to_container(cfg, resolve=True))
     if cell.get("resume"):
         train.resume_or_start(OmegaConf.merge(cfg, {"train": {"resume": cell["resume"]}}), run_dir, training, state)
-    timer, rows = PhaseTimer(training.device), []
+    overflow = cell.get("overflow")
+    if overflow:
+        training.scaler = torch.amp.GradScaler("cpu", init_scale=INITIAL_SCALE)
+    timer, rows, scaling = PhaseTimer(training.device), [], []
     while state.step < cfg.train.max_steps:
         optim.set_lr(training.optimizer, optim.lr_at(state.step, cfg.optim, cfg.train.max_steps,
                                                      dist.data_position()[1]))
         before = dict(issued)
+        hook = None
+        if overflow and state.step + 1 == overflow["step"] and dist.rank() == overflow["rank"]:
+            first = next(training.parallel.model.parameters())
+            hook = first.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+        scaled = {"scale_before": training.scaler.get_scale(),
+                  "checksum_before": training.parallel.parameter_checksum()} if overflow else {}
         output = train_step(training, state.samples_seen, state.step, timer)
+        if hook is not None:
+            hook.remove()
         state.step += 1
         state.samples_seen += training.task.stream.global_batch
         # The loop's logged loss: the mean over ranks of each rank's mean (its replica's share).
         loss = dist.sum_over_ranks(output.loss.reshape(1).double(), name="cell_loss").item() / dist.size()
         rows.append({"step": state.step, "loss": loss, "grad_norm": float(output.grad_norm),
                      **{key: issued[key] - before[key] for key in issued}})
+        if overflow:
+            scaling.append({"step": state.step, "scale_after": training.scaler.get_scale(),
+                            "changed": training.parallel.parameter_checksum() != scaled.pop("checksum_before"),
+                            **scaled})
         if state.step == cell.get("save_at"):
             train.save_checkpoint(cfg, run_dir, training, state, train.Window(training.device))
     evaluated = evaluate(training, cell["evaluate"]) if cell.get("evaluate") else None
     saved = training.parallel.saved_state()
+    scaling = hvd.allgather_object(scaling, name=f"layout_cells.scaling.{cell['name']}")
+    tied_difference = tied_copies_difference(training.parallel, cell["name"])
     training.batches.close()
     ranks = None
     if cell.get("ranks"):
@@ -72,7 +98,8 @@ def run_cell(out: Path, cell: dict) -> None:
                                        "rng": torch.get_rng_state()}, name="cell_ranks")
     if dist.is_main():
         torch.save({"model": saved.model, "optimizer": saved.optimizer, "steps": rows, "ranks": ranks,
-                    "evaluated": evaluated, "layout": training.parallel.layout()}, out / f"{cell['name']}.pt")
+                    "evaluated": evaluated, "scaling": scaling, "tied_difference": tied_difference,
+                    "layout": training.parallel.layout()}, out / f"{cell['name']}.pt")
 
 
 def evaluate(training, batches: dict) -> dict:
@@ -89,6 +116,17 @@ def replicated_checksum(part) -> str:
     models.add_to_checksum(digest, [(name, param) for name, param in part.module.named_parameters()
                                     if "tensor" in part.placements[name].replicated])
     return digest.hexdigest()[:16]
+
+
+def tied_copies_difference(layout, name: str) -> float:
+    """The largest difference between the ranks' copies of one box of a tied weight (0.0 where
+    no rank holds two ends of one)."""
+    tied = layout.part.tied
+    mine = (layout.part.placements[tied].box, dict(layout.model.named_parameters())[tied].detach()) \
+        if tied is not None else None
+    copies = [copy for copy in hvd.allgather_object(mine, name=f"layout_cells.tied.{name}") if copy is not None]
+    return max(((a - b).abs().max().item() for box, a in copies for other, b in copies if other == box),
+               default=0.0)
 
 
 def main() -> None:
