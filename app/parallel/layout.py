@@ -145,13 +145,16 @@ class Layout(Parallelism):
         """Collective: each data set's first rank gives its counted boxes; rank 0 assembles the
         whole model and the plain optimizer's state (global names, the full model's order)."""
         local = self.data.local_state()  # every rank of the set takes part; its first rank keeps it
-        mine = None
-        if local is not None:
-            mine = self.part.pieces(*local)
         replicas = None
         if isinstance(self.data, LocalSGD):
             replicas = dist.allgather_object(self.data.replica(), name="local_sgd_replicas_gather")
-        gathered = dist.gather_object(mine, name="layout_save")
+        if self.part.is_whole and not self.data.sharded:
+            # Every rank holds the whole model: rank 0's own copy, whatever its coordinates were
+            # (an elastic world's rank 0 may be any process of the first world).
+            gathered = [self.part.pieces(*local, every_box=True)] if dist.is_main() else None
+        else:
+            gathered = dist.gather_object(self.part.pieces(*local) if local is not None else None,
+                                          name="layout_save")
         if not dist.is_main():
             return None
         return SavedState(model=self._assemble_model(gathered), optimizer=self._assemble_optimizer(gathered),

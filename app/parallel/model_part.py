@@ -70,10 +70,10 @@ class ModelPart:
         tensor set replicates counts on its first rank only."""
         return self.placements[local_name].counted({**self.coordinates, "data": 0})
 
-    def pieces(self, model_state: Dict[str, torch.Tensor], named_optimizer: dict) -> dict:
-        """This rank's counted boxes, for a whole model to be assembled from: (placement, tensor)
-        per parameter, and per optimizer-state key."""
-        counted = [local for local, p in self.placements.items() if p.counted(self.coordinates)]
+    def pieces(self, model_state: Dict[str, torch.Tensor], named_optimizer: dict, every_box: bool = False) -> dict:
+        """This rank's counted boxes (or all it holds), for a whole model to be assembled from:
+        (placement, tensor) per parameter, and per optimizer-state key."""
+        counted = [local for local, p in self.placements.items() if every_box or p.counted(self.coordinates)]
         return {"model": [(self.placements[local], model_state[local]) for local in counted],
                 "optimizer": [(self.placements[local], named_optimizer["state"][local])
                               for local in counted if local in named_optimizer["state"]],
