@@ -42,10 +42,6 @@ class Placement:
     def box(self) -> Tuple[slice, ...]:
         return tuple(slice(o, o + s) for o, s in zip(self.offsets, self.sizes))
 
-    @property
-    def is_whole(self) -> bool:
-        return self.sizes == self.shape
-
     def cut(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's box of the global tensor `full`, as its own contiguous tensor."""
         if tuple(full.shape) != self.shape:
