@@ -187,3 +187,21 @@ def tiny_encoder_args(task: str, data_dir: Path, run_dir: Path, *extra) -> list:
         "train.checkpoint_every=0", "train.progress_bar=false", "train.precision=fp32", "train.peak_tflops=1.0",
         "optim.warmup_steps=2", f"hydra.run.dir={run_dir}", *extra,
     ]
+
+
+# scripts/test.sh runs the suite on two pytest-xdist workers (--dist loadgroup), then the tests
+# marked serial alone. Each file is one group, so its module fixtures (the launches its tests
+# share) run once, on one worker. The files that start daemons of their own (SLURM's, the
+# network namespaces' sshd) form one group, so they never run beside each other. The files
+# with the longest launches go first: a long file scheduled last would leave the other worker idle.
+DAEMON_FILES = ("test_slurm", "test_multihost")
+LONGEST_FIRST = ("test_layouts", "test_bench", "test_zero", "test_checkpoint", "test_pipeline",
+                 "test_tensor_parallel", "test_encoder_tensor", "test_train_horovod")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.stem
+        item.add_marker(pytest.mark.xdist_group("daemons" if name in DAEMON_FILES else name))
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: file order otherwise

@@ -28,6 +28,10 @@ from omegaconf import OmegaConf
 from app import checkpoint, cli, config, elastic, step
 from conftest import ROOT, job_env, read_metrics, read_summary, run_job, tiny_train_args
 
+# Elastic restarts wait on Horovod's discovery and failure timeouts: scripts/test.sh runs this
+# file after the parallel pass, alone, as a starved worker would read as a failed one.
+pytestmark = pytest.mark.serial
+
 LAUNCH_SH = ROOT / "scripts" / "launch.sh"
 BOTH_HOSTS = "localhost:1\n127.0.0.1:1\n"
 MICRO_BATCH = 4  # tiny_train_args' train.micro_batch_size
