@@ -1,7 +1,7 @@
 """One point of the planner's grid (a layout, checkpointing and micro-batching for a world), and
 the model's shape as the planner needs it: parameters per decoder/encoder layer and at the ends."""
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -46,6 +46,19 @@ def from_config(cfg, world: int) -> Cell:
     """The cell a training config runs on `world` ranks."""
     return Cell(world, cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.zero_stage, cfg.parallel.schedule,
                 cfg.train.activation_checkpointing, cfg.train.micro_batch_size, cfg.train.grad_accum_steps)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What memory and time read of the training config, read once: OmegaConf's lookups cost
+    more than the arithmetic of a whole prediction."""
+    precision: str
+    activation_checkpointing_every: int
+    cycle_time_ms: Optional[float]  # horovod.cycle_time_ms; None: app/dist.py's default
+
+    @classmethod
+    def of(cls, cfg) -> "Settings":
+        return cls(cfg.train.precision, cfg.train.activation_checkpointing_every, cfg.horovod.cycle_time_ms)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Dict, Iterator, List, Optional
 
 from app import config
 from app.plan import memory, state, time
-from app.plan.cell import Cell, Shape, shape
+from app.plan.cell import Cell, Settings, Shape, shape
 from app.plan.profile import HardwareProfile
 
 # Horovod's HOROVOD_FUSION_THRESHOLD default, in MiB.
@@ -50,13 +50,17 @@ class Planner:
         self.optimizer_bytes = state.optimizer_bytes_per_parameter(cfg.optim.name, cfg.optim.momentum)
         fusion_mb = cfg.horovod.fusion_threshold_mb
         self.fusion_bytes = (HOROVOD_FUSION_THRESHOLD_MB if fusion_mb is None else fusion_mb) * 2**20
+        self.settings = Settings.of(cfg)
+        if self.settings.precision not in profile.compute:
+            raise config.ConfigError(f"profile {profile.name} has no compute costs for train.precision="
+                                     f"{self.settings.precision}; pick one of {', '.join(profile.compute)} or another "
+                                     "plan.hardware")
         self._checked = copy.deepcopy(cfg)  # changed in place per layout by allowed()
         self._allowed: Dict[tuple, bool] = {}
 
     def predict(self, cell: Cell) -> Prediction:
-        train = self.cfg.train  # its precision and checkpointing period; the cell says what is checkpointed
-        parts = memory.peak_bytes(self.shape, cell, train, self.optimizer_bytes, self.fusion_bytes, self.profile)
-        seconds = time.step_seconds(self.shape, cell, train, self.cfg.horovod, self.fusion_bytes, self.profile)
+        parts = memory.peak_bytes(self.shape, cell, self.settings, self.optimizer_bytes, self.fusion_bytes, self.profile)
+        seconds = time.step_seconds(self.shape, cell, self.settings, self.fusion_bytes, self.profile)
         return Prediction(cell, parts, seconds, cell.global_batch * self.shape.seq_len / seconds["total"])
 
     def allowed(self, cell: Cell) -> bool:

@@ -29,7 +29,7 @@ from typing import Dict
 
 from app.parallel.pipeline_schedule import actions, most_activations_held
 from app.parallel.stages import layer_bounds
-from app.plan.cell import Cell, Shape
+from app.plan.cell import Cell, Settings, Shape
 from app.plan.profile import HardwareProfile
 
 FP32_BYTES = 4
@@ -96,7 +96,7 @@ def working_set_bytes(shape: Shape, cell: Cell, held_parameters: float, precisio
     return extra
 
 
-def stage_bytes(shape: Shape, cell: Cell, stage: int, train_cfg, optimizer_bytes: int, fusion_bytes: int,
+def stage_bytes(shape: Shape, cell: Cell, stage: int, settings: Settings, optimizer_bytes: int, fusion_bytes: int,
                 profile: HardwareProfile) -> Dict[str, float]:
     held = stage_parameters(shape, cell, stage)
 
@@ -106,17 +106,17 @@ def stage_bytes(shape: Shape, cell: Cell, stage: int, train_cfg, optimizer_bytes
     return {
         "parameters": FP32_BYTES * share(3), "gradients": FP32_BYTES * share(2),
         "optimizer_state": optimizer_bytes * share(1),
-        "activations": activation_bytes(shape, cell, stage, train_cfg.precision,
-                                         train_cfg.activation_checkpointing_every, profile.activation_factor),
-        "working_set": working_set_bytes(shape, cell, held, train_cfg.precision, fusion_bytes),
+        "activations": activation_bytes(shape, cell, stage, settings.precision,
+                                         settings.activation_checkpointing_every, profile.activation_factor),
+        "working_set": working_set_bytes(shape, cell, held, settings.precision, fusion_bytes),
         "process": profile.process_baseline_bytes,
     }
 
 
-def peak_bytes(shape: Shape, cell: Cell, train_cfg, optimizer_bytes: int, fusion_bytes: int,
+def peak_bytes(shape: Shape, cell: Cell, settings: Settings, optimizer_bytes: int, fusion_bytes: int,
                profile: HardwareProfile) -> Dict[str, float]:
     """The fullest stage's breakdown, with its total under "total"."""
-    stages = [stage_bytes(shape, cell, s, train_cfg, optimizer_bytes, fusion_bytes, profile)
+    stages = [stage_bytes(shape, cell, s, settings, optimizer_bytes, fusion_bytes, profile)
               for s in range(cell.pipeline)]
     fullest = max(stages, key=lambda parts: sum(parts.values()))
     return {**fullest, "total": sum(fullest.values())}

@@ -29,7 +29,7 @@ from typing import Dict
 
 from app import dist
 from app.parallel.stages import layer_bounds
-from app.plan.cell import Cell, Shape
+from app.plan.cell import Cell, Settings, Shape
 from app.plan.memory import FP32_BYTES, recomputed_layers, stage_parameters
 from app.plan.profile import HardwareProfile, LinkFit
 
@@ -49,10 +49,10 @@ BACKWARD_SHARE = 2 / 3
 RECOMPUTE_SHARE = 1 / 3
 
 
-def cycle_time_ms(horovod_cfg, cell: Cell, profile: HardwareProfile) -> float:
+def cycle_time_ms(settings: Settings, cell: Cell, profile: HardwareProfile) -> float:
     """horovod.cycle_time_ms as the run resolves it (app/dist.py default_cycle_time_ms)."""
-    if horovod_cfg.cycle_time_ms is not None:
-        return horovod_cfg.cycle_time_ms
+    if settings.cycle_time_ms is not None:
+        return settings.cycle_time_ms
     if cell.tensor > 1:
         return dist.TENSOR_PARALLEL_CYCLE_TIME_MS
     return dist.CPU_CYCLE_TIME_MS if profile.device == "cpu" else HOROVOD_CYCLE_TIME_MS
@@ -74,11 +74,11 @@ class Links:
         return max(0.0, took + (self.wait_s if horovod else 0.0))
 
 
-def micro_batch_compute_s(shape: Shape, cell: Cell, stage: int, train_cfg, profile: HardwareProfile) -> float:
-    fit = profile.compute[train_cfg.precision]
+def micro_batch_compute_s(shape: Shape, cell: Cell, stage: int, settings: Settings, profile: HardwareProfile) -> float:
+    fit = profile.compute[settings.precision]
     tokens = cell.micro_batch_size * shape.seq_len
     layers = len(layer_bounds(shape.layers, cell.pipeline)[stage])
-    recomputed = recomputed_layers(layers, cell.checkpointing, train_cfg.activation_checkpointing_every)
+    recomputed = recomputed_layers(layers, cell.checkpointing, settings.activation_checkpointing_every)
     layer_flops = tokens * (6 * shape.layer_parameters + 12 * shape.hidden * shape.seq_len)
     flops = layer_flops * (layers + RECOMPUTE_SHARE * recomputed)
     if stage == cell.pipeline - 1:
@@ -87,13 +87,13 @@ def micro_batch_compute_s(shape: Shape, cell: Cell, stage: int, train_cfg, profi
     return overheads + flops / cell.tensor / fit.flops_per_s
 
 
-def tensor_s(shape: Shape, cell: Cell, stage: int, train_cfg, links: Links) -> float:
+def tensor_s(shape: Shape, cell: Cell, stage: int, settings: Settings, links: Links) -> float:
     """One micro-batch's tensor-parallel collectives on `stage`."""
     if cell.tensor == 1:
         return 0.0
     activation = cell.micro_batch_size * shape.seq_len * shape.hidden * FP32_BYTES
     layers = len(layer_bounds(shape.layers, cell.pipeline)[stage])
-    recomputed = recomputed_layers(layers, cell.checkpointing, train_cfg.activation_checkpointing_every)
+    recomputed = recomputed_layers(layers, cell.checkpointing, settings.activation_checkpointing_every)
     count = TENSOR_ALLREDUCES_PER_LAYER * layers + TENSOR_ALLREDUCES_PER_FORWARD * recomputed
     count += VOCAB_ACTIVATION_ALLREDUCES * ((stage == 0) + (stage == cell.pipeline - 1)) / 2
     small = VOCAB_LOSS_ALLREDUCES * (stage == cell.pipeline - 1)
@@ -133,13 +133,13 @@ def data_s(shape: Shape, cell: Cell, held: float, compute_s: float, fusion_bytes
     return max(costs[-1], total - profile.backward_overlap * hideable)
 
 
-def step_seconds(shape: Shape, cell: Cell, train_cfg, horovod_cfg, fusion_bytes: int,
+def step_seconds(shape: Shape, cell: Cell, settings: Settings, fusion_bytes: int,
                  profile: HardwareProfile) -> Dict[str, float]:
     """Seconds per optimizer step by part, with their sum under "total"."""
-    links = Links(profile, cycle_time_ms(horovod_cfg, cell, profile))
+    links = Links(profile, cycle_time_ms(settings, cell, profile))
     m, p = cell.grad_accum_steps, cell.pipeline
-    per_stage = [micro_batch_compute_s(shape, cell, s, train_cfg, profile) for s in range(p)]
-    tensor = [tensor_s(shape, cell, s, train_cfg, links) for s in range(p)]
+    per_stage = [micro_batch_compute_s(shape, cell, s, settings, profile) for s in range(p)]
+    tensor = [tensor_s(shape, cell, s, settings, links) for s in range(p)]
     slowest = max(range(p), key=lambda s: per_stage[s] + tensor[s])
     sends = send_s(shape, cell, links)
     held = max(stage_parameters(shape, cell, s) for s in range(p))
