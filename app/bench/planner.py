@@ -140,7 +140,8 @@ def measure(ctx: Context, log=print) -> dict:
     judged = [c for c in cases if c["fastest"]]
     return {
         "precision": pc.precision, "processes": pc.processes, "global_batch": pc.global_batch, "repeats": pc.repeats,
-        "profile": profile.describe(profile.load(cli.compose_config([]).plan)), "rows": rows, "picks": cases,
+        "profile": profile.describe(profile.load(cli.compose_config(list(ctx.train_overrides)).plan)), "rows": rows,
+        "picks": cases,
         "median_step_error": statistics.median(abs(r["step_error"]) for r in ran) if ran else None,
         "median_memory_error": statistics.median(abs(r["memory_error"]) for r in ran) if ran else None,
         "spearman": correlations,

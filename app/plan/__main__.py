@@ -10,7 +10,7 @@ defaults to plan.memory_gib, then the profile's memory per rank, then this host'
 `world`; global_batch to micro_batch_size x grad_accum_steps x world.
 """
 import sys
-from typing import List
+from typing import List, Optional
 
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
@@ -24,7 +24,8 @@ WORLD_SIZES = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_TOP = 10
 
 
-def state_table(cfg) -> str:
+def state_table(cfg, memory_gib: Optional[str]) -> str:
+    """Model-state GiB per rank by ZeRO stage and world size, and the smallest fit in memory_gib."""
     parameters = state.count_parameters(cfg)
     optimizer_bytes = state.optimizer_bytes_per_parameter(cfg.optim.name, cfg.optim.momentum)
     lines = [f"{cfg.model.name}: {parameters / 1e9:.3f}B parameters, {cfg.optim.name} ({optimizer_bytes} bytes/parameter "
@@ -33,6 +34,10 @@ def state_table(cfg) -> str:
     for world in WORLD_SIZES:
         cells = [sum(state.model_state_bytes(parameters, s, world, optimizer_bytes).values()) / 2**30 for s in range(4)]
         lines.append(f"| {world} | " + " | ".join(f"{c:,.1f}" for c in cells) + " |")
+    if memory_gib is not None:
+        fit = state.smallest_fit(parameters, optimizer_bytes, float(memory_gib) * 2**30)
+        lines.append(f"\nfits in {memory_gib} GiB per rank: "
+                     + (f"{fit[0]} ranks at parallel.zero_stage={fit[1]}" if fit else "no stage up to 1024 ranks"))
     return "\n".join(lines)
 
 
@@ -84,7 +89,7 @@ def main() -> None:
         elif "world" in args:
             plan_layouts(cfg, args, overrides)
         else:
-            print(state_table(cfg))
+            print(state_table(cfg, args.get("memory_gib")))
     except (HydraException, OmegaConfBaseException, config.ConfigError, ValueError) as error:
         cli.fail(" ".join(str(error).split()))
 

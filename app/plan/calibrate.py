@@ -41,7 +41,10 @@ SMALLEST_COST = 1e-12
 
 
 def linear_fit(x: List[float], y: List[float]) -> LinkFit:
-    slope, intercept = np.polyfit(np.asarray(x, dtype=float), np.asarray(y, dtype=float), 1)
+    """Least squares on relative residuals (weights 1/y): plain residuals would let the largest
+    buffers' seconds swamp the small ones', which are what fix the latency."""
+    seconds = np.asarray(y, dtype=float)
+    slope, intercept = np.polyfit(np.asarray(x, dtype=float), seconds, 1, w=1 / seconds)
     return LinkFit(latency_s=max(float(intercept), SMALLEST_COST), seconds_per_byte=max(float(slope), SMALLEST_COST))
 
 
@@ -85,14 +88,15 @@ def optimizer_seconds_per_parameter(parameters: int, repeats: int) -> float:
     return (time.perf_counter() - started) / repeats / parameters
 
 
-def collective_fits(calibration, threads: int, log) -> Dict[str, LinkFit]:
+def collective_fits(cfg, threads: int, log) -> Dict[str, LinkFit]:
+    calibration = cfg.plan.calibration
+    horovod = {**OmegaConf.to_container(cfg.horovod), "cycle_time_ms": calibration.cycle_time_ms}
     spec = {"sizes": bandwidth.message_sizes(calibration.min_bytes, calibration.max_bytes, calibration.size_factor),
             "threads": threads, "warmup_iterations": 1, "min_iterations": 2, "max_iterations": 1000,
-            "seconds_per_size": calibration.seconds_per_size}
+            "seconds_per_size": calibration.seconds_per_size, "horovod": horovod}
     log(f"calibrate: collectives on {calibration.ranks} ranks under mpirun")
     with tempfile.TemporaryDirectory(prefix="plan-calibrate-") as work_dir:
-        result = launch.run_worker("app.plan.collectives", spec, Path(work_dir), "mpi", calibration.ranks, calibration,
-                                   {"HOROVOD_CYCLE_TIME": f"{calibration.cycle_time_ms:g}"})
+        result = launch.run_worker("app.plan.collectives", spec, Path(work_dir), "mpi", calibration.ranks, calibration)
     return {name: linear_fit([r["bytes"] for r in rows], [r["time_s"] for r in rows])
             for name, rows in result["rows"].items()}
 
@@ -102,7 +106,7 @@ def calibrate(cfg, log=print) -> HardwareProfile:
     calibration = cfg.plan.calibration
     baseline = psutil.Process().memory_info().rss
     threads = max(1, len(cores.affinity()) // calibration.ranks)
-    fits = collective_fits(calibration, threads, log)
+    fits = collective_fits(cfg, threads, log)
     torch.set_num_threads(threads)
     log(f"calibrate: LLaMA forward + backward at {', '.join(calibration.precisions)}, {threads} threads")
     compute = {p: compute_fit(cfg.model, cfg.data.vocab_size, calibration, p) for p in calibration.precisions}

@@ -3,10 +3,8 @@ the model's shape as the planner needs it: parameters per decoder/encoder layer 
 from dataclasses import dataclass
 from typing import List, Optional
 
-import torch
-
-from app import models
 from app.parallel.layers import transformer_layers
+from app.plan import state
 
 
 @dataclass(frozen=True)
@@ -77,13 +75,9 @@ class Shape:
 
 
 def shape(cfg) -> Shape:
-    """Counted on a model built on the meta device (no memory, whatever its size)."""
-    vocab = cfg.model.vocab_size or cfg.data.vocab_size  # the tokenizer is trained to data.vocab_size
-    with torch.device("meta"):
-        if cfg.model.family == "llama":
-            model = models.build_causal_lm(cfg.model, vocab)
-        else:
-            model = models.build_encoder(cfg.model, vocab, 0, cfg.task, cfg.model.num_labels or 2)
+    """Counted on the model built on the meta device (no memory, whatever its size)."""
+    model = state.meta_model(cfg)
+    vocab = model.get_input_embeddings().weight.shape[0]
     layers = transformer_layers(model)
     per_layer = sum(p.numel() for p in layers[0].parameters())
     total = sum(p.numel() for p in model.parameters())  # a tied weight once

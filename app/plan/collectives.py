@@ -5,6 +5,7 @@ mpi4py's point-to-point exchange, timed over buffer sizes by the bandwidth bench
 """
 import horovod.torch as hvd
 import torch
+from omegaconf import OmegaConf
 
 from app import dist, fileio
 from app.bench import bandwidth, launch
@@ -33,7 +34,7 @@ def exchange(comm):
 
 def main() -> None:
     spec = launch.read_spec()
-    dist.init()
+    dist.init(OmegaConf.create(spec["horovod"]))  # as a training rank starts: its cycle time, MPI's yielding
     torch.set_num_threads(spec["threads"])
     from mpi4py import MPI  # after dist.init, which starts MPI under this MPI launch
 

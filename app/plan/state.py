@@ -30,15 +30,17 @@ def model_state_bytes(parameters: int, stage: int, world: int, optimizer_bytes: 
             "optimizer_state": optimizer_bytes * share(stage >= 1)}
 
 
-def count_parameters(cfg) -> int:
-    """The model's parameters, built on the meta device: no memory, whatever its size."""
+def meta_model(cfg) -> torch.nn.Module:
+    """The configured model built on the meta device: no memory, whatever its size."""
     vocab = cfg.model.vocab_size or cfg.data.vocab_size  # the tokenizer is trained to data.vocab_size
     with torch.device("meta"):
         if cfg.model.family == "llama":
-            model = models.build_causal_lm(cfg.model, vocab)
-        else:
-            model = models.build_encoder(cfg.model, vocab, 0, cfg.task, cfg.model.num_labels or 2)
-    return models.count_parameters(model)
+            return models.build_causal_lm(cfg.model, vocab)
+        return models.build_encoder(cfg.model, vocab, 0, cfg.task, cfg.model.num_labels or 2)
+
+
+def count_parameters(cfg) -> int:
+    return models.count_parameters(meta_model(cfg))
 
 
 def smallest_fit(parameters: int, optimizer_bytes: int, memory_bytes: float) -> Optional[tuple]:

@@ -16,8 +16,9 @@
 - Pipeline: m micro-batches through P stages take (m + P - 1) times the slowest stage's
   micro-batch (forward, backward, its sends of the activation and its gradient by mpi4py), so
   the bubble is (P - 1)/(m + P - 1) for GPipe and 1F1B alike (app/parallel/pipeline_schedule.py).
-- Data dimension: plain data parallelism allreduces the gradients a layer at a time (in more
-  pieces when a layer exceeds the fusion threshold) during the last micro-batch's backward; ZeRO-1 reduce-scatters each unit (a layer, plus one
+- Data dimension: plain data parallelism allreduces the gradients during the last micro-batch's
+  backward, one fused piece per Horovod cycle that backward spans (at most one per layer, more
+  where a piece would exceed the fusion threshold); ZeRO-1 reduce-scatters each unit (a layer, plus one
   for the ends) in that backward and allgathers the updated slices before the next forward;
   ZeRO-2 reduce-scatters every micro-batch's gradients; ZeRO-3 also gathers each unit before its
   forward and before its backward, every micro-batch. The profile's backward_overlap of the compute
@@ -63,6 +64,7 @@ class Links:
 
     def __init__(self, profile: HardwareProfile, cycle_ms: float):
         self.profile = profile
+        self.cycle_s = cycle_ms / 1000
         self.wait_s = (cycle_ms - profile.calibration_cycle_time_ms) / 2 / 1000
 
     def seconds(self, fit: LinkFit, group: int, n_bytes: float, horovod: bool = True) -> float:
@@ -115,13 +117,15 @@ def data_s(shape: Shape, cell: Cell, held: float, compute_s: float, fusion_bytes
     if cell.data == 1:
         return 0.0
     profile, m, d = links.profile, cell.grad_accum_steps, cell.data
-    # Gradients come ready a layer at a time; Horovod's plain allreduce fuses what is ready each
-    # cycle up to the fusion threshold, ZeRO sends each unit (a layer, the ends one more) alone.
+    # ZeRO sends each unit (a layer, the ends one more) alone; Horovod's plain allreduce fuses
+    # whatever gradients are ready at each cycle, so it sends one piece per cycle the last
+    # backward spans (at most one per unit), more where a piece would exceed the fusion threshold.
     pieces = math.ceil(held / max(shape.layer_parameters / cell.tensor, 1))
     if cell.zero_stage == 0:
-        pieces = max(pieces, math.ceil(held * FP32_BYTES / max(fusion_bytes, 1)))
-        costs = [links.seconds(profile.allreduce, d, held * FP32_BYTES / pieces)] * pieces
         hideable = BACKWARD_SHARE * compute_s / m
+        cycles = max(1, math.ceil(hideable / links.cycle_s))
+        pieces = max(min(pieces, cycles), math.ceil(held * FP32_BYTES / max(fusion_bytes, 1)))
+        costs = [links.seconds(profile.allreduce, d, held * FP32_BYTES / pieces)] * pieces
     else:
         piece_bytes = held * FP32_BYTES / pieces
         scatters = pieces * (m if cell.zero_stage >= 2 else 1)
