@@ -64,6 +64,14 @@ def test_one_f_one_b_holds_fewer_micro_batches_than_gpipe(small):
     assert small.predict(one_f_one_b).step_s == pytest.approx(small.predict(gpipe).step_s)
 
 
+def test_tensor_parallelism_splits_the_flops_and_pays_blocking_allreduces(small):
+    alone, split = small.predict(Cell(1, micro_batch_size=8)), small.predict(Cell(2, tensor=2, micro_batch_size=8))
+    # The FLOPs halve, the fixed per-layer costs do not.
+    assert alone.seconds["compute"] / 2 < split.seconds["compute"] < alone.seconds["compute"]
+    assert alone.seconds["tensor"] == 0 < split.seconds["tensor"]
+    assert split.memory["parameters"] == pytest.approx(alone.memory["parameters"] / 2)
+
+
 def test_every_prediction_of_the_grid_is_finite_and_positive(small):
     predictions = [small.predict(cell) for cell in small.grid(8, 32, mpi=True)]
     assert len(predictions) > 100

@@ -1,8 +1,8 @@
 """python -m app.plan calibrate: this machine's costs for the planner, in under a minute, cached
 as a HardwareProfile (plan.cache). Measured:
 
-- the process baseline: this process's resident memory once torch, Horovod and transformers
-  are loaded, before any model (a rank's interpreter and libraries);
+- the process baseline: a rank's resident memory once Horovod and MPI run and the trainer's
+  libraries are loaded, before any model (app/plan/collectives.py measures it);
 - compute: forward + backward of small LLaMA models (plan.calibration.models) at each precision,
   with the threads one rank of a plan.calibration.ranks-rank job gets, fitted by least squares
   to seconds = a + b * layers + FLOPs / rate (app/plan/time.py's compute model);
@@ -17,13 +17,10 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
-import horovod.torch  # noqa: F401  the libraries a rank loads, in the baseline
 import numpy as np
-import psutil
 import torch
-import transformers  # noqa: F401
 from omegaconf import OmegaConf
 
 from app import cores, models
@@ -88,7 +85,8 @@ def optimizer_seconds_per_parameter(parameters: int, repeats: int) -> float:
     return (time.perf_counter() - started) / repeats / parameters
 
 
-def collective_fits(cfg, threads: int, log) -> Dict[str, LinkFit]:
+def collective_job(cfg, threads: int, log) -> dict:
+    """The collectives job's result: rows of seconds per buffer size per collective, and the baseline."""
     calibration = cfg.plan.calibration
     horovod = {**OmegaConf.to_container(cfg.horovod), "cycle_time_ms": calibration.cycle_time_ms}
     spec = {"sizes": bandwidth.message_sizes(calibration.min_bytes, calibration.max_bytes, calibration.size_factor),
@@ -96,17 +94,16 @@ def collective_fits(cfg, threads: int, log) -> Dict[str, LinkFit]:
             "seconds_per_size": calibration.seconds_per_size, "horovod": horovod}
     log(f"calibrate: collectives on {calibration.ranks} ranks under mpirun")
     with tempfile.TemporaryDirectory(prefix="plan-calibrate-") as work_dir:
-        result = launch.run_worker("app.plan.collectives", spec, Path(work_dir), "mpi", calibration.ranks, calibration)
-    return {name: linear_fit([r["bytes"] for r in rows], [r["time_s"] for r in rows])
-            for name, rows in result["rows"].items()}
+        return launch.run_worker("app.plan.collectives", spec, Path(work_dir), "mpi", calibration.ranks, calibration)
 
 
 def calibrate(cfg, log=print) -> HardwareProfile:
     """Measure this machine (module docstring) and write the cache; returns the profile."""
     calibration = cfg.plan.calibration
-    baseline = psutil.Process().memory_info().rss
     threads = max(1, len(cores.affinity()) // calibration.ranks)
-    fits = collective_fits(cfg, threads, log)
+    job = collective_job(cfg, threads, log)
+    fits = {name: linear_fit([r["bytes"] for r in rows], [r["time_s"] for r in rows])
+            for name, rows in job["rows"].items()}
     torch.set_num_threads(threads)
     log(f"calibrate: LLaMA forward + backward at {', '.join(calibration.precisions)}, {threads} threads")
     compute = {p: compute_fit(cfg.model, cfg.data.vocab_size, calibration, p) for p in calibration.precisions}
@@ -116,7 +113,7 @@ def calibrate(cfg, log=print) -> HardwareProfile:
         compute=compute, optimizer_s_per_parameter=optimizer_seconds_per_parameter(
             calibration.optimizer_parameters, calibration.repeats),
         calibration_ranks=calibration.ranks, calibration_cycle_time_ms=calibration.cycle_time_ms,
-        process_baseline_bytes=baseline, activation_factor=default.activation_factor,
+        process_baseline_bytes=job["baseline_bytes"], activation_factor=default.activation_factor,
         backward_overlap=default.backward_overlap, **fits)
     path = profile.cache_path(cfg.plan)
     profile.write_cache(measured, path)

@@ -1,13 +1,16 @@
 """The calibration's collectives job: Horovod's allreduce, reducescatter and allgather, and
-mpi4py's point-to-point exchange, timed over buffer sizes by the bandwidth bench's sweep.
+mpi4py's point-to-point exchange, timed over buffer sizes by the bandwidth bench's sweep; and a
+rank's resident memory before any model (the planner's process baseline), measured once Horovod
+and MPI run and everything the trainer imports is loaded.
 
     mpirun -np 2 python -m app.plan.collectives SPEC.json   (python -m app.plan calibrate runs it)
 """
 import horovod.torch as hvd
+import psutil
 import torch
 from omegaconf import OmegaConf
 
-from app import dist, fileio
+from app import dist, fileio, train  # noqa: F401  train: the libraries a training rank loads, in the baseline
 from app.bench import bandwidth, launch
 
 
@@ -38,11 +41,13 @@ def main() -> None:
     torch.set_num_threads(spec["threads"])
     from mpi4py import MPI  # after dist.init, which starts MPI under this MPI launch
 
+    baseline = psutil.Process().memory_info().rss
+
     collectives = {"allreduce": bandwidth.allreduce, "reducescatter": reducescatter, "allgather": allgather,
                    "point_to_point": exchange(MPI.COMM_WORLD)}
     rows = {name: bandwidth.sweep(spec, collective, prefix=name) for name, collective in collectives.items()}
     if dist.is_main():
-        fileio.write_json(spec["result"], {"processes": hvd.size(), "rows": rows})
+        fileio.write_json(spec["result"], {"processes": hvd.size(), "rows": rows, "baseline_bytes": baseline})
 
 
 if __name__ == "__main__":

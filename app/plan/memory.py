@@ -25,7 +25,8 @@ and the process itself. Each term's assumption:
   collectives' and the sends' copies).
 - The process baseline from the profile (calibration measures it).
 """
-from typing import Dict
+import functools
+from typing import Dict, Tuple
 
 from app.parallel.pipeline_schedule import actions, most_activations_held
 from app.parallel.stages import layer_bounds
@@ -42,9 +43,21 @@ UNITS_IN_FLIGHT = 2
 ACTIVATION_BUFFERS = 2
 
 
+@functools.lru_cache(maxsize=None)
+def stage_layers(layers: int, stages: int) -> Tuple[int, ...]:
+    """Layers per pipeline stage (remembered: the grid asks for the same few cuts thousands of times)."""
+    return tuple(len(bounds) for bounds in layer_bounds(layers, stages))
+
+
+@functools.lru_cache(maxsize=None)
+def micro_batches_held(schedule: str, stage: int, stages: int, micro_batches: int) -> int:
+    """The most micro-batches whose activations `stage` holds at once under `schedule`."""
+    return most_activations_held(actions(schedule, stage, stages, micro_batches))
+
+
 def stage_parameters(shape: Shape, cell: Cell, stage: int) -> float:
     """Parameters one rank of `stage` holds before ZeRO (its tensor shard of them)."""
-    held = len(layer_bounds(shape.layers, cell.pipeline)[stage]) * shape.layer_parameters
+    held = stage_layers(shape.layers, cell.pipeline)[stage] * shape.layer_parameters
     if stage == 0:
         held += shape.first_parameters
     if stage == cell.pipeline - 1:
@@ -69,7 +82,7 @@ def recomputed_layers(count: int, checkpointing: str, every: int) -> int:
 def activation_bytes(shape: Shape, cell: Cell, stage: int, precision: str, every: int, factor: float) -> float:
     """Activations the stage holds at its peak, over all micro-batches in flight."""
     tokens = cell.micro_batch_size * shape.seq_len
-    layers = len(layer_bounds(shape.layers, cell.pipeline)[stage])
+    layers = stage_layers(shape.layers, cell.pipeline)[stage]
     recomputed = recomputed_layers(layers, cell.checkpointing, every)
     full = layer_activation_bytes_per_token(shape, cell, precision)
     per_micro_batch = tokens * ((layers - recomputed) * full + recomputed * shape.hidden * FP32_BYTES)
@@ -77,7 +90,7 @@ def activation_bytes(shape: Shape, cell: Cell, stage: int, precision: str, every
         per_micro_batch += tokens * LOGIT_COPIES * FP32_BYTES * shape.vocab / cell.tensor
     held = 1
     if cell.pipeline > 1:
-        held = most_activations_held(actions(cell.schedule, stage, cell.pipeline, cell.grad_accum_steps))
+        held = micro_batches_held(cell.schedule, stage, cell.pipeline, cell.grad_accum_steps)
     recomputing = tokens * full if recomputed else 0  # one layer rebuilt during its backward
     return factor * (held * per_micro_batch + recomputing)
 

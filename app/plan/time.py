@@ -29,9 +29,8 @@ import math
 from typing import Dict
 
 from app import dist
-from app.parallel.stages import layer_bounds
 from app.plan.cell import Cell, Settings, Shape
-from app.plan.memory import FP32_BYTES, recomputed_layers, stage_parameters
+from app.plan.memory import FP32_BYTES, recomputed_layers, stage_layers, stage_parameters
 from app.plan.profile import HardwareProfile, LinkFit
 
 # Horovod's own HOROVOD_CYCLE_TIME default, which GPU ranks keep (app/dist.py).
@@ -79,7 +78,7 @@ class Links:
 def micro_batch_compute_s(shape: Shape, cell: Cell, stage: int, settings: Settings, profile: HardwareProfile) -> float:
     fit = profile.compute[settings.precision]
     tokens = cell.micro_batch_size * shape.seq_len
-    layers = len(layer_bounds(shape.layers, cell.pipeline)[stage])
+    layers = stage_layers(shape.layers, cell.pipeline)[stage]
     recomputed = recomputed_layers(layers, cell.checkpointing, settings.activation_checkpointing_every)
     layer_flops = tokens * (6 * shape.layer_parameters + 12 * shape.hidden * shape.seq_len)
     flops = layer_flops * (layers + RECOMPUTE_SHARE * recomputed)
@@ -94,7 +93,7 @@ def tensor_s(shape: Shape, cell: Cell, stage: int, settings: Settings, links: Li
     if cell.tensor == 1:
         return 0.0
     activation = cell.micro_batch_size * shape.seq_len * shape.hidden * FP32_BYTES
-    layers = len(layer_bounds(shape.layers, cell.pipeline)[stage])
+    layers = stage_layers(shape.layers, cell.pipeline)[stage]
     recomputed = recomputed_layers(layers, cell.checkpointing, settings.activation_checkpointing_every)
     count = TENSOR_ALLREDUCES_PER_LAYER * layers + TENSOR_ALLREDUCES_PER_FORWARD * recomputed
     count += VOCAB_ACTIVATION_ALLREDUCES * ((stage == 0) + (stage == cell.pipeline - 1)) / 2
