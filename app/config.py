@@ -167,13 +167,14 @@ class CalibrationConfig:
     min_bytes: int = 4096
     max_bytes: int = 16 * 2**20
     size_factor: int = 8
-    seconds_per_size: float = 0.3
+    seconds_per_size: float = 0.2
     # LLaMA models timed forward + backward, each [hidden, layers, seq_len, micro_batch]; their
     # FFN width is 8/3 of hidden and their heads 64 wide (LLaMA's proportions).
     models: List[List[int]] = field(default_factory=lambda: [
         [64, 1, 64, 4], [64, 3, 64, 4], [128, 2, 128, 4], [256, 1, 128, 4], [256, 3, 128, 4]])
     precisions: List[str] = field(default_factory=lambda: ["fp32", "bf16"])
-    repeats: int = 3
+    # Timed runs of each model (their median) after one warm-up run; also the optimizer's steps.
+    repeats: int = 2
     # Parameters of the timed optimizer step (AdamW).
     optimizer_parameters: int = 4_000_000
 

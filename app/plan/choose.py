@@ -15,7 +15,10 @@ import itertools
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
 
+import psutil
+
 from app import config
+from app.parallel.pipeline_schedule import SCHEDULES
 from app.plan import memory, state, time
 from app.plan.cell import Cell, Settings, Shape, shape
 from app.plan.profile import HardwareProfile
@@ -23,7 +26,6 @@ from app.plan.profile import HardwareProfile
 # Horovod's HOROVOD_FUSION_THRESHOLD default, in MiB.
 HOROVOD_FUSION_THRESHOLD_MB = 64
 CHECKPOINTING = ("none", "full")
-SCHEDULES = ("gpipe", "1f1b")
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,6 @@ def memory_cap_bytes(plan_cfg, profile: HardwareProfile, ranks_on_host: int) -> 
         return plan_cfg.memory_gib * 2**30
     if profile.memory_per_rank_gib is not None:
         return profile.memory_per_rank_gib * 2**30
-    import psutil
-
     return psutil.virtual_memory().total / ranks_on_host
 
 

@@ -58,12 +58,13 @@ def predict_run(cfg, world: int, warn: Callable[[str], None]
     profile cannot be read (the run goes on: its plan block then holds measurements only)."""
     try:
         hardware = profile.load(cfg.plan)
+        planner = choose.Planner(cfg, hardware)
     except config.ConfigError as error:
         warn(f"no prediction for this run: {error}")
         return None, None
     if not hardware.calibrated or not hardware.validated:
         warn(f"the plan block's predictions come from {profile.describe(hardware)}")
-    return choose.Planner(cfg, hardware).predict(from_config(cfg, world)), hardware
+    return planner.predict(from_config(cfg, world)), hardware
 
 
 def plan_block(prediction: Optional[choose.Prediction], hardware: Optional[profile.HardwareProfile],
