@@ -171,18 +171,12 @@ class BenchLayoutsConfig:
 @dataclass
 class BenchPlannerConfig:
     """sections=[planner]: the planner's predictions (app/plan) against measured runs of a grid
-    of cells, each run through the layouts section's worker (its warm-up and timed steps)."""
+    of cells, each model's run as the layouts section runs its cells (grid: its model ignored)."""
     models: List[str] = field(default_factory=lambda: ["llama_tiny", "llama_small"])
-    precision: str = "fp32"
-    processes: int = 2
-    global_batch: int = 16
-    # The cells' micro-batches where a cell names none.
-    micro_batches: int = 2
+    grid: BenchLayoutsConfig = field(default_factory=lambda: BenchLayoutsConfig(
+        precision="fp32", processes=2, micro_batches=2))
     # Runs of each cell, interleaved (every cell once, then again), so load drifts hit all alike.
     repeats: int = 3
-    cells: List[BenchLayoutCell] = field(default_factory=list)
-    # Cells to run, by name; None: all.
-    names: Optional[List[str]] = None
     # Memory caps per rank for the pick-quality cases (each with every model); null: no cap.
     memory_caps_gib: List[Optional[float]] = field(default_factory=lambda: [None, 0.6, 0.45])
     # Targets, reported, never asserted (issue 27): median step-time error, rank correlation,
@@ -256,8 +250,8 @@ def validate(cfg: BenchConfig) -> None:
         ("throughput.hf_trainer", cfg.throughput.hf_trainer, ("eager", "compile")),
         ("layouts.precision", [cfg.layouts.precision], precisions),
         ("layouts.names", cfg.layouts.names or [], [cell.name for cell in cfg.layouts.cells]),
-        ("planner.precision", [cfg.planner.precision], precisions),
-        ("planner.names", cfg.planner.names or [], [cell.name for cell in cfg.planner.cells]),
+        ("planner.grid.precision", [cfg.planner.grid.precision], precisions),
+        ("planner.grid.names", cfg.planner.grid.names or [], [cell.name for cell in cfg.planner.grid.cells]),
     ):
         for value in values:
             if value not in allowed:
@@ -280,9 +274,10 @@ def validate(cfg: BenchConfig) -> None:
         "layouts.micro_batches": cfg.layouts.micro_batches,
         "layouts.measure_steps": cfg.layouts.measure_steps,
         "planner.repeats": cfg.planner.repeats,
-        "planner.processes": cfg.planner.processes,
-        "planner.global_batch": cfg.planner.global_batch,
-        "planner.micro_batches": cfg.planner.micro_batches,
+        "planner.grid.processes": cfg.planner.grid.processes,
+        "planner.grid.global_batch": cfg.planner.grid.global_batch,
+        "planner.grid.micro_batches": cfg.planner.grid.micro_batches,
+        "planner.grid.measure_steps": cfg.planner.grid.measure_steps,
     }
     for key, value in positive.items():
         if value < 1:

@@ -1,10 +1,10 @@
 """sections=[planner]: how far the planner's predictions (app/plan) are from measured runs.
 
     python -m app.bench sections=[planner]                                    # the whole grid (long)
-    python -m app.bench sections=[planner] planner.models=[llama_tiny] planner.names=[D2,P2-1f1b-m4] planner.repeats=1
+    python -m app.bench sections=[planner] planner.models=[llama_tiny] planner.grid.names=[D2,P2-1f1b-m4] planner.repeats=1
 
-Every cell of planner.cells runs for every model through the layouts section's worker (its
-warm-up and timed steps, its peak memory: the fullest rank's), planner.repeats times,
+Every cell of planner.grid runs for every model as the layouts section runs its cells (its
+worker, warm-up and timed steps, peak memory: the fullest rank's), planner.repeats times,
 interleaved; a cell's measurement is the median of its runs. Predictions use the profile a
 training run would (plan.cache, else cpu_default). Reported, per the issue's targets:
 - the median relative step-time error and the Spearman rank correlation of predicted against
@@ -56,11 +56,8 @@ def spearman(a: List[float], b: List[float]) -> Optional[float]:
 
 
 def model_context(ctx: Context, model: str) -> Context:
-    """ctx with the layouts section set to this section's model, batch and steps."""
-    pc = ctx.bench.planner
-    bench = OmegaConf.merge(ctx.bench, {"layouts": {"model": model, "precision": pc.precision,
-                                                    "processes": pc.processes, "global_batch": pc.global_batch,
-                                                    "micro_batches": pc.micro_batches}})
+    """ctx with the layouts section set to this section's grid and model."""
+    bench = OmegaConf.merge(ctx.bench, {"layouts": ctx.bench.planner.grid}, {"layouts": {"model": model}})
     return dataclasses.replace(ctx, bench=bench)
 
 
@@ -72,7 +69,7 @@ def predict(overrides: List[str], processes: int) -> choose.Prediction:
 def measure_cells(ctx: Context, log) -> List[dict]:
     """Every (model, cell): its prediction and its measured runs' medians."""
     pc = ctx.bench.planner
-    cells = [c for c in pc.cells if pc.names is None or c.name in pc.names]
+    cells = layouts.selected_cells(pc.grid)
     plans = []
     for model in pc.models:
         model_ctx = model_context(ctx, model)
@@ -139,7 +136,8 @@ def measure(ctx: Context, log=print) -> dict:
     cases = pick_cases(rows, pc)
     judged = [c for c in cases if c["fastest"]]
     return {
-        "precision": pc.precision, "processes": pc.processes, "global_batch": pc.global_batch, "repeats": pc.repeats,
+        "precision": pc.grid.precision, "processes": pc.grid.processes, "global_batch": pc.grid.global_batch,
+        "repeats": pc.repeats,
         "profile": profile.describe(profile.load(cli.compose_config(list(ctx.train_overrides)).plan)), "rows": rows,
         "picks": cases,
         "median_step_error": statistics.median(abs(r["step_error"]) for r in ran) if ran else None,
