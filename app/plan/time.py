@@ -9,6 +9,8 @@
   calibration's, the latency by log2 n over the calibration's. A blocking Horovod collective
   waits on average half a background cycle; the fit already holds half the calibration's cycle,
   so the difference is added per collective (cycle time as the run would resolve it, app/dist.py).
+  One fit per collective whatever nodes the group spans: a group wider than a node is priced at
+  the profile's in-node speed (optimistic), not modelled separately.
 - Tensor parallelism: per layer and micro-batch four blocking fp32 allreduces of the activation
   (Megatron's f and g, forward and backward; a recomputed layer's forward two more), plus the
   vocabulary-parallel embedding and head input (two more) and the loss's two small ones. None of
