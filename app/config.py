@@ -145,6 +145,53 @@ class ParallelConfig:
     # ZeRO (app/parallel/zero.py): 0 replicates everything (plain data parallelism); 1 shards
     # the optimizer state over the data-parallel ranks, 2 also the gradients, 3 also the parameters.
     zero_stage: int = 0
+    # true: the planner (app/plan) picks tensor, pipeline, schedule, zero_stage,
+    # train.activation_checkpointing, train.micro_batch_size and train.grad_accum_steps for the
+    # launched world before Horovod starts, keeping the global batch these settings give under
+    # plain data parallelism (micro_batch_size x grad_accum_steps x ranks). Every rank derives the
+    # same pick from the config, the calibration cache and plan.memory_gib.
+    auto: bool = False
+
+
+@dataclass
+class CalibrationConfig:
+    """python -m app.plan calibrate: what it measures, sized for under a minute on 2 cores."""
+    # Ranks of the collectives' job, and the launcher (mpi: Horovod's collectives and mpi4py's
+    # point-to-point in one job, as a pipeline runs them).
+    ranks: int = 2
+    mpirun_args: List[str] = field(default_factory=lambda: ["--bind-to", "none"])
+    launch_timeout_s: int = 120
+    # Horovod's cycle time while the collectives are timed (a blocking call waits about half).
+    cycle_time_ms: float = 1.0
+    # Collective buffer sizes: min_bytes, x size_factor, up to max_bytes; seconds spent per size.
+    min_bytes: int = 4096
+    max_bytes: int = 16 * 2**20
+    size_factor: int = 8
+    seconds_per_size: float = 0.2
+    # LLaMA models timed forward + backward, each [hidden, layers, seq_len, micro_batch]; their
+    # FFN width is 8/3 of hidden and their heads 64 wide (LLaMA's proportions).
+    models: List[List[int]] = field(default_factory=lambda: [
+        [64, 1, 64, 4], [64, 3, 64, 4], [128, 2, 128, 4], [256, 1, 128, 4], [256, 3, 128, 4]])
+    precisions: List[str] = field(default_factory=lambda: ["fp32", "bf16"])
+    # Timed runs of each model (their median) after one warm-up run; also the optimizer's steps.
+    repeats: int = 2
+    # Parameters of the timed optimizer step (AdamW).
+    optimizer_parameters: int = 4_000_000
+
+
+@dataclass
+class PlanConfig:
+    """The planner (python -m app.plan, parallel.auto, the plan block of summary.json)."""
+    # The calibration cache `python -m app.plan calibrate` writes and every prediction reads; a
+    # missing one: plan.hardware's profile, flagged calibrated: false.
+    cache: str = "~/.cache/llama-horovod/plan/profile.json"
+    # A profile in conf/plan/hardware/ (cpu_default, a100_8x, h100_8x) used instead of the cache;
+    # null: the cache, else cpu_default.
+    hardware: Optional[str] = None
+    # Memory a rank may use, in GiB; null: the profile's memory_per_rank_gib, else this host's
+    # memory divided by the ranks on it.
+    memory_gib: Optional[float] = None
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 
 @dataclass
@@ -230,6 +277,7 @@ class Config:
     horovod: HorovodConfig = field(default_factory=HorovodConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 @dataclass

@@ -26,6 +26,10 @@ from omegaconf import OmegaConf
 
 from app import (allocator, checkpoint, cli, compilation, config, cores, dist, elastic, fileio, metrics, models,
                  optim, plan, prepare, runtime, stop, tokenizer)
+from app.plan import training as planning
+from app.plan.cell import from_config as planned_cell
+from app.plan.choose import Prediction
+from app.plan.profile import HardwareProfile
 from app.profiling import StepProfiler
 from app.step import PhaseTimer, StepOutput, Training, build_training, train_step
 
@@ -186,8 +190,10 @@ def save_checkpoint(cfg, run_dir: Path, training: Training, state, window: Windo
         log.info("checkpoint %s", path)
 
 
-def finish_run(cfg, run_dir: Path, training: Training, state, last: dict, logger, memory: dict) -> None:
-    """Hyperparameters, the run summary (layout, replicas' agreement) and the task's own ending."""
+def finish_run(cfg, run_dir: Path, training: Training, state, last: dict, run: "Run") -> None:
+    """Hyperparameters, the run summary (layout, replicas' agreement, the plan against what was
+    measured) and the task's own ending."""
+    logger = run.logger
     logger.hparams(
         {"task": cfg.task, "model": cfg.model.name, "optim": cfg.optim.name, "lr": cfg.optim.lr,
          "sync": cfg.sync.name, "precision": cfg.train.precision, "world_size": dist.size(),
@@ -198,7 +204,8 @@ def finish_run(cfg, run_dir: Path, training: Training, state, last: dict, logger
     replicas = dist.allgather_object(
         {"rank": dist.rank(), "host": socket.gethostname(), "cores": cores.affinity(), "run_dir": str(run_dir),
          "param_sha256": training.parallel.parameter_checksum(),
-         "replica_group": training.parallel.replica_group(), "memory": memory},
+         "replica_group": training.parallel.replica_group(), "memory": run.memory,
+         "median_step_s": planning.median_step_s(run.step_seconds)},
         name="replicas",
     )
     if dist.is_main():
@@ -206,11 +213,14 @@ def finish_run(cfg, run_dir: Path, training: Training, state, last: dict, logger
         identical = all(len({r["param_sha256"] for r in replicas if r["replica_group"] == group}) == 1
                         for group in {r["replica_group"] for r in replicas})
         log.info("parameters identical on all %d ranks holding the same part: %s", dist.size(), identical)
+        plan_block = planning.plan_block(run.prediction, run.hardware, replicas)
+        logger.log(state.step, planning.scalars(plan_block))
+        log.info("plan: %s", plan_block)
         fileio.write_json(run_dir / "summary.json", {
             "step": state.step, "tokens_seen": state.tokens_seen, "world_size": dist.size(), "task": cfg.task,
             "controller": dist.controller(), "horovod": dist.settings_in_effect(),
             "layout": training.parallel.layout(), "metrics": last, "replicas": replicas,
-            "replicas_identical": identical,
+            "replicas_identical": identical, "plan": plan_block,
         })
     # Eagerly: generation grows its input token by token, no shape to compile once.
     with compilation.eager():
@@ -238,6 +248,11 @@ class Run:
     after_step: Callable[[Window], None] = lambda window: None
     logger: metrics.NullLogger = field(default_factory=metrics.NullLogger)
     profiler: Optional[StepProfiler] = None  # train.profile_steps; rank 0 records
+    # The planner's prediction for this run (app/plan/training.py) and what the loop measured
+    # against it: each optimizer step's seconds on this rank, the compile warm-up left out.
+    prediction: Optional[Prediction] = None
+    hardware: Optional[HardwareProfile] = None
+    step_seconds: List[float] = field(default_factory=list)
 
     def open_logger(self, step: int) -> None:
         """Rank 0's TensorBoard, metrics.jsonl and progress bar (appending: an elastic run whose rank
@@ -262,6 +277,8 @@ def train(cfg, run_dir: Path) -> dict:
     if cfg.train.elastic and dist.is_main():
         copy_tokenizer(cfg, run_dir)
     flops_per_token = training.flops_per_token
+    if cfg.parallel.auto:
+        log.info("parallel.auto: the planner picked %s", " ".join(planned_cell(cfg, dist.size()).overrides()))
     log.info("model %s: %.2fM parameters, %.1f MFLOPs/token; layout %s; compile %s", cfg.model.name,
              training.parameters / 1e6, flops_per_token / 1e6, training.parallel.layout(),
              config.compilation_mode(cfg.train.compile))
@@ -279,6 +296,7 @@ def train(cfg, run_dir: Path) -> dict:
     else:
         resume_or_start(cfg, run_dir, training, state)
     run = Run(run_dir, cfg.train.max_steps, cfg.train.progress_bar, flops_per_token, measure_peak(cfg, device), memory)
+    run.prediction, run.hardware = planning.predict_run(cfg, dist.size(), log.warning)
     run.open_logger(state.step)
     run.logger.text("config", "```\n" + OmegaConf.to_yaml(cfg) + "\n```")
     timeline = dist.start_timeline(run_dir)
@@ -334,6 +352,7 @@ def train_steps(cfg, run_dir: Path, training: Training, state, run: Run) -> dict
         run.profiler.before_step(state.step + 1)
         step_started = time.perf_counter()
         output = train_step(training, state.samples_seen, state.step, timer)
+        step_s = time.perf_counter() - step_started
         state.step += 1
         state.samples_seen += training.task.stream.global_batch
         if cfg.train.record_samples:
@@ -341,8 +360,10 @@ def train_steps(cfg, run_dir: Path, training: Training, state, run: Run) -> dict
         window.add(output)
         run.profiler.after_step(state.step)
         if warmup_pending:
-            window = end_compile_warmup(window, timer, state, run.logger, time.perf_counter() - step_started)
+            window = end_compile_warmup(window, timer, state, run.logger, step_s)
             warmup_pending = False
+        else:
+            run.step_seconds.append(step_s)
         # Logging is the only place that reads values back from the device or talks to other
         # ranks outside the layout's own traffic, and only every log_every steps.
         if window.steps and (state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps):
@@ -369,7 +390,7 @@ def train_steps(cfg, run_dir: Path, training: Training, state, run: Run) -> dict
     if cfg.train.final_checkpoint and (not cfg.train.checkpoint_every or state.step % cfg.train.checkpoint_every):
         save_checkpoint(cfg, run_dir, training, state, window)
     stop_recording(run_dir, training, run.profiler)
-    finish_run(cfg, run_dir, training, state, last, run.logger, run.memory)
+    finish_run(cfg, run_dir, training, state, last, run)
     run.logger.close()
     return last
 
@@ -386,6 +407,10 @@ def hydra_main(cfg) -> None:
 
 def main() -> None:
     stop.install()  # first: a signal during start-up still ends in a checkpoint
+    try:
+        sys.argv[1:] = planning.auto_argv(sys.argv[1:])  # the mesh is read at start-up: pick before it
+    except config.ConfigError as error:
+        cli.fail(str(error))
     startup = cli.startup_config(sys.argv[1:])
     allocator.ensure(startup)  # may re-execute this process: before Horovod starts
     try:

@@ -8,7 +8,7 @@ allreduce, so busbw is comparable across process counts and with link speeds).
 """
 import math
 import time
-from typing import List
+from typing import Callable, List
 
 import horovod.torch as hvd
 import torch
@@ -35,18 +35,25 @@ def _slowest(seconds: float, name: str) -> float:
     return hvd.allreduce(torch.tensor([seconds], dtype=torch.float64), op=hvd.Max, name=name).item()
 
 
-def sweep(spec: dict) -> List[dict]:
+def allreduce(tensor: torch.Tensor, name: str) -> None:
+    hvd.allreduce_(tensor, op=hvd.Sum, name=name)
+
+
+def sweep(spec: dict, collective: Callable[[torch.Tensor, str], None] = allreduce, prefix: str = "bandwidth"
+          ) -> List[dict]:
+    """Seconds per call of `collective` on a float32 buffer of each of spec's sizes (the slowest
+    rank's); the planner's calibration passes its other collectives."""
     processes = hvd.size()
     rows = []
     for size in spec["sizes"]:
         # Zeros stay zeros under Sum, so repeated allreduces never overflow into inf.
         tensor = torch.zeros(size // BYTES_PER_ELEMENT, dtype=torch.float32)
-        name = f"bandwidth.{size}"
+        name = f"{prefix}.{size}"
         iterations = spec["min_iterations"]
         if spec["warmup_iterations"]:
             started = time.perf_counter()
             for _ in range(spec["warmup_iterations"]):
-                hvd.allreduce_(tensor, op=hvd.Sum, name=name)
+                collective(tensor, name)
             probe = _slowest((time.perf_counter() - started) / spec["warmup_iterations"], f"{name}.probe")
             # Every rank derives the count from the same (allreduced) probe, so all agree on it.
             wanted = math.ceil(spec["seconds_per_size"] / max(probe, 1e-9))
@@ -54,7 +61,7 @@ def sweep(spec: dict) -> List[dict]:
         hvd.barrier()
         started = time.perf_counter()
         for _ in range(iterations):
-            hvd.allreduce_(tensor, op=hvd.Sum, name=name)
+            collective(tensor, name)
         seconds = _slowest((time.perf_counter() - started) / iterations, f"{name}.time")
         algbw = size / seconds / 1e9
         rows.append({"bytes": size, "iterations": iterations, "time_s": seconds,

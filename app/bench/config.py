@@ -145,6 +145,8 @@ class BenchLayoutCell:
     processes: Optional[int] = None
     # Left out unless named in bench.layouts.names (the 8-rank cell: a long run on a small machine).
     opt_in: bool = False
+    # Micro-batches per step (train.grad_accum_steps); None: the section's micro_batches.
+    micro_batches: Optional[int] = None
 
 
 @dataclass
@@ -164,6 +166,25 @@ class BenchLayoutsConfig:
     cells: List[BenchLayoutCell] = field(default_factory=list)
     # Cells to run, by name; None: every cell not marked opt_in.
     names: Optional[List[str]] = None
+
+
+@dataclass
+class BenchPlannerConfig:
+    """sections=[planner]: the planner's predictions (app/plan) against measured runs of a grid
+    of cells, each model's run as the layouts section runs its cells (grid: its model ignored)."""
+    models: List[str] = field(default_factory=lambda: ["llama_tiny", "llama_small"])
+    grid: BenchLayoutsConfig = field(default_factory=lambda: BenchLayoutsConfig(
+        precision="fp32", processes=2, micro_batches=2))
+    # Runs of each cell, interleaved (every cell once, then again), so load drifts hit all alike.
+    repeats: int = 3
+    # Memory caps per rank for the pick-quality cases (each with every model); null: no cap.
+    memory_caps_gib: List[Optional[float]] = field(default_factory=lambda: [None, 0.6, 0.45])
+    # Targets, reported, never asserted (issue 27): median step-time error, rank correlation,
+    # median peak-memory error, and the pick within this much of the fastest measured cell.
+    max_step_error: float = 0.15
+    min_spearman: float = 0.8
+    max_memory_error: float = 0.10
+    max_pick_slowdown: float = 0.10
 
 
 @dataclass
@@ -199,13 +220,15 @@ class BenchConfig:
     memory: BenchMemoryConfig = field(default_factory=BenchMemoryConfig)
     tensor: BenchTensorConfig = field(default_factory=BenchTensorConfig)
     layouts: BenchLayoutsConfig = field(default_factory=BenchLayoutsConfig)
+    planner: BenchPlannerConfig = field(default_factory=BenchPlannerConfig)
 
 
 def register() -> None:
     ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
 
 
-BENCH_SECTIONS = ("peak", "throughput", "bandwidth", "fusion", "breakdown", "pipeline", "memory", "tensor", "layouts")
+BENCH_SECTIONS = ("peak", "throughput", "bandwidth", "fusion", "breakdown", "pipeline", "memory", "tensor", "layouts",
+                  "planner")
 
 
 def validate(cfg: BenchConfig) -> None:
@@ -227,6 +250,8 @@ def validate(cfg: BenchConfig) -> None:
         ("throughput.hf_trainer", cfg.throughput.hf_trainer, ("eager", "compile")),
         ("layouts.precision", [cfg.layouts.precision], precisions),
         ("layouts.names", cfg.layouts.names or [], [cell.name for cell in cfg.layouts.cells]),
+        ("planner.grid.precision", [cfg.planner.grid.precision], precisions),
+        ("planner.grid.names", cfg.planner.grid.names or [], [cell.name for cell in cfg.planner.grid.cells]),
     ):
         for value in values:
             if value not in allowed:
@@ -248,6 +273,11 @@ def validate(cfg: BenchConfig) -> None:
         "layouts.global_batch": cfg.layouts.global_batch,
         "layouts.micro_batches": cfg.layouts.micro_batches,
         "layouts.measure_steps": cfg.layouts.measure_steps,
+        "planner.repeats": cfg.planner.repeats,
+        "planner.grid.processes": cfg.planner.grid.processes,
+        "planner.grid.global_batch": cfg.planner.grid.global_batch,
+        "planner.grid.micro_batches": cfg.planner.grid.micro_batches,
+        "planner.grid.measure_steps": cfg.planner.grid.measure_steps,
     }
     for key, value in positive.items():
         if value < 1:

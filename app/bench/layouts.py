@@ -55,24 +55,24 @@ def selected_cells(layouts) -> list:
 def cell_plan(ctx: Context, cell) -> tuple:
     """(training overrides, row of the cell's mesh) with the global batch split over its data ranks."""
     lc = ctx.bench.layouts
-    processes = cell.processes or lc.processes
+    processes, micro_batches = cell.processes or lc.processes, cell.micro_batches or lc.micro_batches
     shared = [o for o in ctx.train_overrides if not o.startswith("model=")]
     overrides = [f"model={lc.model}", *shared, f"train.precision={lc.precision}",
-                 f"train.grad_accum_steps={lc.micro_batches}", *cell.overrides]
+                 f"train.grad_accum_steps={micro_batches}", *cell.overrides]
     try:
         parallel = cli.compose_config(overrides).parallel
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError(f"layouts cell {cell.name}: {' '.join(str(error).split())}") from error
     model_ranks = parallel.tensor * parallel.pipeline
     data = processes // model_ranks
-    if processes % model_ranks or lc.global_batch % (data * lc.micro_batches):
+    if processes % model_ranks or lc.global_batch % (data * micro_batches):
         raise ConfigError(f"layouts cell {cell.name}: {processes} ranks at tensor {parallel.tensor} x pipeline "
-                          f"{parallel.pipeline} leave {data} data ranks, whose {lc.micro_batches} micro-batches do not "
+                          f"{parallel.pipeline} leave {data} data ranks, whose {micro_batches} micro-batches do not "
                           f"split layouts.global_batch={lc.global_batch}; set a global batch they divide")
-    overrides.append(f"train.micro_batch_size={lc.global_batch // (data * lc.micro_batches)}")
+    overrides.append(f"train.micro_batch_size={lc.global_batch // (data * micro_batches)}")
     row = {"cell": cell.name, "processes": processes, "pipeline": parallel.pipeline, "tensor": parallel.tensor,
            "data": data, "zero_stage": parallel.zero_stage,
-           "schedule": parallel.schedule if parallel.pipeline > 1 else None,
+           "schedule": parallel.schedule if parallel.pipeline > 1 else None, "micro_batches": micro_batches,
            # Pipelines need MPI's point-to-point whatever bench.launcher says.
            "launcher": "mpi" if parallel.pipeline > 1 else ctx.bench.launcher,
            "oversubscribed": processes > ctx.cores}

@@ -240,13 +240,46 @@ def layouts(section: dict) -> str:
             "gave at start-up.\n\n" + _table(header, [_layout_row(r) for r in section["rows"]]))
 
 
+def _ratio(value) -> str:
+    return "" if value is None else f"{value:.2f}x"
+
+
+def _signed(value) -> str:
+    return "" if value is None else f"{100 * value:+.1f}%"
+
+
+def planner(section: dict) -> str:
+    targets = section["targets"]
+    rows = [[r["model"], r["cell"], r["processes"], "yes" if r["oversubscribed"] else "no"]
+            + ([f"refused: {r['refused']}", "", "", "", "", ""] if r["refused"] else
+               [f"{r['predicted_step_s']:.3f}", f"{r['measured_step_s']:.3f}", _signed(r["step_error"]),
+                _mib(r["predicted_peak_bytes"]), _mib(r["measured_peak_bytes"]), _signed(r["memory_error"])])
+            for r in section["rows"]]
+    picks = [[c["model"], "none" if c["cap_gib"] is None else f"{c['cap_gib']:g}", c["fastest"] or "nothing fits",
+              c.get("pick", ""), _ratio(c.get("pick_over_fastest")), c.get("rule") or "", _ratio(c.get("rule_over_fastest"))]
+             for c in section["picks"]]
+    spearman = ", ".join(f"{m} {v:.2f}" if v is not None else f"{m} n/a" for m, v in section["spearman"].items())
+    summary = (f"Median step-time error {_percent(section['median_step_error'] or 0)} (target at most "
+               f"{_percent(targets['max_step_error'])}); Spearman {spearman} (target at least {targets['min_spearman']}); "
+               f"median peak-memory error {_percent(section['median_memory_error'] or 0)} (target at most "
+               f"{_percent(targets['max_memory_error'])}); picks within {_percent(targets['max_pick_slowdown'])} of "
+               f"the fastest: {section['picks_within_target']} of {section['picks_judged']}.")
+    return (f"## Planner ({section['precision']}, {section['processes']} ranks, global batch "
+            f"{section['global_batch']}, median of {section['repeats']} interleaved runs; {section['profile']})\n\n"
+            + summary + "\n\n" + _table(["model", "cell", "ranks", "oversubscribed", "predicted s/step",
+                                          "measured s/step", "error", "predicted peak (MiB)", "measured peak (MiB)",
+                                          "error"], rows)
+            + "\n\n" + _table(["model", "cap GiB", "fastest measured", "planner's pick", "pick / fastest",
+                                 "plain rule", "rule / fastest"], picks))
+
+
 def errors(failed: dict) -> str:
     lines = [f"- {name}: {message.splitlines()[0]}" for name, message in failed.items()]
     return "## Sections that failed\n\n" + "\n".join(lines)
 
 
 SECTIONS = {"peak": peak, "throughput": throughput, "bandwidth": bandwidth, "fusion": fusion, "breakdown": breakdown,
-            "pipeline": pipeline, "memory": memory, "tensor": tensor, "layouts": layouts}
+            "pipeline": pipeline, "memory": memory, "tensor": tensor, "layouts": layouts, "planner": planner}
 
 
 def markdown(results: dict) -> str:

@@ -1,18 +1,15 @@
 """How much memory a rank needs for the model state under ZeRO, and what fits.
 
-    python -m app.plan model=llama_7b [parallel.zero_stage=3] [world=16] [memory_gib=80]
-
 Per parameter, in fp32: 4 bytes of weights, 4 of gradient, and the optimizer's state (AdamW and
 Adam 8: two moments; SGD with momentum 4; plain SGD 0). Stage 1 divides the optimizer state by
 the world size, stage 2 the gradients too, stage 3 the weights too (ZeRO paper, section 5).
-Activations are not modelled: the table is the floor a rank needs before its first batch
-(README, "Sharding and activation checkpointing", has measured activations beside it)."""
-import sys
-from typing import List, Optional
+This is the floor a rank needs before its first batch; app/plan/memory.py adds activations, the
+layout's transient buffers and the process itself."""
+from typing import Optional
 
 import torch
 
-from app import cli, models
+from app import models
 
 OPTIMIZER_BYTES_PER_PARAMETER = {"adamw": 8, "adam": 8, "sgd_momentum": 4, "sgd": 0}
 WORLD_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -33,15 +30,17 @@ def model_state_bytes(parameters: int, stage: int, world: int, optimizer_bytes: 
             "optimizer_state": optimizer_bytes * share(stage >= 1)}
 
 
-def count_parameters(cfg) -> int:
-    """The model's parameters, built on the meta device: no memory, whatever its size."""
+def meta_model(cfg) -> torch.nn.Module:
+    """The configured model built on the meta device: no memory, whatever its size."""
     vocab = cfg.model.vocab_size or cfg.data.vocab_size  # the tokenizer is trained to data.vocab_size
     with torch.device("meta"):
         if cfg.model.family == "llama":
-            model = models.build_causal_lm(cfg.model, vocab)
-        else:
-            model = models.build_encoder(cfg.model, vocab, 0, cfg.task, cfg.model.num_labels or 2)
-    return models.count_parameters(model)
+            return models.build_causal_lm(cfg.model, vocab)
+        return models.build_encoder(cfg.model, vocab, 0, cfg.task, cfg.model.num_labels or 2)
+
+
+def count_parameters(cfg) -> int:
+    return models.count_parameters(meta_model(cfg))
 
 
 def smallest_fit(parameters: int, optimizer_bytes: int, memory_bytes: float) -> Optional[tuple]:
@@ -69,30 +68,3 @@ def shortfall_warning(cfg, parameters: int, world: int, ranks_on_host: int, devi
     return (f"the plan says this will not fit: the model state needs {need / 2**30:.1f} GiB per rank at "
             f"parallel.zero_stage={stage} on {world} ranks, each rank has {have / 2**30:.1f} GiB; "
             f"python -m app.plan model={cfg.model.name} memory_gib={have / 2**30:.0f} says what fits")
-
-
-def table(parameters: int, optimizer_bytes: int, worlds: List[int]) -> str:
-    header = "| ranks | " + " | ".join(f"stage {s} GiB/rank" for s in range(4)) + " |"
-    lines = [header, "|" + "---|" * 5]
-    for world in worlds:
-        cells = [sum(model_state_bytes(parameters, s, world, optimizer_bytes).values()) / 2**30 for s in range(4)]
-        lines.append(f"| {world} | " + " | ".join(f"{c:,.1f}" for c in cells) + " |")
-    return "\n".join(lines)
-
-
-def main() -> None:
-    plan_args = dict(a.split("=", 1) for a in sys.argv[1:] if a.startswith(("world=", "memory_gib=")))
-    cfg = cli.compose_config([a for a in sys.argv[1:] if a.split("=", 1)[0] not in plan_args])
-    parameters = count_parameters(cfg)
-    optimizer_bytes = optimizer_bytes_per_parameter(cfg.optim.name, cfg.optim.momentum)
-    worlds = [int(plan_args["world"])] if "world" in plan_args else [w for w in WORLD_SIZES if w <= 64]
-    print(f"{cfg.model.name}: {parameters / 1e9:.3f}B parameters, {cfg.optim.name} ({optimizer_bytes} bytes/parameter "
-          f"of state); model state per rank, activations not included:\n\n{table(parameters, optimizer_bytes, worlds)}")
-    if "memory_gib" in plan_args:
-        fit = smallest_fit(parameters, optimizer_bytes, float(plan_args["memory_gib"]) * 2**30)
-        print("\nfits in " + plan_args["memory_gib"] + " GiB per rank: " +
-              (f"{fit[0]} ranks at parallel.zero_stage={fit[1]}" if fit else "no stage up to 1024 ranks"))
-
-
-if __name__ == "__main__":
-    main()

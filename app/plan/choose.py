@@ -1,0 +1,126 @@
+"""The grid of cells a world can run, each cell's prediction, and the pick.
+
+The grid: every tensor size that divides the world and the model's heads, KV heads, FFN width
+and vocabulary; every pipeline size that divides what is left (MPI launches only, at most one
+stage per layer), with GPipe and 1F1B; ZeRO 0-3 where the data size is above 1; checkpointing
+none or full; and every micro-batch size that divides a data rank's share of the global batch,
+the rest accumulated (a pipeline's micro-batches). A cell app/config.py refuses is never
+proposed: each distinct layout goes through config.validate. The pick is the fastest predicted
+cell whose predicted peak fits the memory cap; ties go to the earlier cell in the grid's order
+(smaller tensor, pipeline, ZeRO stage; no checkpointing; larger micro-batches), so every rank
+that plans the same inputs picks the same cell.
+"""
+import copy
+import itertools
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional
+
+import psutil
+
+from app import config
+from app.parallel.pipeline_schedule import SCHEDULES
+from app.plan import memory, state, time
+from app.plan.cell import Cell, Settings, Shape, shape
+from app.plan.profile import HardwareProfile
+
+# Horovod's HOROVOD_FUSION_THRESHOLD default, in MiB.
+HOROVOD_FUSION_THRESHOLD_MB = 64
+CHECKPOINTING = ("none", "full")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    cell: Cell
+    memory: Dict[str, float]
+    seconds: Dict[str, float]
+    tokens_per_s: float
+
+    @property
+    def peak_bytes(self) -> float:
+        return self.memory["total"]
+
+    @property
+    def step_s(self) -> float:
+        return self.seconds["total"]
+
+
+class Planner:
+    """Predictions for one model and training config on one profile."""
+
+    def __init__(self, cfg, profile: HardwareProfile):
+        self.cfg, self.profile, self.shape = cfg, profile, shape(cfg)
+        self.optimizer_bytes = state.optimizer_bytes_per_parameter(cfg.optim.name, cfg.optim.momentum)
+        fusion_mb = cfg.horovod.fusion_threshold_mb
+        self.fusion_bytes = (HOROVOD_FUSION_THRESHOLD_MB if fusion_mb is None else fusion_mb) * 2**20
+        self.settings = Settings.of(cfg)
+        if self.settings.precision not in profile.compute:
+            raise config.ConfigError(f"profile {profile.name} has no compute costs for train.precision="
+                                     f"{self.settings.precision}; pick one of {', '.join(profile.compute)} or another "
+                                     "plan.hardware")
+        self._checked = copy.deepcopy(cfg)  # changed in place per layout by allowed()
+        self._allowed: Dict[tuple, bool] = {}
+
+    def predict(self, cell: Cell) -> Prediction:
+        parts = memory.peak_bytes(self.shape, cell, self.settings, self.optimizer_bytes, self.fusion_bytes, self.profile)
+        seconds = time.step_seconds(self.shape, cell, self.settings, self.fusion_bytes, self.profile)
+        return Prediction(cell, parts, seconds, cell.global_batch * self.shape.seq_len / seconds["total"])
+
+    def allowed(self, cell: Cell) -> bool:
+        """Whether app/config.py accepts the cell's layout (and the vocabulary splits, which
+        the trainer checks once the tokenizer is known)."""
+        key = (cell.tensor, cell.pipeline, cell.zero_stage, cell.schedule, cell.checkpointing)
+        if key not in self._allowed:
+            checked = self._checked
+            checked.parallel.tensor, checked.parallel.pipeline = cell.tensor, cell.pipeline
+            checked.parallel.zero_stage, checked.parallel.schedule = cell.zero_stage, cell.schedule
+            checked.train.activation_checkpointing = cell.checkpointing
+            try:
+                config.validate(checked)
+                config.check_divisible_by_tensor({"data.vocab_size": self.shape.vocab}, cell.tensor)
+                self._allowed[key] = True
+            except config.ConfigError:
+                self._allowed[key] = False
+        return self._allowed[key]
+
+    def grid(self, world: int, global_batch: int, mpi: bool) -> Iterator[Cell]:
+        for tensor, pipeline in _mesh_sizes(world, self.shape, mpi):
+            data = world // (tensor * pipeline)
+            if global_batch % data:
+                continue
+            schedules = SCHEDULES if pipeline > 1 else (self.cfg.parallel.schedule,)
+            stages = range(4) if data > 1 else (0,)
+            for zero_stage, schedule, checkpointing in itertools.product(stages, schedules, CHECKPOINTING):
+                for micro_batch in _divisors_descending(global_batch // data):
+                    cell = Cell(world, tensor, pipeline, zero_stage, schedule, checkpointing, micro_batch,
+                                global_batch // data // micro_batch)
+                    if self.allowed(cell):
+                        yield cell
+
+    def rank(self, world: int, global_batch: int, cap_bytes: float, mpi: bool = True) -> List[Prediction]:
+        """Every allowed cell's prediction that fits the cap, fastest first."""
+        fitting = [p for p in map(self.predict, self.grid(world, global_batch, mpi)) if p.peak_bytes <= cap_bytes]
+        return sorted(fitting, key=lambda p: p.step_s)  # stable: ties keep the grid's order
+
+    def pick(self, world: int, global_batch: int, cap_bytes: float, mpi: bool) -> Optional[Prediction]:
+        ranked = self.rank(world, global_batch, cap_bytes, mpi)
+        return ranked[0] if ranked else None
+
+
+def memory_cap_bytes(plan_cfg, profile: HardwareProfile, ranks_on_host: int) -> float:
+    """plan.memory_gib, else the profile's memory per rank, else this host's memory over its ranks."""
+    if plan_cfg.memory_gib is not None:
+        return plan_cfg.memory_gib * 2**30
+    if profile.memory_per_rank_gib is not None:
+        return profile.memory_per_rank_gib * 2**30
+    return psutil.virtual_memory().total / ranks_on_host
+
+
+def _divisors_descending(n: int) -> List[int]:
+    return [k for k in range(n, 0, -1) if n % k == 0]
+
+
+def _mesh_sizes(world: int, model: Shape, mpi: bool) -> Iterator[tuple]:
+    for tensor in reversed(_divisors_descending(world)):
+        for pipeline in reversed(_divisors_descending(world // tensor)):
+            if pipeline == 1 or (mpi and pipeline <= model.layers):
+                yield tensor, pipeline

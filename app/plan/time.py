@@ -1,0 +1,160 @@
+"""Seconds per optimizer step of a cell, and what each part assumes:
+
+- Compute: the profile's fit of one micro-batch's forward + backward, a fixed cost plus one per
+  layer plus FLOPs at a measured rate. Training FLOPs per token are app/models.py's (6 per
+  weight, 12 h s per layer for attention) and 6 V h for the head; a recomputed layer adds its
+  forward again (a third). Tensor parallelism divides the FLOPs by `tensor`, not the fixed costs.
+- Collectives: the profile's latency-bandwidth fit for the whole buffer, measured on
+  calibration_ranks ranks, scaled to a group of n as a ring: the bytes term by (n-1)/n over the
+  calibration's, the latency by log2 n over the calibration's. A blocking Horovod collective
+  waits on average half a background cycle; the fit already holds half the calibration's cycle,
+  so the difference is added per collective (cycle time as the run would resolve it, app/dist.py).
+  One fit per collective whatever nodes the group spans: a group wider than a node is priced at
+  the profile's in-node speed (optimistic), not modelled separately.
+- Tensor parallelism: per layer and micro-batch four blocking fp32 allreduces of the activation
+  (Megatron's f and g, forward and backward; a recomputed layer's forward two more), plus the
+  vocabulary-parallel embedding and head input (two more) and the loss's two small ones. None of
+  them overlaps compute.
+- Pipeline: m micro-batches through P stages take (m + P - 1) times the slowest stage's
+  micro-batch (forward, backward, its sends of the activation and its gradient by mpi4py), so
+  the bubble is (P - 1)/(m + P - 1) for GPipe and 1F1B alike (app/parallel/pipeline_schedule.py).
+- Data dimension: plain data parallelism allreduces the gradients during the last micro-batch's
+  backward, one fused piece per Horovod cycle that backward spans (at most one per layer, more
+  where a piece would exceed the fusion threshold); ZeRO-1 reduce-scatters each unit (a layer, plus one
+  for the ends) in that backward and allgathers the updated slices before the next forward;
+  ZeRO-2 reduce-scatters every micro-batch's gradients; ZeRO-3 also gathers each unit before its
+  forward and before its backward, every micro-batch. The profile's backward_overlap of the compute
+  they can run behind hides that much of them; the last collective is never hidden.
+- Optimizer: the profile's cost per parameter updated (its slice under ZeRO).
+"""
+import math
+from typing import Dict
+
+from app import dist
+from app.plan.cell import Cell, Settings, Shape
+from app.plan.memory import FP32_BYTES, recomputed_layers, stage_layers, stage_parameters
+from app.plan.profile import HardwareProfile, LinkFit
+
+# Horovod's own HOROVOD_CYCLE_TIME default, which GPU ranks keep (app/dist.py).
+HOROVOD_CYCLE_TIME_MS = 1.0
+# A decoder layer's tensor-parallel allreduces per micro-batch: f and g, forward and backward.
+TENSOR_ALLREDUCES_PER_LAYER = 4
+# Of them, the ones a recomputed forward runs again.
+TENSOR_ALLREDUCES_PER_FORWARD = 2
+# The vocabulary-parallel embedding's and head input's activation-sized allreduces, and the
+# loss's small ones (max and sums over the vocabulary shards).
+VOCAB_ACTIVATION_ALLREDUCES = 2
+VOCAB_LOSS_ALLREDUCES = 2
+# Of a micro-batch's compute, the backward's share (twice the forward's FLOPs).
+BACKWARD_SHARE = 2 / 3
+# A recomputed layer runs its forward again: a third of its training FLOPs.
+RECOMPUTE_SHARE = 1 / 3
+
+
+def cycle_time_ms(settings: Settings, cell: Cell, profile: HardwareProfile) -> float:
+    """horovod.cycle_time_ms as the run resolves it (app/dist.py default_cycle_time_ms)."""
+    if settings.cycle_time_ms is not None:
+        return settings.cycle_time_ms
+    if cell.tensor > 1:
+        return dist.TENSOR_PARALLEL_CYCLE_TIME_MS
+    return dist.CPU_CYCLE_TIME_MS if profile.device == "cpu" else HOROVOD_CYCLE_TIME_MS
+
+
+class Links:
+    """Collective costs for one layout: the profile's fits, scaled to a group and cycle time."""
+
+    def __init__(self, profile: HardwareProfile, cycle_ms: float):
+        self.profile = profile
+        self.cycle_s = cycle_ms / 1000
+        self.wait_s = (cycle_ms - profile.calibration_cycle_time_ms) / 2 / 1000
+
+    def seconds(self, fit: LinkFit, group: int, n_bytes: float, horovod: bool = True) -> float:
+        if group <= 1:
+            return 0.0
+        base = self.profile.calibration_ranks
+        ring = ((group - 1) / group) / ((base - 1) / base)
+        took = fit.latency_s * math.log2(group) / math.log2(base) + fit.seconds_per_byte * n_bytes * ring
+        return max(0.0, took + (self.wait_s if horovod else 0.0))
+
+
+def micro_batch_compute_s(shape: Shape, cell: Cell, stage: int, settings: Settings, profile: HardwareProfile) -> float:
+    fit = profile.compute[settings.precision]
+    tokens = cell.micro_batch_size * shape.seq_len
+    layers = stage_layers(shape.layers, cell.pipeline)[stage]
+    recomputed = recomputed_layers(layers, cell.checkpointing, settings.activation_checkpointing_every)
+    layer_flops = tokens * (6 * shape.layer_parameters + 12 * shape.hidden * shape.seq_len)
+    flops = layer_flops * (layers + RECOMPUTE_SHARE * recomputed)
+    if stage == cell.pipeline - 1:
+        flops += tokens * 6 * shape.vocab * shape.hidden
+    overheads = fit.micro_batch_overhead_s + fit.layer_overhead_s * (layers + RECOMPUTE_SHARE * recomputed)
+    return overheads + flops / cell.tensor / fit.flops_per_s
+
+
+def tensor_s(shape: Shape, cell: Cell, stage: int, settings: Settings, links: Links) -> float:
+    """One micro-batch's tensor-parallel collectives on `stage`."""
+    if cell.tensor == 1:
+        return 0.0
+    activation = cell.micro_batch_size * shape.seq_len * shape.hidden * FP32_BYTES
+    layers = stage_layers(shape.layers, cell.pipeline)[stage]
+    recomputed = recomputed_layers(layers, cell.checkpointing, settings.activation_checkpointing_every)
+    count = TENSOR_ALLREDUCES_PER_LAYER * layers + TENSOR_ALLREDUCES_PER_FORWARD * recomputed
+    count += VOCAB_ACTIVATION_ALLREDUCES * ((stage == 0) + (stage == cell.pipeline - 1)) / 2
+    small = VOCAB_LOSS_ALLREDUCES * (stage == cell.pipeline - 1)
+    fit = links.profile.allreduce
+    tokens_bytes = cell.micro_batch_size * shape.seq_len * FP32_BYTES
+    return count * links.seconds(fit, cell.tensor, activation) + small * links.seconds(fit, cell.tensor, tokens_bytes)
+
+
+def send_s(shape: Shape, cell: Cell, links: Links) -> float:
+    """A stage's sends per micro-batch: its activation forward and its gradient backward."""
+    if cell.pipeline == 1:
+        return 0.0
+    activation = cell.micro_batch_size * shape.seq_len * shape.hidden * FP32_BYTES
+    return 2 * links.seconds(links.profile.point_to_point, 2, activation, horovod=False)
+
+
+def data_s(shape: Shape, cell: Cell, held: float, compute_s: float, fusion_bytes: int, links: Links) -> float:
+    """The data dimension's exposed communication per step (module docstring: what overlaps)."""
+    if cell.data == 1:
+        return 0.0
+    profile, m, d = links.profile, cell.grad_accum_steps, cell.data
+    # ZeRO sends each unit (a layer, the ends one more) alone; Horovod's plain allreduce fuses
+    # whatever gradients are ready at each cycle, so it sends one piece per cycle the last
+    # backward spans (at most one per unit), more where a piece would exceed the fusion threshold.
+    pieces = math.ceil(held / max(shape.layer_parameters / cell.tensor, 1))
+    if cell.zero_stage == 0:
+        hideable = BACKWARD_SHARE * compute_s / m
+        cycles = max(1, math.ceil(hideable / links.cycle_s))
+        pieces = max(min(pieces, cycles), math.ceil(held * FP32_BYTES / max(fusion_bytes, 1)))
+        costs = [links.seconds(profile.allreduce, d, held * FP32_BYTES / pieces)] * pieces
+    else:
+        piece_bytes = held * FP32_BYTES / pieces
+        scatters = pieces * (m if cell.zero_stage >= 2 else 1)
+        gathers = pieces * (2 * m if cell.zero_stage == 3 else 1)
+        costs = ([links.seconds(profile.reducescatter, d, piece_bytes)] * scatters
+                 + [links.seconds(profile.allgather, d, piece_bytes)] * gathers)
+        hideable = {1: BACKWARD_SHARE / m, 2: BACKWARD_SHARE, 3: 1.0}[cell.zero_stage] * compute_s
+    total = sum(costs)
+    return max(costs[-1], total - profile.backward_overlap * hideable)
+
+
+def step_seconds(shape: Shape, cell: Cell, settings: Settings, fusion_bytes: int,
+                 profile: HardwareProfile) -> Dict[str, float]:
+    """Seconds per optimizer step by part, with their sum under "total"."""
+    links = Links(profile, cycle_time_ms(settings, cell, profile))
+    m, p = cell.grad_accum_steps, cell.pipeline
+    per_stage = [micro_batch_compute_s(shape, cell, s, settings, profile) for s in range(p)]
+    tensor = [tensor_s(shape, cell, s, settings, links) for s in range(p)]
+    slowest = max(range(p), key=lambda s: per_stage[s] + tensor[s])
+    sends = send_s(shape, cell, links)
+    held = max(stage_parameters(shape, cell, s) for s in range(p))
+    parts = {
+        "compute": m * per_stage[slowest],
+        # (m + P - 1) rounds at the slowest stage's pace: P - 1 of them are the fill and drain.
+        "bubble": (p - 1) * (per_stage[slowest] + tensor[slowest] + sends),
+        "tensor": m * tensor[slowest],
+        "pipeline_sends": m * sends,
+        "data": data_s(shape, cell, held, m * per_stage[slowest], fusion_bytes, links),
+        "optimizer": profile.optimizer_s_per_parameter * held / (cell.data if cell.zero_stage >= 1 else 1),
+    }
+    return {**parts, "total": sum(parts.values())}

@@ -1,0 +1,183 @@
+"""The planner (app/plan): its predictions are finite and ordered as the layouts' mechanics say,
+it proposes nothing the trainer refuses or the memory cap excludes, a bad calibration cache is
+one line, and parallel.auto trains the planner's pick and reports the prediction beside what it
+measured."""
+import json
+import math
+import subprocess
+import sys
+import time
+
+import pytest
+
+from app import cli
+from app.plan import choose, memory, profile
+from app.plan.cell import Cell, from_config
+from conftest import ROOT, job_env, read_summary, run_job, tiny_train_args
+
+
+def planner(*overrides) -> choose.Planner:
+    """A planner on the cpu_default profile, whatever calibration cache this machine holds."""
+    cfg = cli.compose_config(list(overrides))
+    return choose.Planner(cfg, profile.hardware(profile.DEFAULT_HARDWARE))
+
+
+@pytest.fixture(scope="module")
+def small() -> choose.Planner:
+    return planner("model=llama_small")
+
+
+def test_each_zero_stage_needs_less_memory_than_the_one_before(small):
+    peaks = [small.predict(Cell(4, zero_stage=stage, micro_batch_size=8)).memory for stage in range(4)]
+    totals = [p["total"] for p in peaks]
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == 4, totals
+    # Stage 1 shards the optimizer state, 2 the gradients, 3 the weights: each a quarter on 4 ranks.
+    assert peaks[1]["optimizer_state"] == pytest.approx(peaks[0]["optimizer_state"] / 4)
+    assert peaks[2]["gradients"] == pytest.approx(peaks[1]["gradients"] / 4)
+    assert peaks[3]["parameters"] == pytest.approx(peaks[2]["parameters"] / 4)
+
+
+def test_checkpointing_trades_activation_memory_for_compute(small):
+    kept, recomputed = (small.predict(Cell(2, checkpointing=mode, micro_batch_size=8)) for mode in ("none", "full"))
+    assert recomputed.memory["activations"] < kept.memory["activations"] / 2
+    # A recomputed layer runs its forward again: its FLOPs grow by a third, the head's do not.
+    assert kept.seconds["compute"] < recomputed.seconds["compute"] < kept.seconds["compute"] * 4 / 3
+
+
+def test_more_micro_batches_shrink_the_pipeline_bubble(small):
+    bubbles = []
+    for micro_batches in (2, 4, 8):
+        seconds = small.predict(Cell(2, pipeline=2, schedule="gpipe", micro_batch_size=16 // micro_batches,
+                                     grad_accum_steps=micro_batches)).seconds
+        bubbles.append(seconds["bubble"] / (seconds["bubble"] + seconds["compute"]))
+    # (P - 1) / (m + P - 1) at P = 2: the sends add a little to each round.
+    assert bubbles == pytest.approx([1 / 3, 1 / 5, 1 / 9], rel=0.05)
+
+
+def test_one_f_one_b_holds_fewer_micro_batches_than_gpipe(small):
+    gpipe, one_f_one_b = (Cell(2, pipeline=2, schedule=s, micro_batch_size=2, grad_accum_steps=8)
+                          for s in ("gpipe", "1f1b"))
+    first_stage = [memory.activation_bytes(small.shape, cell, 0, "bf16", 2, 1.0) for cell in (gpipe, one_f_one_b)]
+    # The first stage holds all 8 micro-batches under GPipe, 2 under 1F1B; the same bubble.
+    assert first_stage[1] == pytest.approx(first_stage[0] / 4)
+    assert small.predict(one_f_one_b).peak_bytes < small.predict(gpipe).peak_bytes
+    assert small.predict(one_f_one_b).step_s == pytest.approx(small.predict(gpipe).step_s)
+
+
+def test_tensor_parallelism_splits_the_flops_and_pays_blocking_allreduces(small):
+    alone, split = small.predict(Cell(1, micro_batch_size=8)), small.predict(Cell(2, tensor=2, micro_batch_size=8))
+    # The FLOPs halve, the fixed per-layer costs do not.
+    assert alone.seconds["compute"] / 2 < split.seconds["compute"] < alone.seconds["compute"]
+    assert alone.seconds["tensor"] == 0 < split.seconds["tensor"]
+    assert split.memory["parameters"] == pytest.approx(alone.memory["parameters"] / 2)
+
+
+def test_every_prediction_of_the_grid_is_finite_and_positive(small):
+    predictions = [small.predict(cell) for cell in small.grid(8, 32, mpi=True)]
+    assert len(predictions) > 100
+    for p in predictions:
+        values = [*p.memory.values(), *p.seconds.values(), p.tokens_per_s]
+        assert all(math.isfinite(v) and v >= 0 for v in values), p
+        assert p.step_s > 0 and p.peak_bytes > 0
+
+
+def test_no_proposed_layout_exceeds_the_memory_cap(small):
+    everything = small.rank(4, 32, math.inf)
+    cap = sorted(p.peak_bytes for p in everything)[len(everything) // 2]
+    fitting = small.rank(4, 32, cap)
+    assert 0 < len(fitting) < len(everything)
+    assert max(p.peak_bytes for p in fitting) <= cap
+    assert small.pick(4, 32, min(p.peak_bytes for p in everything) - 1, mpi=True) is None
+
+
+def test_layouts_the_trainer_refuses_are_never_proposed():
+    tiny = planner("model=llama_tiny")  # 2 heads, 2 layers
+    cells = list(tiny.grid(8, 32, mpi=True))
+    assert {c.tensor for c in cells} == {1, 2} and {c.pipeline for c in cells} == {1, 2}
+    tied = planner("model=llama_tiny", "model.tie_embeddings=true")
+    # A tied pipeline cannot shard its embeddings (app/config.py validate_pipeline).
+    tied_cells = list(tied.grid(4, 16, mpi=True))
+    assert not [c for c in tied_cells if c.pipeline > 1 and c.zero_stage > 0]
+    assert [c for c in tied_cells if c.pipeline > 1] and [c for c in tied_cells if c.zero_stage > 0]
+
+
+def test_a_gloo_launch_is_never_given_a_pipeline(small):
+    assert {c.pipeline for c in small.grid(4, 16, mpi=False)} == {1}
+
+
+def test_planning_the_whole_grid_takes_under_5_s():
+    started = time.perf_counter()
+    ranked = planner("model=llama_7b", "train.seq_len=2048").rank(64, 512, 80 * 2**30)
+    assert ranked and time.perf_counter() - started < 5
+
+
+def test_a_calibration_cache_reads_back_as_written(tmp_path):
+    written = profile.hardware("a100_8x")
+    written.calibrated = True
+    profile.write_cache(written, tmp_path / "profile.json")
+    assert profile.read_cache(tmp_path / "profile.json") == written
+
+
+def plan_command(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "app.plan", *args], cwd=ROOT, env=job_env(), capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_a_corrupt_cache_is_one_line_naming_the_file_and_the_fix(tmp_path):
+    cache = tmp_path / "profile.json"
+    cache.write_text('{"compute": ')
+    result = plan_command("model=llama_tiny", "world=2", f"plan.cache={cache}")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert str(cache) in result.stderr and "python -m app.plan calibrate" in result.stderr
+
+
+def test_a_missing_cache_plans_with_the_default_profile_and_says_so(tmp_path):
+    result = plan_command("model=llama_tiny", "world=2", "memory_gib=2", f"plan.cache={tmp_path / 'none.json'}")
+    assert result.returncode == 0, result.stderr
+    assert "profile cpu_default: not calibrated here" in result.stdout
+    assert "best: horovodrun -np 2 python -m app.train" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def auto_run(tiny_data, tmp_path_factory):
+    """A 2-rank parallel.auto run under a cap that rules out plain data parallelism, and the
+    pick the planner makes in this process from the same inputs."""
+    run_dir = tmp_path_factory.mktemp("auto") / "run"
+    cache = f"plan.cache={run_dir.parent / 'no-cache.json'}"
+    args = tiny_train_args(tiny_data, run_dir, "parallel.auto=true", cache)
+    cfg = cli.compose_config([a for a in args if not a.startswith("hydra.")])
+    hardware = profile.load(cfg.plan)
+    tiny = choose.Planner(cfg, hardware)
+    plain = tiny.predict(from_config(cfg, 2))
+    smallest = min(p.peak_bytes for p in tiny.rank(2, 8, math.inf))
+    memory_gib = (smallest + plain.peak_bytes) / 2 / 2**30
+    pick = tiny.pick(2, 8, memory_gib * 2**30, mpi=True)
+    run_job([*args, f"plan.memory_gib={memory_gib}"], launcher="mpi")
+    return run_dir, pick, plain
+
+
+def test_parallel_auto_trains_the_planners_pick(auto_run):
+    run_dir, pick, plain = auto_run
+    assert pick.cell != plain.cell
+    layout = read_summary(run_dir)["layout"]
+    assert (layout["tensor"], layout["pipeline"], layout["data"], layout.get("zero_stage", 0)) == (
+        pick.cell.tensor, pick.cell.pipeline, pick.cell.data, pick.cell.zero_stage)
+    saved = (run_dir / "config.yaml").read_text()
+    for override in pick.cell.overrides():
+        key, value = override.split("=", 1)
+        section, name = key.split(".")
+        assert f"\n  {name}: {value}\n" in saved, override
+
+
+def test_every_run_reports_its_prediction_beside_what_it_measured(auto_run):
+    run_dir, pick, _ = auto_run
+    block = read_summary(run_dir)["plan"]
+    assert block["predicted_step_s"] == pytest.approx(pick.step_s)
+    assert block["predicted_peak_bytes"] == pytest.approx(pick.peak_bytes)
+    assert block["measured_step_s"] > 0 and block["measured_peak_bytes"] > 0
+    assert all(math.isfinite(block[k]) for k in ("predicted_step_s", "measured_step_s", "predicted_peak_bytes",
+                                                  "measured_peak_bytes"))
+    assert block["profile"] == "cpu_default" and block["calibrated"] is False
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(row.get("plan/measured_step_s") == block["measured_step_s"] for row in logged)
