@@ -296,7 +296,7 @@ def train(cfg, run_dir: Path) -> dict:
     else:
         resume_or_start(cfg, run_dir, training, state)
     run = Run(run_dir, cfg.train.max_steps, cfg.train.progress_bar, flops_per_token, measure_peak(cfg, device), memory)
-    run.prediction, run.hardware = planning.predict_run(cfg, dist.size(), log.warning)
+    run.prediction, run.hardware = planning.predict_run(cfg, dist.size(), log.warning, log.info)
     run.open_logger(state.step)
     run.logger.text("config", "```\n" + OmegaConf.to_yaml(cfg) + "\n```")
     timeline = dist.start_timeline(run_dir)

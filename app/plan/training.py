@@ -52,10 +52,11 @@ def auto_argv(argv: List[str]) -> List[str]:
     return [arg for arg in argv if arg.split("=", 1)[0].lstrip("+~") not in keys] + chosen
 
 
-def predict_run(cfg, world: int, warn: Callable[[str], None]
+def predict_run(cfg, world: int, warn: Callable[[str], None], note: Callable[[str], None]
                 ) -> Tuple[Optional[choose.Prediction], Optional[profile.HardwareProfile]]:
     """This run's own cell predicted, and the profile that predicted it; (None, None) when the
-    profile cannot be read (the run goes on: its plan block then holds measurements only)."""
+    profile cannot be read (the run goes on: its plan block then holds measurements only). An
+    uncalibrated profile is noted, not warned of: the run did not ask for a plan."""
     try:
         hardware = profile.load(cfg.plan)
         planner = choose.Planner(cfg, hardware)
@@ -63,7 +64,7 @@ def predict_run(cfg, world: int, warn: Callable[[str], None]
         warn(f"no prediction for this run: {error}")
         return None, None
     if not hardware.calibrated or not hardware.validated:
-        warn(f"the plan block's predictions come from {profile.describe(hardware)}")
+        note(f"the plan block's predictions come from {profile.describe(hardware)}")
     return planner.predict(from_config(cfg, world)), hardware
 
 
