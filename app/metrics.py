@@ -64,6 +64,9 @@ class NullLogger:
     def log(self, step: int, values: Dict[str, float]) -> None:
         pass
 
+    def scalars(self, step: int, values: Dict[str, float]) -> None:
+        pass
+
     def text(self, tag: str, text: str) -> None:
         pass
 
@@ -120,11 +123,16 @@ class RunLogger(NullLogger):
             self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
 
     def log(self, step: int, values: Dict[str, float]) -> None:
+        self.scalars(step, values)
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+
+    def scalars(self, step: int, values: Dict[str, float]) -> None:
+        """TensorBoard only: numbers that summary.json already holds (the plan block's), kept
+        out of metrics.jsonl, whose rows are the loop's windows and evaluations."""
         for key, value in values.items():
             if isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, step)
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self.jsonl.flush()
 
     def text(self, tag: str, text: str) -> None:
         self.writer.add_text(tag, text)

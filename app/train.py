@@ -214,7 +214,7 @@ def finish_run(cfg, run_dir: Path, training: Training, state, last: dict, run: "
                         for group in {r["replica_group"] for r in replicas})
         log.info("parameters identical on all %d ranks holding the same part: %s", dist.size(), identical)
         plan_block = planning.plan_block(run.prediction, run.hardware, replicas)
-        logger.log(state.step, planning.scalars(plan_block))
+        logger.scalars(state.step, planning.scalars(plan_block))
         log.info("plan: %s", plan_block)
         fileio.write_json(run_dir / "summary.json", {
             "step": state.step, "tokens_seen": state.tokens_seen, "world_size": dist.size(), "task": cfg.task,

@@ -101,6 +101,15 @@ def read_metrics(run_dir: Path) -> list:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def tensorboard_scalars(run_dir: Path, tag: str) -> list:
+    """(step, value) in the order TensorBoard shows them, after it applies purges."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(run_dir) / "tb"))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
 # A clip threshold far above any tiny run's gradient norm (below 10): the step still computes
 # and logs the global norm (it does only where clipping is on), but never rescales the
 # gradient, so a uniform factor in it (a sum for a mean, a world size divided twice) reaches

@@ -2,7 +2,6 @@
 it proposes nothing the trainer refuses or the memory cap excludes, a bad calibration cache is
 one line, and parallel.auto trains the planner's pick and reports the prediction beside what it
 measured."""
-import json
 import math
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 from app import cli
 from app.plan import choose, memory, profile
 from app.plan.cell import Cell, from_config
-from conftest import ROOT, job_env, read_summary, run_job, tiny_train_args
+from conftest import ROOT, job_env, read_metrics, read_summary, run_job, tensorboard_scalars, tiny_train_args
 
 
 def planner(*overrides) -> choose.Planner:
@@ -179,5 +178,7 @@ def test_every_run_reports_its_prediction_beside_what_it_measured(auto_run):
     assert all(math.isfinite(block[k]) for k in ("predicted_step_s", "measured_step_s", "predicted_peak_bytes",
                                                   "measured_peak_bytes"))
     assert block["profile"] == "cpu_default" and block["calibrated"] is False
-    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert any(row.get("plan/measured_step_s") == block["measured_step_s"] for row in logged)
+    # In TensorBoard, not in metrics.jsonl, whose rows stay the loop's own.
+    [(_, logged)] = tensorboard_scalars(run_dir, "plan/measured_step_s")
+    assert logged == pytest.approx(block["measured_step_s"], rel=1e-6)  # TensorBoard keeps float32
+    assert not any(key.startswith("plan/") for row in read_metrics(run_dir) for key in row)
