@@ -61,7 +61,9 @@ def load_pretrained(model_class, init_from: str, **extra):
     transformers 5 a bf16 checkpoint (most published LLaMAs) would otherwise stay bf16, which
     Horovod's collectives refuse and which would train with bf16 optimizer state."""
     source = init_source(init_from)
-    model = model_class.from_pretrained(source, dtype=torch.float32, **extra)
+    # Our sharded checkpoints' weights are boxes by rank: assembled here, as transformers cannot.
+    weights = checkpoint.read_weights(Path(source)) if checkpoint.is_sharded(Path(source)) else None
+    model = model_class.from_pretrained(source, dtype=torch.float32, state_dict=weights, **extra)
     log.info("model.init_from: %s loaded from %s (%s parameters, float32)", model_class.__name__, source,
              f"{count_parameters(model):,}")
     return model

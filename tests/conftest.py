@@ -187,3 +187,15 @@ def tiny_encoder_args(task: str, data_dir: Path, run_dir: Path, *extra) -> list:
         "train.checkpoint_every=0", "train.progress_bar=false", "train.precision=fp32", "train.peak_tflops=1.0",
         "optim.warmup_steps=2", f"hydra.run.dir={run_dir}", *extra,
     ]
+
+
+def plain_shard(model, optimizer, extra=None):
+    """What one process holding the whole model writes of a checkpoint: each tensor one box."""
+    from app.parallel.placement import Placement
+    from app.sharded_checkpoint import shard_of
+    from app.state_dicts import by_name, full_model_order
+    order = full_model_order(model)
+    named = by_name(optimizer.state_dict(), order)
+    boxes = {name: Placement.whole(name, param.shape, ()) for name, param in model.named_parameters()}
+    return shard_of([(boxes[name], param.detach()) for name, param in model.named_parameters()],
+                    [(boxes[name], entry) for name, entry in named["state"].items()], named["groups"], order, extra)

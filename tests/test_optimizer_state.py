@@ -1,5 +1,5 @@
 """One by-name conversion between a layout's optimizer state and a plain optimizer's on the full
-model (app/parallel/optimizer_state.py), cut into placements' boxes and assembled back
+model (app/state_dicts.py), cut into placements' boxes and assembled back
 (app/parallel/placement.py), and ZeRO's flat slices built from it (app/parallel/flat.py)."""
 from types import SimpleNamespace
 
@@ -8,7 +8,7 @@ import torch
 
 from app import optim
 from app.parallel.flat import FlatShard
-from app.parallel.optimizer_state import by_index, by_name, full_model_order
+from app.state_dicts import by_index, by_name, full_model_order
 from app.parallel.placement import Placement, assemble, assemble_state, cut_state
 
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from app import checkpoint, cli, config, models, optim
 from app.parallel import pipeline_schedule as schedule
-from app.parallel import optimizer_state
+from app import state_dicts as optimizer_state
 from app.parallel.stages import Stage, layer_bounds
 from conftest import (UNCLIPPED, assert_never_clipped, assert_same_grad_norms,
                       last_json_line, read_metrics, run_job, run_worker, tiny_train_args)

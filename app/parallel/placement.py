@@ -12,7 +12,7 @@ from typing import Dict, Iterable, Tuple
 
 import torch
 
-from app.parallel.optimizer_state import is_per_element
+from app.state_dicts import is_per_element
 
 
 @dataclass(frozen=True)
