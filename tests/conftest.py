@@ -189,13 +189,18 @@ def tiny_encoder_args(task: str, data_dir: Path, run_dir: Path, *extra) -> list:
     ]
 
 
-def plain_shard(model, optimizer, extra=None):
-    """What one process holding the whole model writes of a checkpoint: each tensor one box."""
+def plain_shard(model, optimizer, extra=None, parts=1, index=0):
+    """What one rank writes of a checkpoint of a plain model and optimizer: every tensor whole,
+    or (parts > 1) rank `index`'s rows of it, as a layout splitting every tensor's first
+    dimension `parts` ways would hold them."""
     from app.parallel.placement import Placement
     from app.sharded_checkpoint import shard_of
-    from app.state_dicts import by_name, full_model_order
+    from app.state_dicts import by_name, full_model_order, is_per_element
     order = full_model_order(model)
     named = by_name(optimizer.state_dict(), order)
-    boxes = {name: Placement.whole(name, param.shape, ()) for name, param in model.named_parameters()}
-    return shard_of([(boxes[name], param.detach()) for name, param in model.named_parameters()],
-                    [(boxes[name], entry) for name, entry in named["state"].items()], named["groups"], order, extra)
+    boxes = {name: Placement.whole(name, param.shape, ()).split(0, parts, index, "tensor")
+             for name, param in model.named_parameters()}
+    state = [(boxes[name], {key: value[boxes[name].box] if is_per_element(value) else value
+                            for key, value in entry.items()}) for name, entry in named["state"].items()]
+    return shard_of([(boxes[name], param.detach()[boxes[name].box]) for name, param in model.named_parameters()],
+                    state, named["groups"], order, extra)

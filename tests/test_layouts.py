@@ -21,7 +21,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from app import checkpoint
 from tests.conftest import (ALWAYS_CLIPS, CLIPPED, GRAD_NORM_RTOL, read_metrics, run_job, run_worker,
@@ -123,7 +122,7 @@ def cells(tiny_data, reference, tied_reference, tmp_path_factory):
     return get
 
 def reference_weights(run_dir, step=STEPS):
-    return load_file(str(checkpoint.checkpoints_root(run_dir) / checkpoint.step_dir_name(step) / "model.safetensors"))
+    return checkpoint.read_weights(checkpoint.checkpoints_root(run_dir) / checkpoint.step_dir_name(step))
 
 
 def reference_steps(run_dir) -> dict:
@@ -149,7 +148,7 @@ def test_each_cell_trains_as_one_process_on_the_same_global_batch(cells, referen
         assert row["grad_norm"] == pytest.approx(expected[row["step"]]["grad_norm"], rel=GRAD_NORM_RTOL), row
         assert row["loss"] == pytest.approx(expected[row["step"]]["train/loss"], abs=ATOL), row
     # The plain optimizer's state, assembled from every rank's boxes, is one process's.
-    plain = torch.load(checkpoint.checkpoints_root(reference) / checkpoint.step_dir_name(STEPS) / "optimizer.pt")
+    plain = checkpoint.load_optimizer_state(checkpoint.checkpoints_root(reference) / checkpoint.step_dir_name(STEPS))
     for index, entry in plain["state"].items():
         for key, value in entry.items():
             assert torch.allclose(got["optimizer"]["state"][index][key].float(), value.float(), atol=ATOL), (index, key)

@@ -22,7 +22,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from app import checkpoint, cli, config, models, optim
 from app.parallel import pipeline_schedule as schedule
@@ -135,7 +134,7 @@ def test_tied_embeddings_and_fp16_are_accepted_under_a_pipeline_and_beside_tenso
 
 # --- real jobs -------------------------------------------------------------------------------
 def weights(run_dir, step=6):
-    return load_file(str(checkpoint.checkpoints_root(run_dir) / checkpoint.step_dir_name(step) / "model.safetensors"))
+    return checkpoint.read_weights(checkpoint.checkpoints_root(run_dir) / checkpoint.step_dir_name(step))
 
 
 def max_abs_difference(a, b) -> float:
