@@ -117,6 +117,13 @@ def a_mismatched_shard(checkpoint_dir: Path) -> Path:
     return path
 
 
+def a_shard_of_other_shapes(checkpoint_dir: Path) -> Path:
+    """Rank 1's weights under the names the index lists, each one row short."""
+    path = checkpoint_dir / "model-rank00001.safetensors"
+    save_file({key: tensor[1:].contiguous() for key, tensor in load_file(str(path)).items()}, str(path))
+    return path
+
+
 def garbage_index(checkpoint_dir: Path) -> Path:
     path = checkpoint_dir / "index.json"
     path.write_text('{"weights": {"model.embed')
@@ -176,7 +183,7 @@ def truncate_a_layout_extra(checkpoint_dir: Path) -> Path:
 
 
 DAMAGES = [truncate_a_shard, cut_a_shard_inside_its_header, remove_a_shard, an_extra_shard, a_mismatched_shard,
-           garbage_index, an_index_with_a_box_left_out, remove_the_index, garbage_state, truncate_rng,
+           a_shard_of_other_shapes, garbage_index, an_index_with_a_box_left_out, remove_the_index, garbage_state, truncate_rng,
            rng_of_another_world_size, truncate_a_layout_extra]
 WHOLE_MODEL_DAMAGES = [truncate_whole_model_weights, pickle_an_object_as_optimizer_state,
                        plain_pickle_as_optimizer_state]
