@@ -8,7 +8,8 @@
 One step (app/step.py): every rank runs grad_accum_steps forward/backward passes on its own
 slice of the global batch; the layout (app/parallel) reduces the gradients, which are then
 unscaled, clipped by their global norm and applied. Around the step this file logs, evaluates,
-checkpoints and stops on a signal; rank 0 alone writes, into the run directory all ranks share.
+checkpoints and stops on a signal; rank 0 alone writes, into the run directory all ranks share,
+except each rank's own boxes of a checkpoint (app/checkpoint.py).
 """
 import json
 import logging
