@@ -4,8 +4,8 @@ between a layout's optimizer and a plain one on the full model, by parameter nam
 A torch optimizer's state_dict keys its per-parameter state by position in its param groups, and
 a layout's optimizer holds its parameters in an order of its own: a pipeline stage's a subsequence
 of the full model's, a tensor-parallel rank's shards, ZeRO's flat slices. Checkpoints hold what a
-plain optimizer (optim.build_optimizer) on the full model would (the SavedState contract), so any
-layout resumes from any other. Every layout converts through one form, the state keyed by global
+plain optimizer (optim.build_optimizer) on the full model would, in boxes
+(app/sharded_checkpoint.py), so any layout resumes from any other. Every layout converts through one form, the state keyed by global
 parameter name (`by_name`): the plain state_dict re-keyed with `full_model_order`, then cut into
 this rank's boxes by their placements (app/parallel/placement.py), then keyed by the layout's own
 order (`by_index`); and the reverse to save. No position of one optimizer is ever read as a position of another.

@@ -39,7 +39,8 @@ def save_at(run_dir: Path, step: int, model, optimizer, rng_states: list, fail_r
     """A checkpoint as two ranks save one, each holding half the rows of every tensor: rank 1's
     write (its files, then its report) stands inside rank 0's gather, as it happens in parallel.
     `fail_rank_1`: rank 1 reports its write failed."""
-    state = checkpoint.TrainState(step=step, world_size=len(rng_states), model_signature=checkpoint.model_signature(model))
+    state = checkpoint.TrainState(step=step, world_size=len(rng_states),
+                                  model_signature=checkpoint.model_signature(model))
     shards = [plain_shard(model, optimizer, parts=2, index=rank) for rank in (0, 1)]
     sent = {}
 
@@ -183,7 +184,8 @@ def truncate_a_layout_extra(checkpoint_dir: Path) -> Path:
 
 
 DAMAGES = [truncate_a_shard, cut_a_shard_inside_its_header, remove_a_shard, an_extra_shard, a_mismatched_shard,
-           a_shard_of_other_shapes, garbage_index, an_index_with_a_box_left_out, remove_the_index, garbage_state, truncate_rng,
+           a_shard_of_other_shapes, garbage_index, an_index_with_a_box_left_out, remove_the_index, garbage_state,
+           truncate_rng,
            rng_of_another_world_size, truncate_a_layout_extra]
 WHOLE_MODEL_DAMAGES = [truncate_whole_model_weights, pickle_an_object_as_optimizer_state,
                        plain_pickle_as_optimizer_state]
@@ -312,7 +314,8 @@ def test_auto_resume_refuses_to_start_over_when_no_checkpoint_is_intact(run_dir)
     for step in (2, 4, 6):
         truncate_a_shard(step_dir(run_dir, step))
     warnings = []
-    with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint in .* is intact .*optim-rank00001\.safetensors"):
+    refused = r"no checkpoint in .* is intact .*optim-rank00001\.safetensors"
+    with pytest.raises(checkpoint.CheckpointError, match=refused):
         checkpoint.resolve_resume("auto", run_dir, warn=warnings.append)
     assert len(warnings) == 3
 
@@ -381,7 +384,8 @@ def assert_one_line_naming(result, damaged_file: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("module, damage", [("app.generate", cut_a_shard_inside_its_header), ("app.evaluate", garbage_state)])
+@pytest.mark.parametrize("module, damage", [("app.generate", cut_a_shard_inside_its_header),
+                                            ("app.evaluate", garbage_state)])
 def test_tools_report_a_damaged_checkpoint_in_one_line_and_exit_2(run_dir, module, damage):
     damaged_file = damage(step_dir(run_dir, 6))
     assert_one_line_naming(run_job([f"checkpoint={run_dir}"], launcher="none", module=module, check=False),

@@ -66,7 +66,8 @@ def rank_shard(model: Odd, pieces: dict, optimizer, half: int, order) -> sharded
     boxes = halves(model, half)
     named = by_name(optimizer.state_dict(), LAYOUT_ORDER)
     return sharded_checkpoint.shard_of([(boxes[n], p.detach()) for n, p in pieces.items()],
-                                       [(boxes[n], entry) for n, entry in named["state"].items()], named["groups"], order)
+                                       [(boxes[n], entry) for n, entry in named["state"].items()],
+                                       named["groups"], order)
 
 
 def test_plain_state_goes_to_a_layout_in_another_order_by_name_and_comes_back_unchanged(tmp_path):
@@ -82,7 +83,8 @@ def test_plain_state_goes_to_a_layout_in_another_order_by_name_and_comes_back_un
     assert torch.equal(named["state"]["norm"]["exp_avg"], plain.state[model.norm]["exp_avg"])
     wholes = {name: Placement.whole(name, p.shape, ()) for name, p in model.named_parameters()}
     one = sharded_checkpoint.shard_of([(wholes[n], p.detach()) for n, p in model.named_parameters()],
-                                      [(wholes[n], entry) for n, entry in named["state"].items()], named["groups"], order)
+                                      [(wholes[n], entry) for n, entry in named["state"].items()],
+                                      named["groups"], order)
     reader = written(tmp_path / "one", [one])
 
     (first, first_optimizer), (second, second_optimizer) = (layout_rank(model, reader, half) for half in (0, 1))
