@@ -1,25 +1,34 @@
-"""Checkpoints that lose nothing, written only by rank 0.
+"""Checkpoints that lose nothing, written by every rank that holds a part of the model.
 
     run_dir/checkpoints/step-000100/
-        model.safetensors   weights (safetensors: loading runs no code)
-        optimizer.pt        optimizer state, saved from the CPU and read back onto it with
-                            torch.load(weights_only=True, map_location="cpu"): any host resumes it
-        rng.pt              every rank's torch RNG states (CPU, and CUDA on a GPU), gathered to rank 0
-        state.json          step, samples and tokens seen, world size, model signature,
-                            tokenizer hash, scaler state, the resolved config
+        model-rank00000.safetensors   each rank's boxes of the weights, written by that rank in
+        optim-rank00000.safetensors   parallel, and of the optimizer's per-element state; the
+        ...                           layout (app/sharded_checkpoint.py) is the plain optimizer's
+        index.json                    which file holds which box of which global tensor, and the
+                                      optimizer's groups, parameter order and scalar state
+        config.json                   the Hugging Face config (rebuilds the model with no project config)
+        rng.pt                        every rank's torch RNG states (CPU, and CUDA on a GPU), gathered to rank 0
+        replicas.pt                   what one layout alone needs to continue exactly (local SGD's replicas)
+        state.json                    step, samples and tokens seen, world size, model signature,
+                                      tokenizer hash, scaler state, the resolved config
     run_dir/checkpoints/latest   the name of the newest complete checkpoint
 
-A checkpoint is built in a temporary directory, fsynced and renamed into place before
-`latest` is (atomically) pointed at it, and older ones are pruned only after that. A kill at
-any moment leaves `latest` naming a complete checkpoint. What a kill cannot do (a full disk, a
-copy cut short, bit rot) a reader meets as a CheckpointError naming the file, never a traceback,
-and `train.resume=auto` falls back to the newest checkpoint that still verifies.
+No rank ever holds the whole model to save or load one: each writes its own boxes, and a resume
+on any layout (world size, ZeRO stage, tensor and pipeline sizes) has each rank read only the
+parts of the saved boxes that overlap its own (`Reader`). A whole-model checkpoint of before
+(model.safetensors + optimizer.pt) reads as one box per tensor.
+
+A checkpoint is built in a temporary directory; rank 0 renames it into place only after every
+rank has reported its files written and fsynced, then (atomically) points `latest` at it, and
+prunes older ones only after that. A kill at any moment, on any rank, leaves `latest` naming a
+complete checkpoint. What a kill cannot do (a full disk, a copy cut short, a shard file lost or
+left over, bit rot) a reader meets as a CheckpointError naming the file, never a traceback, and
+`train.resume=auto` falls back to the newest checkpoint that still verifies.
 """
 import json
 import pickle
 import re
 import shutil
-import struct
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,31 +36,16 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import transformers
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, load_model, save_file
 
 from app import fileio
+from app.state_dicts import by_index, by_name, is_per_element, load_model_state
+from app.sharded_checkpoint import (INDEX, RANK_FILE, CheckpointError, Shard, build_index, check_files,
+                                    check_safetensors, damaged, read_box, read_index, scalar_value, write_files)
 from app.tensors import to_cpu
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+# WEIGHTS and OPTIMIZER: the whole-model files of checkpoints written before they were sharded.
 WEIGHTS, OPTIMIZER, RNG, STATE, HF_CONFIG = "model.safetensors", "optimizer.pt", "rng.pt", "state.json", "config.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing, cut short or not what we wrote. A ValueError, so the
-    command-line tools report it as one line and exit 2."""
-
-
-def damaged(path: Path, why: str) -> CheckpointError:
-    why = " ".join(str(why).split()) or "unreadable"
-    if len(why) > 300:
-        why = why[:300] + "..."
-    error = CheckpointError(
-        f"checkpoint file {path} is damaged ({why}); use another checkpoint "
-        f"(earlier ones are kept in {Path(path).parent.parent}), or train.resume=never to start over"
-    )
-    error.path, error.why = Path(path), why
-    return error
 
 
 @dataclass
@@ -67,14 +61,11 @@ class TrainState:
 
 
 @dataclass
-class SavedState:
-    """What a checkpoint holds of the model and optimizer, independent of the layout that
-    wrote it: the full model's state dict and its optimizer's state dict, plus whatever one
-    layout alone needs to resume exactly (local SGD's per-rank replicas)."""
-    model: Dict[str, torch.Tensor]
-    optimizer: dict
-    extra: Dict[str, object] = field(default_factory=dict)
-    world_size: int = 1
+class World:
+    """The collectives a save needs (app.dist's, in training); one process by default (tools, tests)."""
+    rank: int = 0
+    broadcast: Callable = lambda obj, name: obj
+    gather: Callable = lambda obj, name: [obj]
 
 
 def model_signature(model: torch.nn.Module) -> dict:
@@ -115,41 +106,60 @@ def complete_checkpoints(root: Path) -> List[Path]:
     return sorted(found, key=step_of)
 
 
-def one_name_per_storage(weights: dict) -> dict:
-    """Tied weights (an LM head sharing the embedding) stored once, under their first name, as
-    Hugging Face saves them; safetensors refuses tensors that share memory."""
-    seen, unique = set(), {}
-    for name, tensor in weights.items():
-        key = (tensor.data_ptr(), tuple(tensor.shape))
-        if key not in seen:
-            seen.add(key)
-            unique[name] = tensor.detach().contiguous().cpu()
-    return unique
-
-
-def save(run_dir: Path, model, saved: SavedState, state: TrainState, rng_states: list, keep_last: int) -> Path:
-    """`model` gives the Hugging Face config; `saved` the weights and optimizer state to write."""
+def save(run_dir: Path, model, shard: Optional[Shard], state: TrainState, rng_states: list, keep_last: int,
+         world: World = World()) -> Path:
+    """Collective over `world`: every rank writes its `shard` (None: it holds no counted box) into
+    one staging directory; rank 0, once every rank reports its files written, adds the index and
+    the rest (`model` gives the Hugging Face config) and renames the directory into place. A
+    failed write on any rank removes the staging directory and raises OSError on every rank."""
     root = checkpoints_root(run_dir)
+    final = root / step_dir_name(state.step)
+    staging = world.broadcast(begin_save(root, final) if world.rank == 0 else None, name="checkpoint_staging")
+    try:
+        written = write_files(staging, world.rank, shard) if shard is not None else {}
+    except OSError as error:
+        written = {"error": f"rank {world.rank} could not write its checkpoint files into {staging}: {error}"}
+    gathered = world.gather(written, name="checkpoint_written")
+    failure = None
+    if world.rank == 0:
+        failure = next((rank["error"] for rank in gathered if "error" in rank), None)
+        try:
+            if failure is None:
+                fileio.write_json(staging / INDEX, build_index(gathered, shard.groups, shard.order))
+                complete_save(staging, final, model, shard.extra, state, rng_states, keep_last)
+        except OSError as error:
+            failure = f"could not complete checkpoint {final}: {error}"
+        if failure is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    failure = world.broadcast(failure, name="checkpoint_saved")
+    if failure is not None:
+        raise OSError(failure)
+    return final
+
+
+def begin_save(root: Path, final: Path) -> Path:
+    """The staging directory of a save, after removing the leftovers of saves killed half-way."""
     root.mkdir(parents=True, exist_ok=True)
-    # Leftovers of a save that was killed half-way.
     for stale in root.glob(".step-*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
-    final = root / step_dir_name(state.step)
-    with fileio.staged_directory(final) as staging:
-        save_file(one_name_per_storage(saved.model), str(staging / "model.safetensors"))
-        # The Hugging Face config (with the class name) rebuilds the model with no project config.
-        model.config.architectures = [type(model).__name__]
-        model.config.to_json_file(staging / "config.json")
-        torch.save(to_cpu(saved.optimizer), staging / "optimizer.pt")
-        for name, extra in saved.extra.items():
-            torch.save(to_cpu(extra), staging / f"{name}.pt")
-        torch.save(to_cpu(rng_states), staging / "rng.pt")
-        fileio.write_json(staging / "state.json", asdict(state))
-    fileio.write_text(root / "latest", final.name + "\n")
-    for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+    return fileio.new_staging_directory(final)
+
+
+def complete_save(staging: Path, final: Path, model, extra: dict, state: TrainState, rng_states: list,
+                  keep_last: int) -> None:
+    """Rank 0, every rank's shard files written: the rest, then the rename, `latest` and pruning."""
+    # The Hugging Face config (with the class name) rebuilds the model with no project config.
+    model.config.architectures = [type(model).__name__]
+    model.config.to_json_file(staging / HF_CONFIG)
+    for name, value in extra.items():
+        torch.save(to_cpu(value), staging / f"{name}.pt")
+    torch.save(to_cpu(rng_states), staging / RNG)
+    fileio.write_json(staging / STATE, asdict(state))
+    fileio.replace_directory(staging, final)
+    fileio.write_text(final.parent / "latest", final.name + "\n")
+    for old in complete_checkpoints(final.parent)[:-keep_last] if keep_last > 0 else []:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def read_json(path: Path):
@@ -187,63 +197,112 @@ def check_compatible(state: TrainState, model, tokenizer_sha256: str, checkpoint
         )
 
 
-def check_safetensors(path: Path) -> None:
-    """The header parses and the file is exactly as long as its tensors' data offsets say: this
-    catches a file cut short (or padded) without reading the weights."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else size
-            header_bytes = handle.read(header_len) if header_len <= size - 8 else None
-    except FileNotFoundError:
-        raise damaged(path, "missing") from None
-    except OSError as error:
-        raise damaged(path, error) from None
-    if header_bytes is None:
-        raise damaged(path, f"{size} bytes, too short for its safetensors header")
-    try:
-        header = json.loads(header_bytes)
-        data_end = max([entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"],
-                       default=0)
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
-        raise damaged(path, f"unreadable safetensors header: {error}") from None
-    if 8 + header_len + data_end != size:
-        raise damaged(path, f"{size} bytes where its header promises {8 + header_len + data_end}")
+def compatible_state(checkpoint_dir: Path, model, tokenizer_sha256: str) -> TrainState:
+    """The checkpoint's train state, after checking it fits `model` and the tokenizer."""
+    state = read_state(checkpoint_dir)
+    check_compatible(state, model, tokenizer_sha256, checkpoint_dir)
+    return state
 
 
-def reading_safetensors(path: Path, read: Callable[[str], object]):
-    """read(path) after the header check, with safetensors' errors as a CheckpointError."""
-    check_safetensors(path)
-    try:
-        return read(str(path))
-    except SafetensorError as error:
-        raise damaged(path, error) from None
+def is_sharded(checkpoint_dir: Path) -> bool:
+    """Written by ranks in boxes (an index, or any rank's file: an index lost is damage, not
+    another format), rather than as one whole-model file."""
+    directory = Path(checkpoint_dir)
+    return (directory / INDEX).exists() or any(RANK_FILE.match(p.name) for p in directory.glob("*.safetensors"))
+
+
+def whole_model_index(checkpoint_dir: Path, order: Optional[List[List[str]]]) -> dict:
+    """A whole-model checkpoint of before as an index: each tensor of model.safetensors one box;
+    the optimizer state (when `order`, the plain optimizer's parameter names, is given) memory-
+    mapped from optimizer.pt and keyed by name, so a reader touches only its boxes' bytes."""
+    path = Path(checkpoint_dir) / WEIGHTS
+    header = check_safetensors(path)
+    weights = {name: {"shape": entry["shape"], "dtype": entry["dtype"],
+                      "boxes": [{"file": WEIGHTS, "key": name, "offsets": [0] * len(entry["shape"]),
+                                 "sizes": entry["shape"]}]}
+               for name, entry in sorted(header.items()) if name != "__metadata__"}
+    optimizer = {"groups": [], "order": order, "state": {}}
+    if order is not None:
+        named = by_name(load_optimizer_file(checkpoint_dir, mmap=True), order)
+        optimizer.update(groups=named["groups"], state=named["state"])
+    return {"weights": weights, "optimizer": optimizer}
+
+
+class Reader:
+    """A checkpoint as global tensors made of boxes, whatever layout wrote it: each rank reads
+    the box it holds of each tensor, only from the saved boxes that overlap it. `order`, the
+    plain optimizer's parameter names group by group, is needed for a whole-model checkpoint's
+    optimizer state (a sharded one names its own)."""
+
+    def __init__(self, checkpoint_dir: Path, order: Optional[List[List[str]]] = None):
+        self.dir = Path(checkpoint_dir)
+        self.index = read_index(self.dir) if is_sharded(self.dir) else whole_model_index(self.dir, order)
+
+    @property
+    def groups(self) -> List[dict]:
+        return self.index["optimizer"]["groups"]
+
+    @property
+    def order(self) -> List[List[str]]:
+        return self.index["optimizer"]["order"]
+
+    def weight(self, placement) -> torch.Tensor:
+        """The box of a weight a Placement (global name, shape, offsets, sizes) describes."""
+        tensor = self.index["weights"].get(placement.name)
+        if tensor is None:
+            raise ValueError(f"saved weights lack {placement.name}; use the model config they were trained with")
+        if tuple(tensor["shape"]) != tuple(placement.shape):
+            raise ValueError(f"saved tensor {placement.name} has shape {tuple(tensor['shape'])}, this model "
+                             f"{tuple(placement.shape)}; use the model config it was trained with")
+        return read_box(self.dir, placement.name, tensor, placement.offsets, placement.sizes)
+
+    def state(self, placement) -> Optional[dict]:
+        """The plain optimizer's state of a parameter, per-element values cut to the placement's
+        box, scalars (Adam's step) as they are; None where the optimizer has none yet."""
+        entry = self.index["optimizer"]["state"].get(placement.name)
+        if entry is None:
+            return None
+        return {key: self._state_value(f"{placement.name}/{key}", saved, placement) for key, saved in entry.items()}
+
+    def _state_value(self, name: str, saved, placement):
+        if isinstance(saved, dict):  # a sharded checkpoint's entry
+            return read_box(self.dir, name, saved, placement.offsets, placement.sizes) if "boxes" in saved \
+                else scalar_value(saved)
+        return saved[placement.box].clone(memory_format=torch.contiguous_format) if is_per_element(saved) else saved
+
+    def extras(self) -> Dict[str, object]:
+        """What one layout alone wrote (local SGD's replicas), memory-mapped."""
+        return load_extras(self.dir, mmap=True)
+
+    def whole(self, name: str, tensor: dict) -> torch.Tensor:
+        return read_box(self.dir, name, tensor, [0] * len(tensor["shape"]), tensor["shape"])
+
+    def weights(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """(name, global tensor) in name order, each assembled from its boxes when asked for."""
+        for name, tensor in self.index["weights"].items():
+            yield name, self.whole(name, tensor)
+
+    def optimizer_state_dict(self) -> dict:
+        """A sharded checkpoint's plain optimizer state_dict, whole (a tool's, or elastic's
+        whole-model resume)."""
+        state = {name: {key: self.whole(f"{name}/{key}", saved) if "boxes" in saved else scalar_value(saved)
+                        for key, saved in entry.items()}
+                 for name, entry in self.index["optimizer"]["state"].items()}
+        return by_index({"state": state, "groups": self.groups}, self.order)
 
 
 def load_weights(checkpoint_dir: Path, model) -> None:
-    reading_safetensors(Path(checkpoint_dir) / WEIGHTS, lambda path: load_model(model, path))
+    load_model_state(model, read_weights(checkpoint_dir))
 
 
 def read_weights(checkpoint_dir: Path) -> Dict[str, torch.Tensor]:
-    return reading_safetensors(Path(checkpoint_dir) / WEIGHTS, load_file)
+    return dict(weights_one_at_a_time(checkpoint_dir))
 
 
 def weights_one_at_a_time(checkpoint_dir: Path) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs in the file's order, each read from the file when asked for: a reader
-    that holds one tensor at a time. The one place that knows the weights are one file; a
-    checkpoint sharded over ranks would feed its readers the same pairs."""
-    path = Path(checkpoint_dir) / WEIGHTS
-    check_safetensors(path)
-    try:
-        # pread, not mmap: a mapped page that was read stays in the resident set until the file
-        # is unmapped, so streaming llama_1b's 4.4 GB file through a mapping peaked at 4.44 GiB
-        # RSS (1.20 GiB with pread). Either way only the tensor's own bytes are read.
-        with safe_open(str(path), framework="pt", backend="pread") as weights:
-            for name in weights.keys():
-                yield name, weights.get_tensor(name)
-    except SafetensorError as error:
-        raise damaged(path, error) from None
+    """(name, global tensor) pairs, each assembled from its boxes when asked for: a reader that
+    holds one tensor at a time, whatever layout wrote the checkpoint."""
+    return Reader(checkpoint_dir).weights()
 
 
 def load_tensor_file(path: Path, mmap: bool = False):
@@ -266,7 +325,8 @@ def load_tensor_file(path: Path, mmap: bool = False):
         raise damaged(path, f"{type(error).__name__}: {first_sentence}") from None
 
 
-def load_optimizer_state(checkpoint_dir: Path, mmap: bool = False) -> dict:
+def load_optimizer_file(checkpoint_dir: Path, mmap: bool = False) -> dict:
+    """A whole-model checkpoint's optimizer.pt."""
     path = Path(checkpoint_dir) / OPTIMIZER
     loaded = load_tensor_file(path, mmap)
     if not (isinstance(loaded, dict) and "state" in loaded and "param_groups" in loaded):
@@ -274,8 +334,15 @@ def load_optimizer_state(checkpoint_dir: Path, mmap: bool = False) -> dict:
     return loaded
 
 
+def load_optimizer_state(checkpoint_dir: Path, reader: Optional[Reader] = None) -> dict:
+    """The plain optimizer's state_dict, whole, whatever wrote the checkpoint."""
+    if is_sharded(checkpoint_dir):
+        return (reader or Reader(checkpoint_dir)).optimizer_state_dict()
+    return load_optimizer_file(checkpoint_dir)
+
+
 def load_extras(checkpoint_dir: Path, mmap: bool = False) -> Dict[str, object]:
-    """The *.pt files one layout alone writes (SavedState.extra), by name."""
+    """The *.pt files one layout alone writes (Shard.extra), by name."""
     paths = sorted(Path(checkpoint_dir).glob("*.pt"))
     return {path.stem: load_tensor_file(path, mmap) for path in paths if path.name not in (OPTIMIZER, RNG)}
 
@@ -311,33 +378,20 @@ def restore_rng_state(saved, device: torch.device) -> None:
 
 def verify(checkpoint_dir: Path) -> None:
     """Cheap integrity check of every file, without building the model: raises CheckpointError.
-    The optimizer state is memory-mapped, so its tensors are checked for presence, not read."""
+    Shard files are checked against the index by their headers and sizes, the optimizer state
+    of a whole-model checkpoint memory-mapped: present, not read."""
     checkpoint_dir = Path(checkpoint_dir)
     state = read_state(checkpoint_dir)
     read_json(checkpoint_dir / HF_CONFIG)
-    check_safetensors(checkpoint_dir / WEIGHTS)
-    load_optimizer_state(checkpoint_dir, mmap=True)
+    if is_sharded(checkpoint_dir):
+        check_files(checkpoint_dir, read_index(checkpoint_dir))
+    else:
+        check_safetensors(checkpoint_dir / WEIGHTS)
+        load_optimizer_file(checkpoint_dir, mmap=True)
     load_extras(checkpoint_dir, mmap=True)
     rng_states = load_rng_states(checkpoint_dir)
     if len(rng_states) != state.world_size:
         raise damaged(checkpoint_dir / RNG, f"{len(rng_states)} ranks' states for a {state.world_size}-rank run")
-
-
-@dataclass
-class Loaded:
-    """A checkpoint as rank 0 reads it to resume."""
-    saved: SavedState
-    state: TrainState
-    rng_states: list
-
-
-def read(checkpoint_dir: Path, model, tokenizer_sha256: str) -> Loaded:
-    """Everything a resume needs, after checking the checkpoint fits `model` and the tokenizer."""
-    state = read_state(checkpoint_dir)
-    check_compatible(state, model, tokenizer_sha256, checkpoint_dir)
-    saved = SavedState(model=read_weights(checkpoint_dir), optimizer=load_optimizer_state(checkpoint_dir),
-                       extra=load_extras(checkpoint_dir), world_size=state.world_size)
-    return Loaded(saved=saved, state=state, rng_states=load_rng_states(checkpoint_dir))
 
 
 def find(path: str) -> Path:

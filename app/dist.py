@@ -316,14 +316,6 @@ def _mpi_world_is_ours() -> bool:
     return launched_by_mpi() and mpi_world().Get_size() == size()
 
 
-def scatter_object(pieces, name: str):
-    """Rank 0's pieces[r] to each rank r: over MPI one piece each; under Gloo, which has no
-    scatter, every rank receives the list and keeps its own."""
-    if _mpi_world_is_ours():
-        return mpi_world().scatter(to_cpu(pieces), root=0)
-    return broadcast_object(pieces, name=name)[rank()]
-
-
 def gather_object(obj, name: str):
     """Every rank's object, in rank order, on rank 0 (None elsewhere): over MPI to rank 0
     alone; under Gloo by an allgather."""

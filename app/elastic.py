@@ -32,7 +32,7 @@ from horovod.common.elastic import State
 
 from app import checkpoint, dist, runtime
 from app.config import ConfigError
-from app.parallel.base import load_into
+from app.state_dicts import full_model_order, load_model_state
 
 log = logging.getLogger("app.elastic")
 
@@ -189,14 +189,17 @@ def resume_on_main(cfg, run_dir: Path, training, progress: checkpoint.TrainState
         found = checkpoint.resolve_resume(cfg.train.resume, run_dir, warn=log.warning)
         if found is None:
             return None
-        loaded = checkpoint.read(found, training.model, progress.tokenizer_sha256)
+        saved = checkpoint.compatible_state(found, training.model, progress.tokenizer_sha256)
+        # Plain data parallelism: every rank holds the whole model, rank 0 reads it whole.
+        reader = checkpoint.Reader(found, full_model_order(training.model))
+        load_model_state(training.model, dict(reader.weights()))
+        training.optimizer.load_state_dict(checkpoint.load_optimizer_state(found, reader))
     except dist.BAD_INPUT as error:
         return str(error).strip("'\"")
-    load_into(training.model, training.optimizer, loaded.saved)
     for key in PROGRESS:
-        setattr(progress, key, getattr(loaded.state, key))
-    if training.scaler is not None and loaded.state.grad_scaler:
-        training.scaler.load_state_dict(loaded.state.grad_scaler)
+        setattr(progress, key, getattr(saved, key))
+    if training.scaler is not None and saved.grad_scaler:
+        training.scaler.load_state_dict(saved.grad_scaler)
     log.info("resumed from %s at step %d (%d samples seen)", found, progress.step, progress.samples_seen)
     return None
 

@@ -85,14 +85,20 @@ def replace_directory(staging: PathLike, final: PathLike) -> None:
     fsync_dir(final.parent)
 
 
-@contextmanager
-def staged_directory(final: PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `final` in one rename."""
+def new_staging_directory(final: PathLike) -> Path:
+    """A temporary sibling of `final` (.NAME.*.tmp), for replace_directory to rename into place."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    follow_umask(staging, 0o777)
+    return staging
+
+
+@contextmanager
+def staged_directory(final: PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `final` in one rename."""
+    staging = new_staging_directory(final)
     try:
-        follow_umask(staging, 0o777)
         yield staging
         replace_directory(staging, final)
     except BaseException:

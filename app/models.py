@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from app import checkpoint
@@ -61,7 +62,13 @@ def load_pretrained(model_class, init_from: str, **extra):
     transformers 5 a bf16 checkpoint (most published LLaMAs) would otherwise stay bf16, which
     Horovod's collectives refuse and which would train with bf16 optimizer state."""
     source = init_source(init_from)
-    model = model_class.from_pretrained(source, dtype=torch.float32, **extra)
+    if checkpoint.is_sharded(Path(source)):
+        # Our checkpoints' weights are boxes by rank, which transformers cannot read: assembled here.
+        config, loading = transformers.AutoConfig.from_pretrained(source, return_unused_kwargs=True, **extra)
+        model = model_class.from_pretrained(None, config=config, state_dict=checkpoint.read_weights(Path(source)),
+                                            dtype=torch.float32, **loading)
+    else:
+        model = model_class.from_pretrained(source, dtype=torch.float32, **extra)
     log.info("model.init_from: %s loaded from %s (%s parameters, float32)", model_class.__name__, source,
              f"{count_parameters(model):,}")
     return model

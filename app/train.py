@@ -8,7 +8,8 @@
 One step (app/step.py): every rank runs grad_accum_steps forward/backward passes on its own
 slice of the global batch; the layout (app/parallel) reduces the gradients, which are then
 unscaled, clipped by their global norm and applied. Around the step this file logs, evaluates,
-checkpoints and stops on a signal; rank 0 alone writes, into the run directory all ranks share.
+checkpoints and stops on a signal; rank 0 alone writes, into the run directory all ranks share,
+except each rank's own boxes of a checkpoint (app/checkpoint.py).
 """
 import json
 import logging
@@ -30,6 +31,7 @@ from app.plan import training as planning
 from app.plan.cell import from_config as planned_cell
 from app.plan.choose import Prediction
 from app.plan.profile import HardwareProfile
+from app.state_dicts import full_model_order
 from app.profiling import StepProfiler
 from app.step import PhaseTimer, StepOutput, Training, build_training, train_step
 
@@ -80,21 +82,19 @@ def prepare_data(cfg, run_dir: Path) -> None:
 
 
 def resume_or_start(cfg, run_dir: Path, training: Training, state: checkpoint.TrainState) -> None:
-    """Continue from the checkpoint train.resume names (rank 0 reads it), or start every rank
-    from rank 0's fresh weights."""
+    """Continue from the checkpoint train.resume names (rank 0 finds and verifies it; every rank
+    reads its own part of it), or start every rank from rank 0's fresh weights."""
     found = dist.run_on_main(lambda: checkpoint.resolve_resume(cfg.train.resume, run_dir, warn=log.warning),
                              name="resume_from")
     if found is None:
         training.parallel.start(None)
         return
-    loaded = dist.run_on_main(lambda: checkpoint.read(found, training.model, state.tokenizer_sha256),
-                              name="resume_read", share=False)
-    training.parallel.start(loaded.saved if loaded else None)
-    saved = dist.broadcast_object(loaded.state if loaded else None, name="resume_state")
-    rng_states = dist.broadcast_object(loaded.rng_states if loaded else None, name="resume_rng")
+    saved = dist.run_on_main(lambda: checkpoint.compatible_state(found, training.model, state.tokenizer_sha256),
+                             name="resume_state")
+    training.parallel.start(checkpoint.Reader(found, full_model_order(training.model)))
     state.step, state.samples_seen, state.tokens_seen = saved.step, saved.samples_seen, saved.tokens_seen
     if saved.world_size == dist.size():
-        checkpoint.restore_rng_state(rng_states[dist.rank()], training.device)
+        checkpoint.restore_rng_state(checkpoint.load_rng_states(found)[dist.rank()], training.device)
     else:
         # The data position is a global sample count, valid for any world size; only the
         # per-rank dropout RNG cannot carry over, so it is re-derived from (seed, rank, step).
@@ -179,14 +179,15 @@ def evaluate(cfg, training: Training, state, logger) -> dict:
 
 
 def save_checkpoint(cfg, run_dir: Path, training: Training, state, window: Window) -> None:
-    """A collective: every rank hands over its share; rank 0 writes."""
+    """A collective: every rank holding a counted box writes it; rank 0 writes the rest."""
     window.count_tokens(state)
     state.world_size = dist.size()  # an elastic run's changes; the RNG states below are this world's
-    saved = training.parallel.saved_state()
+    shard = training.parallel.checkpoint_shard()
     rng_states = dist.allgather_object(checkpoint.capture_rng_state(training.device), name="rng_gather")
+    state.grad_scaler = training.scaler.state_dict() if training.scaler is not None else None
+    world = checkpoint.World(rank=dist.rank(), broadcast=dist.broadcast_object, gather=dist.gather_object)
+    path = checkpoint.save(run_dir, training.model, shard, state, rng_states, cfg.train.keep_last, world)
     if dist.is_main():
-        state.grad_scaler = training.scaler.state_dict() if training.scaler is not None else None
-        path = checkpoint.save(run_dir, training.model, saved, state, rng_states, cfg.train.keep_last)
         log.info("checkpoint %s", path)
 
 

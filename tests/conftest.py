@@ -198,6 +198,23 @@ def tiny_encoder_args(task: str, data_dir: Path, run_dir: Path, *extra) -> list:
     ]
 
 
+def plain_shard(model, optimizer, extra=None, parts=1, index=0):
+    """What one rank writes of a checkpoint of a plain model and optimizer: every tensor whole,
+    or (parts > 1) rank `index`'s rows of it, as a layout splitting every tensor's first
+    dimension `parts` ways would hold them."""
+    from app.parallel.placement import Placement
+    from app.sharded_checkpoint import shard_of
+    from app.state_dicts import by_name, full_model_order, is_per_element
+    order = full_model_order(model)
+    named = by_name(optimizer.state_dict(), order)
+    boxes = {name: Placement.whole(name, param.shape, ()).split(0, parts, index, "tensor")
+             for name, param in model.named_parameters()}
+    state = [(boxes[name], {key: value[boxes[name].box] if is_per_element(value) else value
+                            for key, value in entry.items()}) for name, entry in named["state"].items()]
+    return shard_of([(boxes[name], param.detach()[boxes[name].box]) for name, param in model.named_parameters()],
+                    state, named["groups"], order, extra)
+
+
 # scripts/test.sh runs the suite on two pytest-xdist workers (--dist loadgroup), then the tests
 # marked serial alone. Each file is one group, so its module fixtures (the launches its tests
 # share) run once, on one worker. The files that start daemons of their own (SLURM's, the

@@ -22,9 +22,9 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from app import checkpoint, config, export, fileio, generate, models, tokenizer
-from conftest import (ROOT, job_env, last_json_line, launcher_command, read_metrics, read_summary, run_job,
-                      tiny_train_args)
+from app import checkpoint, config, export, fileio, generate, models, optim, tokenizer
+from conftest import (ROOT, job_env, last_json_line, launcher_command, plain_shard, read_metrics, read_summary,
+                      run_job, tiny_train_args)
 
 
 def start_job(args, launcher="gloo"):
@@ -61,7 +61,7 @@ def wait_for(predicate, timeout_s=120, process=None):
 
 
 def final_weights(run_dir):
-    return load_file(str(checkpoint.latest(run_dir) / "model.safetensors"))
+    return checkpoint.read_weights(checkpoint.latest(run_dir))
 
 
 def long_args(data, run_dir, *extra):
@@ -293,8 +293,8 @@ def test_a_tied_bf16_export_writes_what_save_pretrained_writes(finished_run, tmp
     model = models.build_causal_lm(model_cfg, vocab_size=512)
     run_dir = tmp_path / "run"
     state = checkpoint.TrainState(step=1, model_signature=checkpoint.model_signature(model))
-    found = checkpoint.save(run_dir, model, checkpoint.SavedState(model=model.state_dict(), optimizer={}), state, [],
-                            keep_last=1)
+    optimizer = optim.build_optimizer(model, OmegaConf.structured(config.OptimConfig), lr=1e-3)
+    found = checkpoint.save(run_dir, model, plain_shard(model, optimizer), state, [], keep_last=1)
     shutil.copytree(checkpoint.run_tokenizer_dir(finished_run), checkpoint.run_tokenizer_dir(run_dir))
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     export.export(OmegaConf.structured(config.ExportConfig(checkpoint=str(run_dir), out=str(ours), dtype="bfloat16",
@@ -375,7 +375,7 @@ def test_fine_tuning_from_a_bf16_export_trains_in_float32_and_says_once_what_it_
     assert {t.dtype for t in exported.values()} == {torch.bfloat16}
     run_dir = tmp_path / "run"
     result = run_job(tiny_train_args(tiny_data, run_dir, f"model.init_from={bf16_export}", "train.max_steps=2"), np_=2)
-    trained = load_file(str(checkpoint.latest(run_dir) / "model.safetensors"))
+    trained = checkpoint.read_weights(checkpoint.latest(run_dir))
     assert {t.dtype for t in trained.values()} == {torch.float32}
     moved = max((trained[k] - exported[k].float()).abs().max().item() for k in exported)
     assert moved > 1e-4, "the run did not train from the exported weights"
@@ -389,7 +389,7 @@ def test_runs_and_exports_are_readable_as_the_umask_allows(finished_run, bf16_ex
     """Files follow the umask (0644 under 022), as save_pretrained's do, not tempfile's 0600."""
     mask = fileio.umask()
     files = [finished_run / "config.yaml", finished_run / "summary.json", bf16_export / "model.safetensors",
-             checkpoint.latest(finished_run) / "state.json", checkpoint.latest(finished_run) / "model.safetensors"]
+             checkpoint.latest(finished_run) / "state.json", checkpoint.latest(finished_run) / "model-rank00000.safetensors"]
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
     for path in [bf16_export, checkpoint.latest(finished_run), finished_run / "checkpoints"]:

@@ -1,5 +1,8 @@
-"""Damaged checkpoints give one clear line, never a traceback; train.resume=auto falls back to the
-newest good one; RNG states round-trip; a resumed run's metrics read as one run."""
+"""Sharded checkpoints (each rank its boxes, one index) read back exactly, box by box; damaged ones
+(a shard missing, cut short, extra or mismatched, a broken index) give one clear line naming the
+file, never a traceback; train.resume=auto falls back to the newest good one, and a save that
+failed or crashed on one rank leaves the previous one in use; whole-model checkpoints of before
+still load; RNG states round-trip; a resumed run's metrics read as one run."""
 import argparse
 import json
 import pickle
@@ -11,11 +14,17 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from app import checkpoint, config, export, metrics, models, optim
-from conftest import ROOT, run_job
+from safetensors.torch import load_file, save_file
+
+from app import checkpoint, config, export, metrics, models, optim, sharded_checkpoint
+from app.parallel.placement import Placement
+from app.state_dicts import full_model_order
+from conftest import ROOT, plain_shard, run_job
 
 
 def tiny_model_and_optimizer():
+    """The same model and optimizer state at every call (what the checkpoints hold)."""
+    torch.manual_seed(0)
     model_cfg = OmegaConf.merge(OmegaConf.structured(config.ModelConfig),
                                 OmegaConf.load(ROOT / "conf/model/llama_tiny.yaml"))
     model = models.build_causal_lm(model_cfg, vocab_size=64)
@@ -26,19 +35,50 @@ def tiny_model_and_optimizer():
     return model, optimizer
 
 
-def save_at(run_dir: Path, step: int, model, optimizer, rng_states: list) -> Path:
-    state = checkpoint.TrainState(step=step, model_signature=checkpoint.model_signature(model))
-    saved = checkpoint.SavedState(model=model.state_dict(), optimizer=optimizer.state_dict())
-    return checkpoint.save(run_dir, model, saved, state, rng_states, keep_last=3)
+def save_at(run_dir: Path, step: int, model, optimizer, rng_states: list, fail_rank_1: bool = False) -> Path:
+    """A checkpoint as two ranks save one, each holding half the rows of every tensor: rank 1's
+    write (its files, then its report) stands inside rank 0's gather, as it happens in parallel.
+    `fail_rank_1`: rank 1 reports its write failed."""
+    state = checkpoint.TrainState(step=step, world_size=len(rng_states),
+                                  model_signature=checkpoint.model_signature(model))
+    shards = [plain_shard(model, optimizer, parts=2, index=rank) for rank in (0, 1)]
+    sent = {}
+
+    def rank_1_writes(written, name):
+        other = {"error": "rank 1: disk full"} if fail_rank_1 else \
+            sharded_checkpoint.write_files(sent["checkpoint_staging"], 1, shards[1])
+        return [written, other]
+
+    world = checkpoint.World(rank=0, broadcast=lambda obj, name: sent.setdefault(name, obj), gather=rank_1_writes)
+    return checkpoint.save(run_dir, model, shards[0], state, rng_states, keep_last=3, world=world)
+
+
+def save_whole_model_checkpoint_of_before(checkpoint_dir: Path, model, optimizer) -> None:
+    """The files a checkpoint held before checkpoints were sharded: one weights file, one
+    optimizer file (state.json, config.json and rng.pt were as they are)."""
+    for path in checkpoint_dir.glob("*-rank*.safetensors"):
+        path.unlink()
+    (checkpoint_dir / "index.json").unlink()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint_dir / "model.safetensors"))
+    torch.save(optimizer.state_dict(), checkpoint_dir / "optimizer.pt")
 
 
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
-    """A run directory with intact checkpoints at steps 2, 4 and 6 (latest: 6)."""
+    """A run directory with intact two-rank checkpoints at steps 2, 4 and 6 (latest: 6)."""
     model, optimizer = tiny_model_and_optimizer()
     for step in (2, 4, 6):
-        save_at(tmp_path / "run", step, model, optimizer, [checkpoint.capture_rng_state(torch.device("cpu"))])
+        save_at(tmp_path / "run", step, model, optimizer, [checkpoint.capture_rng_state(torch.device("cpu"))] * 2)
     return tmp_path / "run"
+
+
+@pytest.fixture
+def whole_model_run(tmp_path) -> Path:
+    """A run directory whose step-6 checkpoint is in the whole-model format of before."""
+    model, optimizer = tiny_model_and_optimizer()
+    found = save_at(tmp_path / "old", 6, model, optimizer, [checkpoint.capture_rng_state(torch.device("cpu"))] * 2)
+    save_whole_model_checkpoint_of_before(found, model, optimizer)
+    return tmp_path / "old"
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -50,12 +90,58 @@ def cut(path: Path, keep_bytes: int) -> Path:
     return path
 
 
-def truncate_weights(checkpoint_dir: Path) -> Path:
-    return cut(checkpoint_dir / "model.safetensors", (checkpoint_dir / "model.safetensors").stat().st_size // 2)
+def truncate_a_shard(checkpoint_dir: Path) -> Path:
+    path = checkpoint_dir / "optim-rank00001.safetensors"
+    return cut(path, path.stat().st_size // 2)
 
 
-def cut_weights_inside_their_header(checkpoint_dir: Path) -> Path:
-    return cut(checkpoint_dir / "model.safetensors", 1000)
+def cut_a_shard_inside_its_header(checkpoint_dir: Path) -> Path:
+    return cut(checkpoint_dir / "model-rank00001.safetensors", 100)
+
+
+def remove_a_shard(checkpoint_dir: Path) -> Path:
+    (checkpoint_dir / "model-rank00001.safetensors").unlink()
+    return checkpoint_dir / "model-rank00001.safetensors"
+
+
+def an_extra_shard(checkpoint_dir: Path) -> Path:
+    """A rank's file that no index lists (left by a save of a larger world, say)."""
+    extra = checkpoint_dir / "model-rank00002.safetensors"
+    extra.write_bytes((checkpoint_dir / "model-rank00001.safetensors").read_bytes())
+    return extra
+
+
+def a_mismatched_shard(checkpoint_dir: Path) -> Path:
+    """Rank 1's weights file replaced by rank 0's: the names and shapes the index lists are not there."""
+    path = checkpoint_dir / "model-rank00001.safetensors"
+    path.write_bytes((checkpoint_dir / "model-rank00000.safetensors").read_bytes())
+    return path
+
+
+def a_shard_of_other_shapes(checkpoint_dir: Path) -> Path:
+    """Rank 1's weights under the names the index lists, each one row short."""
+    path = checkpoint_dir / "model-rank00001.safetensors"
+    save_file({key: tensor[1:].contiguous() for key, tensor in load_file(str(path)).items()}, str(path))
+    return path
+
+
+def garbage_index(checkpoint_dir: Path) -> Path:
+    path = checkpoint_dir / "index.json"
+    path.write_text('{"weights": {"model.embed')
+    return path
+
+
+def an_index_with_a_box_left_out(checkpoint_dir: Path) -> Path:
+    path = checkpoint_dir / "index.json"
+    index = json.loads(path.read_text())
+    next(iter(index["weights"].values()))["boxes"].pop()
+    path.write_text(json.dumps(index))
+    return path
+
+
+def remove_the_index(checkpoint_dir: Path) -> Path:
+    (checkpoint_dir / "index.json").unlink()
+    return checkpoint_dir / "index.json"
 
 
 def pickle_an_object_as_optimizer_state(checkpoint_dir: Path) -> Path:
@@ -71,6 +157,10 @@ def plain_pickle_as_optimizer_state(checkpoint_dir: Path) -> Path:
     return path
 
 
+def truncate_whole_model_weights(checkpoint_dir: Path) -> Path:
+    return cut(checkpoint_dir / "model.safetensors", (checkpoint_dir / "model.safetensors").stat().st_size // 2)
+
+
 def garbage_state(checkpoint_dir: Path) -> Path:
     path = checkpoint_dir / "state.json"
     path.write_text('{"step": 6, "samples_')
@@ -83,7 +173,7 @@ def truncate_rng(checkpoint_dir: Path) -> Path:
 
 def rng_of_another_world_size(checkpoint_dir: Path) -> Path:
     path = checkpoint_dir / "rng.pt"
-    torch.save(torch.load(path, weights_only=True) * 2, path)  # two ranks' states in a one-rank run
+    torch.save(torch.load(path, weights_only=True) * 2, path)  # four ranks' states in a two-rank run
     return path
 
 
@@ -93,9 +183,12 @@ def truncate_a_layout_extra(checkpoint_dir: Path) -> Path:
     return cut(path, path.stat().st_size - 200)
 
 
-DAMAGES = [truncate_weights, cut_weights_inside_their_header, pickle_an_object_as_optimizer_state,
-           plain_pickle_as_optimizer_state, garbage_state, truncate_rng, rng_of_another_world_size,
-           truncate_a_layout_extra]
+DAMAGES = [truncate_a_shard, cut_a_shard_inside_its_header, remove_a_shard, an_extra_shard, a_mismatched_shard,
+           a_shard_of_other_shapes, garbage_index, an_index_with_a_box_left_out, remove_the_index, garbage_state,
+           truncate_rng,
+           rng_of_another_world_size, truncate_a_layout_extra]
+WHOLE_MODEL_DAMAGES = [truncate_whole_model_weights, pickle_an_object_as_optimizer_state,
+                       plain_pickle_as_optimizer_state]
 
 
 def test_a_checkpoint_just_saved_verifies_and_loads(run_dir):
@@ -106,6 +199,86 @@ def test_a_checkpoint_just_saved_verifies_and_loads(run_dir):
     assert checkpoint.load_optimizer_state(found)["state"]
     assert set(checkpoint.load_rng_states(found)[0]) == {"cpu"}
     checkpoint.load_trained_model(found)
+
+
+def test_each_rank_writes_only_its_own_boxes_and_the_whole_tensors_read_back_exactly(run_dir):
+    """No whole-model file; each rank's file holds half the rows of every tensor; the readers
+    assemble each global tensor from the two halves, weights and the optimizer's moments alike."""
+    model, optimizer = tiny_model_and_optimizer()
+    found = step_dir(run_dir, 6)
+    assert sorted(p.name for p in found.glob("*.safetensors")) == [
+        "model-rank00000.safetensors", "model-rank00001.safetensors",
+        "optim-rank00000.safetensors", "optim-rank00001.safetensors"]
+    for rank in (0, 1):
+        held = load_file(str(found / f"model-rank0000{rank}.safetensors"))
+        assert len(held) == len(dict(model.named_parameters()))
+        for name, param in model.named_parameters():
+            rows = param.shape[0] // 2
+            assert torch.equal(held[f"{name}@{rank * rows}" + ",0" * (param.dim() - 1)],
+                               param.detach()[rank * rows:(rank + 1) * rows])
+    weights = checkpoint.read_weights(found)
+    assert weights.keys() == dict(model.named_parameters()).keys()
+    assert all(torch.equal(weights[name], param.detach()) for name, param in model.named_parameters())
+    saved, plain = checkpoint.load_optimizer_state(found), optimizer.state_dict()
+    assert saved["state"].keys() == plain["state"].keys()
+    for index, entry in plain["state"].items():
+        assert all(torch.equal(saved["state"][index][key], value) for key, value in entry.items()), index
+    assert [g["params"] for g in saved["param_groups"]] == [g["params"] for g in plain["param_groups"]]
+
+
+def test_a_reader_reads_a_box_spanning_two_saved_boxes(run_dir):
+    """A layout of other boxes than the saver's: rows 1..N-1 cross rank 0's and rank 1's halves."""
+    model, optimizer = tiny_model_and_optimizer()
+    name, param = next((n, p) for n, p in model.named_parameters() if p.dim() == 2)
+    wanted = Placement(name, tuple(param.shape), (1, 0), (param.shape[0] - 2, param.shape[1]), ())
+    reader = checkpoint.Reader(step_dir(run_dir, 6))
+    assert torch.equal(reader.weight(wanted), param.detach()[1:-1])
+    moments = optimizer.state[param]["exp_avg"]
+    assert torch.equal(reader.state(wanted)["exp_avg"], moments[1:-1])
+    assert reader.state(wanted)["step"] == optimizer.state[param]["step"]
+
+
+def test_a_whole_model_checkpoint_of_before_still_verifies_and_loads_box_by_box(whole_model_run):
+    model, optimizer = tiny_model_and_optimizer()
+    found = checkpoint.resolve_resume("auto", whole_model_run, warn=pytest.fail)
+    assert not checkpoint.is_sharded(found)
+    name, param = next((n, p) for n, p in model.named_parameters() if p.dim() == 2)
+    half = Placement.whole(name, param.shape, ()).split(0, 2, 1, "tensor")
+    reader = checkpoint.Reader(found, full_model_order(model))
+    assert torch.equal(reader.weight(half), param.detach()[half.box])
+    assert torch.equal(reader.state(half)["exp_avg_sq"], optimizer.state[param]["exp_avg_sq"][half.box])
+    assert all(torch.equal(w, model.state_dict()[n]) for n, w in checkpoint.read_weights(found).items())
+    checkpoint.load_trained_model(found)
+
+
+@pytest.mark.parametrize("damage", WHOLE_MODEL_DAMAGES, ids=lambda damage: damage.__name__)
+def test_verify_names_the_damaged_file_of_a_whole_model_checkpoint(whole_model_run, damage):
+    damaged_file = damage(step_dir(whole_model_run, 6))
+    with pytest.raises(checkpoint.CheckpointError, match=f"checkpoint file {re.escape(str(damaged_file))} is damaged"):
+        checkpoint.verify(step_dir(whole_model_run, 6))
+
+
+def test_a_save_one_rank_failed_leaves_the_previous_checkpoint_in_use(run_dir):
+    """Rank 1 reports its files unwritten: nothing renamed, no staging left, `latest` unmoved."""
+    model, optimizer = tiny_model_and_optimizer()
+    with pytest.raises(OSError, match="rank 1: disk full"):
+        save_at(run_dir, 8, model, optimizer, [checkpoint.capture_rng_state(torch.device("cpu"))] * 2,
+                fail_rank_1=True)
+    root = checkpoint.checkpoints_root(run_dir)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000002", "step-000004", "step-000006"]
+    assert checkpoint.resolve_resume("auto", run_dir, warn=pytest.fail) == step_dir(run_dir, 6)
+
+
+def test_a_crash_between_two_ranks_writes_leaves_the_previous_checkpoint_in_use(run_dir):
+    """Killed after rank 0 wrote its files and before rank 1 did: the staging directory holds one
+    rank's files and no index; it is never read, and the next save clears it."""
+    root = checkpoint.checkpoints_root(run_dir)
+    staging = root / ".step-000008.crashed.tmp"
+    staging.mkdir()
+    sharded_checkpoint.write_files(staging, 0, plain_shard(*tiny_model_and_optimizer(), parts=2, index=0))
+    assert checkpoint.resolve_resume("auto", run_dir, warn=pytest.fail) == step_dir(run_dir, 6)
+    save_at(run_dir, 8, *tiny_model_and_optimizer(), [checkpoint.capture_rng_state(torch.device("cpu"))] * 2)
+    assert not staging.exists() and checkpoint.latest(run_dir) == step_dir(run_dir, 8)
 
 
 @pytest.mark.parametrize("damage", DAMAGES, ids=lambda damage: damage.__name__)
@@ -129,19 +302,20 @@ def test_auto_resume_falls_back_to_the_previous_good_checkpoint_with_a_warning(r
 
 
 def test_auto_resume_skips_every_damaged_checkpoint_back_to_a_good_one(run_dir):
-    truncate_weights(step_dir(run_dir, 6))
+    truncate_a_shard(step_dir(run_dir, 6))
     garbage_state(step_dir(run_dir, 4))
     warnings = []
     assert checkpoint.resolve_resume("auto", run_dir, warn=warnings.append) == step_dir(run_dir, 2)
     assert len(warnings) == 2
-    assert "step-000006 (model.safetensors: " in warnings[0] and "step-000004 (state.json: " in warnings[1]
+    assert "step-000006 (optim-rank00001.safetensors: " in warnings[0] and "step-000004 (state.json: " in warnings[1]
 
 
 def test_auto_resume_refuses_to_start_over_when_no_checkpoint_is_intact(run_dir):
     for step in (2, 4, 6):
-        truncate_weights(step_dir(run_dir, step))
+        truncate_a_shard(step_dir(run_dir, step))
     warnings = []
-    with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint in .* is intact .*model\.safetensors"):
+    refused = r"no checkpoint in .* is intact .*optim-rank00001\.safetensors"
+    with pytest.raises(checkpoint.CheckpointError, match=refused):
         checkpoint.resolve_resume("auto", run_dir, warn=warnings.append)
     assert len(warnings) == 3
 
@@ -158,9 +332,9 @@ def test_auto_resume_ignores_a_garbled_latest_pointer_and_uses_the_newest_good_c
 
 @pytest.mark.parametrize("named", ["checkpoint", "run"])
 def test_an_explicitly_named_damaged_checkpoint_is_an_error_naming_the_file(run_dir, named):
-    damaged_file = pickle_an_object_as_optimizer_state(step_dir(run_dir, 6))
+    damaged_file = remove_a_shard(step_dir(run_dir, 6))
     resume = step_dir(run_dir, 6) if named == "checkpoint" else run_dir
-    expected = f"checkpoint file {re.escape(str(damaged_file))} is damaged .*refuses to unpickle argparse.Namespace"
+    expected = f"checkpoint file {re.escape(str(damaged_file))} is damaged \\(missing\\)"
     with pytest.raises(checkpoint.CheckpointError, match=expected):
         checkpoint.resolve_resume(str(resume), run_dir / "elsewhere", warn=pytest.fail)
 
@@ -178,7 +352,8 @@ def as_if_saved_on_a_gpu(path: Path) -> None:
             archive.writestr(name, data)
 
 
-def test_a_checkpoint_written_on_a_gpu_host_resumes_on_a_cpu_only_host(run_dir):
+def test_a_checkpoint_written_on_a_gpu_host_resumes_on_a_cpu_only_host(whole_model_run):
+    run_dir = whole_model_run
     newest = step_dir(run_dir, 6)
     as_if_saved_on_a_gpu(newest / "optimizer.pt")
     assert b"cuda:0" in (newest / "optimizer.pt").read_bytes()
@@ -189,13 +364,12 @@ def test_a_checkpoint_written_on_a_gpu_host_resumes_on_a_cpu_only_host(run_dir):
 
 def test_loaders_raise_checkpoint_error_not_library_exceptions(run_dir):
     found = step_dir(run_dir, 6)
-    for damage in (truncate_weights, plain_pickle_as_optimizer_state, truncate_rng, truncate_a_layout_extra):
+    for damage in (cut_a_shard_inside_its_header, truncate_a_shard, truncate_rng, truncate_a_layout_extra):
         damage(found)
     model, _ = tiny_model_and_optimizer()
     loaders = [lambda: checkpoint.load_weights(found, model), lambda: checkpoint.read_weights(found),
                lambda: checkpoint.load_optimizer_state(found), lambda: checkpoint.load_rng_states(found),
-               lambda: checkpoint.load_extras(found), lambda: checkpoint.load_trained_model(found),
-               lambda: checkpoint.read(found, model, "")]
+               lambda: checkpoint.load_extras(found), lambda: checkpoint.load_trained_model(found)]
     for load in loaders:
         with pytest.raises(checkpoint.CheckpointError):
             load()
@@ -210,16 +384,12 @@ def assert_one_line_naming(result, damaged_file: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("module, damage", [("app.generate", truncate_weights), ("app.evaluate", garbage_state)])
+@pytest.mark.parametrize("module, damage", [("app.generate", cut_a_shard_inside_its_header),
+                                            ("app.evaluate", garbage_state)])
 def test_tools_report_a_damaged_checkpoint_in_one_line_and_exit_2(run_dir, module, damage):
     damaged_file = damage(step_dir(run_dir, 6))
     assert_one_line_naming(run_job([f"checkpoint={run_dir}"], launcher="none", module=module, check=False),
                            damaged_file)
-
-
-def remove_weights(checkpoint_dir: Path) -> Path:
-    (checkpoint_dir / "model.safetensors").unlink()
-    return checkpoint_dir / "model.safetensors"
 
 
 def previous_export(tmp_path: Path) -> Path:
@@ -235,7 +405,7 @@ def assert_untouched(out: Path) -> None:
     assert sorted(p.name for p in out.parent.iterdir()) == ["exported", "run"]  # no staging directory left
 
 
-@pytest.mark.parametrize("damage", [truncate_weights, remove_weights], ids=lambda damage: damage.__name__)
+@pytest.mark.parametrize("damage", [cut_a_shard_inside_its_header, remove_a_shard], ids=lambda damage: damage.__name__)
 def test_an_export_of_damaged_weights_is_one_line_and_leaves_the_previous_export_as_it_was(run_dir, tmp_path, damage):
     damaged_file = damage(step_dir(run_dir, 6))
     out = previous_export(tmp_path)

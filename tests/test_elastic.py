@@ -161,7 +161,7 @@ def assert_one_run_with_every_sample_once(job: ElasticJob, max_steps: int) -> li
     assert (state.step, state.samples_seen) == (max_steps, ends[-1])
     # One optimizer step per training step on every rank that ever held the state: a spurious
     # zero-gradient step when a rank joined would count one more (and decay its weights apart).
-    optimizer = torch.load(checkpoint.latest(job.run_dir) / "optimizer.pt", weights_only=True)
+    optimizer = checkpoint.load_optimizer_state(checkpoint.latest(job.run_dir))
     assert {int(p["step"]) for p in optimizer["state"].values()} == {max_steps}
     summary = read_summary(job.run_dir)
     assert summary["step"] == max_steps and summary["replicas_identical"] is True

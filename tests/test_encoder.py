@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from app import checkpoint, classification_metrics, cli, labelled_data, tasks
 from app.tasks.encoder import IGNORE, mask_tokens
@@ -143,8 +142,8 @@ def test_mlm_pretraining_then_fine_tuning_from_its_checkpoint(pretrained_then_fi
     assert mlm["replicas_identical"] and 0 < mlm["metrics"]["val/masked_accuracy"] < 1
     assert mlm["metrics"]["train/loss"] < np.log(2048)
 
-    pretrained = load_file(str(checkpoint.latest(mlm_dir) / "model.safetensors"))
-    started = load_file(str(checkpoint.latest(start_dir) / "model.safetensors"))
+    pretrained = checkpoint.read_weights(checkpoint.latest(mlm_dir))
+    started = checkpoint.read_weights(checkpoint.latest(start_dir))
     encoder = [k for k in started if k.startswith("bert.encoder.") or k.startswith("bert.embeddings.")]
     assert encoder and all(torch.equal(started[k], pretrained[k]) for k in encoder)
 

@@ -17,7 +17,6 @@ import math
 
 import pytest
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from app import checkpoint, config, optim
 from conftest import (CLIPPED, UNCLIPPED, assert_always_clipped, assert_never_clipped, assert_same_grad_norms,
@@ -30,7 +29,7 @@ ADAMW_CLIPPED = ("optim=adamw", CLIPPED)
 
 
 def weights(run_dir):
-    return load_file(str(checkpoint.latest(run_dir) / "model.safetensors"))
+    return checkpoint.read_weights(checkpoint.latest(run_dir))
 
 
 def max_abs_difference(a, b) -> float:

@@ -41,6 +41,7 @@ GLOBAL_BATCH = 16  # micro-batch x 2 micro-batches x data replicas
 LAUNCHES = {
     ("gloo", 4, 1, 2): {
         **{f"t2d2_zero{stage}": [f"parallel.zero_stage={stage}"] for stage in (1, 2, 3)},
+        "t2d2_zero3_resumed": ["parallel.zero_stage=3"],
         # Averaging identical replicas changes nothing, unless it mixes other sets' shards in.
         "t2d2_param_average": ["sync=param_average", "sync.param_average_every=2"]},
     ("mpi", 4, 2, 1): {
@@ -50,13 +51,22 @@ LAUNCHES = {
         "p2d2_zero3": ["parallel.zero_stage=3"],
         "p2d2_tied": [TIED],
         "p2d2_tied_resumed": [TIED],
-        "p2d2_zero2_fp16": ["parallel.zero_stage=2"]},
-    ("mpi", 4, 2, 2): {"p2t2": [], "p2t2_tied": [TIED], "p2t2_fp16": []},
+        "p2d2_zero2_fp16": ["parallel.zero_stage=2"],
+        "p2d2_zero3_from_t2d2_zero3": ["parallel.zero_stage=3"]},
+    ("mpi", 4, 2, 2): {"p2t2": [], "p2t2_tied": [TIED], "p2t2_fp16": [], "p2t2_from_p2d2_zero3": []},
     ("mpi", 8, 2, 2): {
         "p2t2d2_zero1": ["parallel.zero_stage=1"],
         "p2t2d2_zero1_resumed": ["parallel.zero_stage=1"]},
 }
 CELLS = [cell for cells in LAUNCHES.values() for cell in cells]
+# Save at step 3 in one layout, resume in another (its own launch's): with the one-process run's
+# checkpoint and p2t2d2_zero1's, every one of 1 process, D2 ZeRO-3, T2 and P2 both saves and
+# resumes, each time in other boxes than it saved. Resumer -> the cell whose checkpoint it reads.
+RESUMES = {"t2d2_zero3_resumed": "one", "p2t2d2_zero1_resumed": "one", "p2d2_tied_resumed": "one",
+           "p2d2_zero3_from_t2d2_zero3": "t2d2_zero3", "p2t2_from_p2d2_zero3": "p2d2_zero3"}
+# Saver -> the ranks that write boxes: each data set's first (data coordinate 0), one per pipeline
+# and tensor position (rank = (pipeline * data + data_index) * tensor + tensor_index, app/mesh.py).
+SAVERS = {"p2t2d2_zero1": [0, 1, 4, 5], "t2d2_zero3": [0, 1], "p2d2_zero3": [0, 2]}
 # The step at which one rank's gradients overflow, and the rank: (p1, t1) and (p1, d1), whose
 # overflow the other stage must agree on, and the rest of its tensor or ZeRO data set.
 OVERFLOWS = {"p2t2_fp16": {"step": 4, "rank": 3}, "p2d2_zero2_fp16": {"step": 4, "rank": 3}}
@@ -98,7 +108,8 @@ def reference_of(cell: str, reference, tied_reference):
 @pytest.fixture(scope="module")
 def cells(tiny_data, reference, tied_reference, tmp_path_factory):
     """cell name -> what rank 0 saved of it (and "dir": their run directories), running a
-    launch the first time one of its cells is asked for: each test pays only for its own."""
+    launch the first time one of its cells is asked for (after the launches whose checkpoints
+    its cells resume): each test pays only for its own."""
     out = tmp_path_factory.mktemp("cells")
     launched = {}
 
@@ -109,13 +120,15 @@ def cells(tiny_data, reference, tied_reference, tmp_path_factory):
         if key not in launched:
             launcher, ranks, pipeline, tensor = key
             specs = [{"name": cell, "overrides": overrides(tiny_data, ranks, pipeline, tensor, *extra),
-                      "overflow": OVERFLOWS.get(cell)} for cell, extra in LAUNCHES[key].items()]
+                      "overflow": OVERFLOWS.get(cell), "save_at": SAVE_AT if cell in SAVERS else None}
+                     for cell, extra in LAUNCHES[key].items()]
             for spec in specs:
-                if spec["name"] == "p2t2d2_zero1":
-                    spec["save_at"] = SAVE_AT
-                if spec["name"].endswith("_resumed"):
-                    resumed = reference_of(spec["name"], reference, tied_reference)
-                    spec["resume"] = str(resumed / "checkpoints" / checkpoint.step_dir_name(SAVE_AT))
+                saver = RESUMES.get(spec["name"])
+                if saver is not None:
+                    if saver != "one":
+                        get(saver)
+                    saved = reference_of(spec["name"], reference, tied_reference) if saver == "one" else out / saver
+                    spec["resume"] = str(checkpoint.checkpoints_root(saved) / checkpoint.step_dir_name(SAVE_AT))
             run_worker("layout_cells.py", [out, json.dumps(specs)], np_=ranks, launcher=launcher, timeout=900)
             launched[key] = {cell: torch.load(out / f"{cell}.pt", weights_only=False) for cell in LAUNCHES[key]}
         return launched[key][name]
@@ -123,7 +136,7 @@ def cells(tiny_data, reference, tied_reference, tmp_path_factory):
     return get
 
 def reference_weights(run_dir, step=STEPS):
-    return load_file(str(checkpoint.checkpoints_root(run_dir) / checkpoint.step_dir_name(step) / "model.safetensors"))
+    return checkpoint.read_weights(checkpoint.checkpoints_root(run_dir) / checkpoint.step_dir_name(step))
 
 
 def reference_steps(run_dir) -> dict:
@@ -140,16 +153,17 @@ def test_each_cell_trains_as_one_process_on_the_same_global_batch(cells, referen
     reference = reference_of(cell, reference, tied_reference)
     got, expected = cells(cell), reference_steps(reference)
     sizes = {d: got["layout"][d] for d in ("pipeline", "tensor", "data")}
-    assert sizes == {"pipeline": 2 if cell.startswith("p2") else 1, "tensor": 2 if "t2" in cell else 1,
-                     "data": 2 if "d2" in cell else 1}, got["layout"]
-    assert got["layout"].get("zero_stage", 0) == (int(cell.split("zero")[1][0]) if "zero" in cell else 0)
+    layout = cell.split("_from_")[0]  # not the layout it resumed from
+    assert sizes == {"pipeline": 2 if layout.startswith("p2") else 1, "tensor": 2 if "t2" in layout else 1,
+                     "data": 2 if "d2" in layout else 1}, got["layout"]
+    assert got["layout"].get("zero_stage", 0) == (int(layout.split("zero")[1][0]) if "zero" in layout else 0)
     assert max_abs_difference(reference_weights(reference, SAVE_AT), reference_weights(reference)) > 100 * ATOL
     assert max_abs_difference(got["model"], reference_weights(reference)) < ATOL
     for row in got["steps"]:
         assert row["grad_norm"] == pytest.approx(expected[row["step"]]["grad_norm"], rel=GRAD_NORM_RTOL), row
         assert row["loss"] == pytest.approx(expected[row["step"]]["train/loss"], abs=ATOL), row
     # The plain optimizer's state, assembled from every rank's boxes, is one process's.
-    plain = torch.load(checkpoint.checkpoints_root(reference) / checkpoint.step_dir_name(STEPS) / "optimizer.pt")
+    plain = checkpoint.load_optimizer_state(checkpoint.checkpoints_root(reference) / checkpoint.step_dir_name(STEPS))
     for index, entry in plain["state"].items():
         for key, value in entry.items():
             assert torch.allclose(got["optimizer"]["state"][index][key].float(), value.float(), atol=ATOL), (index, key)
@@ -186,6 +200,28 @@ def test_a_p2_t2_d2_checkpoint_resumes_on_one_process_and_the_reverse(cells, ref
     for step, row in resumed.items():
         assert row["train/loss"] == pytest.approx(expected[step]["train/loss"], abs=ATOL)
     assert [row["step"] for row in cells("p2t2d2_zero1_resumed")["steps"]] == [4, 5, 6]
+
+
+@pytest.mark.parametrize("cell", RESUMES)
+def test_a_checkpoint_saved_in_one_layout_resumes_in_another(cells, cell):
+    """Losses and weights are held to the uninterrupted run by the equivalence test above; here,
+    that the cell did resume (from step 3) rather than train from scratch."""
+    assert [row["step"] for row in cells(cell)["steps"]] == [4, 5, 6]
+
+
+@pytest.mark.parametrize("cell", SAVERS)
+def test_a_checkpoint_is_sharded_each_writer_holding_only_its_boxes(cells, reference, cell):
+    """No whole-model file: each writer's file holds part of the model, and the files together
+    hold every weight exactly once (a replicated box written once, by its counted copy)."""
+    cells(cell)
+    saved = checkpoint.checkpoints_root(cells("dir") / cell) / checkpoint.step_dir_name(SAVE_AT)
+    files = sorted(saved.glob("*.safetensors"))
+    assert [f.name for f in files if f.name.startswith("model")] == [
+        f"model-rank{rank:05d}.safetensors" for rank in SAVERS[cell]]
+    assert not (saved / "model.safetensors").exists() and not (saved / "optimizer.pt").exists()
+    whole = sum(t.numel() for t in reference_weights(reference).values())
+    held = [sum(t.numel() for t in load_file(str(f)).values()) for f in files if f.name.startswith("model")]
+    assert max(held) < whole and sum(held) == whole, (held, whole)
 
 
 

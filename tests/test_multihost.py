@@ -74,7 +74,7 @@ def assert_one_rank_per_host(run_dir, controller: str):
 
 def gradient_bytes(run_dir) -> int:
     """What one allreduce of all gradients moves per rank and direction, about: the fp32 weights."""
-    return (run_dir / "checkpoints" / f"step-{STEPS:06d}" / "model.safetensors").stat().st_size
+    return (run_dir / "checkpoints" / f"step-{STEPS:06d}" / "model-rank00000.safetensors").stat().st_size
 
 
 def test_horovodrun_gloo_puts_one_rank_on_each_host_over_the_chosen_link(hosts, tiny_data, tmp_path):

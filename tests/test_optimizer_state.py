@@ -1,15 +1,16 @@
 """One by-name conversion between a layout's optimizer state and a plain optimizer's on the full
-model (app/parallel/optimizer_state.py), cut into placements' boxes and assembled back
-(app/parallel/placement.py), and ZeRO's flat slices built from it (app/parallel/flat.py)."""
+model (app/state_dicts.py), written and read in placements' boxes (app/sharded_checkpoint.py),
+and ZeRO's flat slices built from it (app/parallel/flat.py)."""
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from app import optim
+from app import checkpoint, fileio, optim, sharded_checkpoint
 from app.parallel.flat import FlatShard
-from app.parallel.optimizer_state import by_index, by_name, full_model_order
-from app.parallel.placement import Placement, assemble, assemble_state, cut_state
+from app.parallel.placement import Placement
+from app.state_dicts import by_index, by_name, full_model_order
 
 
 class Odd(torch.nn.Module):
@@ -41,16 +42,37 @@ def halves(model: Odd, half: int) -> dict:
             for name, p in model.named_parameters()}
 
 
-def layout_rank(model: Odd, named: dict, half: int):
-    """A layout rank holding half `half` of each parameter's rows, loaded from by_name's form."""
-    cut = cut_state(halves(model, half), dict(model.named_parameters()), named)
-    pieces = {name: torch.nn.Parameter(tensor) for name, tensor in cut["model"].items()}
+def written(directory: Path, shards: list) -> checkpoint.Reader:
+    """A sharded checkpoint's weights, optimizer state and index, each shard as its rank writes it."""
+    directory.mkdir()
+    answers = [sharded_checkpoint.write_files(directory, rank, shard) for rank, shard in enumerate(shards)]
+    index = sharded_checkpoint.build_index(answers, shards[0].groups, shards[0].order)
+    fileio.write_json(directory / sharded_checkpoint.INDEX, index)
+    return checkpoint.Reader(directory)
+
+
+def layout_rank(model: Odd, reader: checkpoint.Reader, half: int):
+    """A layout rank holding half `half` of each parameter's rows, loaded from a checkpoint."""
+    placements = halves(model, half)
+    pieces = {name: torch.nn.Parameter(reader.weight(p)) for name, p in placements.items()}
+    state = {name: reader.state(p) for name, p in placements.items()}
+    named = {"state": {name: entry for name, entry in state.items() if entry is not None}, "groups": reader.groups}
     optimizer = torch.optim.AdamW([{"params": [pieces[n] for n in names]} for names in LAYOUT_ORDER], lr=0.1)
-    optimizer.load_state_dict(by_index(cut["optimizer"], LAYOUT_ORDER))
+    optimizer.load_state_dict(by_index(named, LAYOUT_ORDER))
     return pieces, optimizer
 
 
-def test_plain_state_goes_to_a_layout_in_another_order_by_name_and_comes_back_unchanged():
+def rank_shard(model: Odd, pieces: dict, optimizer, half: int, order) -> sharded_checkpoint.Shard:
+    boxes = halves(model, half)
+    named = by_name(optimizer.state_dict(), LAYOUT_ORDER)
+    return sharded_checkpoint.shard_of([(boxes[n], p.detach()) for n, p in pieces.items()],
+                                       [(boxes[n], entry) for n, entry in named["state"].items()],
+                                       named["groups"], order)
+
+
+def test_plain_state_goes_to_a_layout_in_another_order_by_name_and_comes_back_unchanged(tmp_path):
+    """Saved by one process, read by two ranks holding half of every parameter's rows (their
+    optimizer in an order of its own), saved by them as two shards, read back whole."""
     model = Odd()
     plain = stepped_plain_optimizer(model)
     order = full_model_order(model)
@@ -59,23 +81,26 @@ def test_plain_state_goes_to_a_layout_in_another_order_by_name_and_comes_back_un
     named = by_name(plain.state_dict(), order)
     assert set(named["state"]) == {"weight", "norm"}  # frozen and unused have none
     assert torch.equal(named["state"]["norm"]["exp_avg"], plain.state[model.norm]["exp_avg"])
+    wholes = {name: Placement.whole(name, p.shape, ()) for name, p in model.named_parameters()}
+    one = sharded_checkpoint.shard_of([(wholes[n], p.detach()) for n, p in model.named_parameters()],
+                                      [(wholes[n], entry) for n, entry in named["state"].items()],
+                                      named["groups"], order)
+    reader = written(tmp_path / "one", [one])
 
-    (first, first_optimizer), (second, second_optimizer) = (layout_rank(model, named, half) for half in (0, 1))
+    (first, first_optimizer), (second, second_optimizer) = (layout_rank(model, reader, half) for half in (0, 1))
     assert torch.equal(first_optimizer.state[first["weight"]]["exp_avg_sq"],
                        plain.state[model.weight]["exp_avg_sq"][:2])
     assert torch.equal(second_optimizer.state[second["norm"]]["exp_avg"], plain.state[model.norm]["exp_avg"][2:])
     assert first["unused"] not in first_optimizer.state
     assert float(first_optimizer.state[first["weight"]]["step"]) == 2
 
-    # Assembled back from both ranks' boxes into a plain optimizer's form.
-    entries = [(halves(model, half)[name], entry) for half, rank_optimizer in enumerate((first_optimizer,
-                                                                                         second_optimizer))
-               for name, entry in by_name(rank_optimizer.state_dict(), LAYOUT_ORDER)["state"].items()]
-    gathered = {"state": assemble_state(entries), "groups": named["groups"]}
+    # Saved by the two ranks, each its own boxes, and read back into a plain optimizer.
+    two = written(tmp_path / "two", [rank_shard(model, pieces, rank_optimizer, half, order)
+                                     for half, (pieces, rank_optimizer) in enumerate(((first, first_optimizer),
+                                                                                       (second, second_optimizer)))])
     fresh = torch.optim.AdamW(optim.parameter_groups(model, weight_decay=0.1), lr=0.1)
-    fresh.load_state_dict(by_index(gathered, order))
-    weights = assemble((halves(model, half)[name], p.detach()) for half, rank in enumerate((first, second))
-                       for name, p in rank.items())
+    fresh.load_state_dict(two.optimizer_state_dict())
+    weights = dict(two.weights())
     assert all(torch.equal(weights[name], p) for name, p in model.named_parameters())
     for param in (model.weight, model.norm):
         for key, value in plain.state[param].items():

@@ -22,11 +22,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from app import checkpoint, cli, config, models, optim
 from app.parallel import pipeline_schedule as schedule
-from app.parallel import optimizer_state
+from app import state_dicts as optimizer_state
 from app.parallel.stages import Stage, layer_bounds
 from conftest import (UNCLIPPED, assert_never_clipped, assert_same_grad_norms,
                       last_json_line, read_metrics, run_job, run_worker, tiny_train_args)
@@ -135,7 +134,7 @@ def test_tied_embeddings_and_fp16_are_accepted_under_a_pipeline_and_beside_tenso
 
 # --- real jobs -------------------------------------------------------------------------------
 def weights(run_dir, step=6):
-    return load_file(str(checkpoint.checkpoints_root(run_dir) / checkpoint.step_dir_name(step) / "model.safetensors"))
+    return checkpoint.read_weights(checkpoint.checkpoints_root(run_dir) / checkpoint.step_dir_name(step))
 
 
 def max_abs_difference(a, b) -> float:

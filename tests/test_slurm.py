@@ -99,7 +99,7 @@ def test_train_sbatch_trains_two_ranks_through_srun_pmix(slurm, tiny_data, tmp_p
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
 
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000006"
-    assert (run_dir / "checkpoints" / "step-000006" / "model.safetensors").stat().st_size > 0
+    assert (run_dir / "checkpoints" / "step-000006" / "model-rank00000.safetensors").stat().st_size > 0
 
 
 @pytest.mark.parametrize("launcher", ["srun", "mpi"])

@@ -18,7 +18,6 @@ shard's contribution, a wrong norm clipping) moves weights by the ~1e-3 learning
 """
 import pytest
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from app import checkpoint, cli, config
 from app.parallel.tensor import check_divisible
@@ -42,7 +41,7 @@ def train(data, run_dir, np_, launcher, micro_batch, *extra):
 
 
 def weights(run_dir, step=6):
-    return load_file(str(checkpoint.checkpoints_root(run_dir) / checkpoint.step_dir_name(step) / "model.safetensors"))
+    return checkpoint.read_weights(checkpoint.checkpoints_root(run_dir) / checkpoint.step_dir_name(step))
 
 
 def max_abs_difference(a, b) -> float:

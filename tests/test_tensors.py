@@ -9,7 +9,7 @@ import torch
 
 from app import checkpoint
 from app.tensors import to_cpu
-from conftest import ROOT, Elsewhere, job_env
+from conftest import ROOT, Elsewhere, job_env, plain_shard
 from test_checkpoint_integrity import tiny_model_and_optimizer
 
 
@@ -22,11 +22,11 @@ def test_to_cpu_moves_every_tensor_inside_dicts_lists_tuples_and_dataclasses_and
     plain = torch.ones(2)
     moved = to_cpu({"state": {0: {"exp_avg": elsewhere(1.0, 2.0), "step": elsewhere(3.0)}},
                     "param_groups": [{"lr": 0.1}], "pair": (elsewhere(4.0), "name"),
-                    "saved": checkpoint.SavedState(model={"w": elsewhere(5.0)}, optimizer={}), "plain": plain})
+                    "saved": checkpoint.TrainState(grad_scaler={"scale": elsewhere(5.0)}), "plain": plain})
     assert Elsewhere.moves == 4
     assert type(moved["state"][0]["exp_avg"]) is torch.Tensor and moved["state"][0]["exp_avg"].tolist() == [1.0, 2.0]
     assert moved["pair"][1] == "name" and type(moved["pair"]) is tuple and moved["param_groups"] == [{"lr": 0.1}]
-    assert type(moved["saved"]) is checkpoint.SavedState and type(moved["saved"].model["w"]) is torch.Tensor
+    assert type(moved["saved"]) is checkpoint.TrainState and type(moved["saved"].grad_scaler["scale"]) is torch.Tensor
     assert moved["plain"] is plain  # a CPU tensor is not copied
 
 
@@ -52,17 +52,20 @@ def test_objects_a_rank_sends_are_moved_to_the_cpu_before_pickling():
     assert json.loads(result.stdout.splitlines()[-1]) == {"moves": 4, "types": ["Tensor"]}
 
 
-def test_a_checkpoint_moves_optimizer_extras_and_rng_state_to_the_cpu_before_saving(tmp_path):
+def test_a_checkpoint_moves_weights_optimizer_extras_and_rng_state_to_the_cpu_before_saving(tmp_path):
     model, optimizer = tiny_model_and_optimizer()
-    state = optimizer.state_dict()
-    first = min(state["state"])
-    state["state"][first]["exp_avg"] = state["state"][first]["exp_avg"].as_subclass(Elsewhere)
+    shard = plain_shard(model, optimizer, extra={"replicas": [elsewhere(1.0)]})
+    box, first_weight = shard.weights[0]
+    shard.weights[0] = (box, first_weight.as_subclass(Elsewhere))
+    box, key, moments = shard.state[0]
+    shard.state[0] = (box, key, moments.as_subclass(Elsewhere))
     Elsewhere.moves = 0
-    saved = checkpoint.SavedState(model=model.state_dict(), optimizer=state, extra={"replicas": [elsewhere(1.0)]})
     run_state = checkpoint.TrainState(step=1, model_signature=checkpoint.model_signature(model))
-    written = checkpoint.save(tmp_path / "run", model, saved, run_state, [{"torch": elsewhere(2.0)}], keep_last=1)
-    assert Elsewhere.moves == 3
+    written = checkpoint.save(tmp_path / "run", model, shard, run_state, [{"torch": elsewhere(2.0)}], keep_last=1)
+    assert Elsewhere.moves == 4
     # weights_only loading would refuse a pickled tensor subclass as damage
-    assert type(checkpoint.load_optimizer_state(written)["state"][first]["exp_avg"]) is torch.Tensor
+    assert type(checkpoint.read_weights(written)[box.name]) is torch.Tensor
+    assert all(type(v) is torch.Tensor for entry in checkpoint.load_optimizer_state(written)["state"].values()
+               for v in entry.values())
     assert checkpoint.load_extras(written)["replicas"][0].tolist() == [1.0]
     assert checkpoint.load_rng_states(written)[0]["torch"].tolist() == [2.0]

@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from app import checkpoint, cores
 from conftest import last_json_line, read_metrics, read_summary, run_job, run_worker, tiny_train_args
@@ -18,7 +17,7 @@ TOOLS_OFF = {"HOROVOD_TIMELINE": "default", "HOROVOD_AUTOTUNE": "default", "HORO
 
 
 def latest_weights(run_dir):
-    return checkpoint.latest(run_dir) / "model.safetensors"
+    return checkpoint.read_weights(checkpoint.latest(run_dir))
 
 
 def test_two_rank_gloo_run_keeps_replicas_identical_and_loss_falls(tiny_data, tmp_path):
@@ -127,7 +126,7 @@ def test_adasum_clips_each_ranks_gradients_before_its_update(tiny_data, untraine
     args = ["optim=sgd", "optim.lr=0.1", "optim.warmup_steps=1", "optim.decay=constant", "sync=adasum"]
     run_job(tiny_train_args(tiny_data, clipped, *args, "train.grad_clip=1e-3"), launcher="mpi")
     assert read_summary(clipped)["replicas_identical"] is True
-    before, after = load_file(str(latest_weights(untrained_run))), load_file(str(latest_weights(clipped)))
+    before, after = latest_weights(untrained_run), latest_weights(clipped)
     moved = math.sqrt(sum((after[k] - before[k]).double().square().sum().item() for k in before))
     assert 0 < moved <= 6 * 2 * 0.1 * 1e-3 * (1 + 1e-4), moved
 
@@ -155,7 +154,7 @@ def test_local_sgd_resumed_between_meetings_equals_an_uninterrupted_run(tiny_dat
     shutil.copytree(local_sgd_stopped_at_6, halves)  # resumed in a copy: the test above reads the original
     assert (checkpoint.latest(halves) / "replicas.pt").is_file()
     run_job(tiny_train_args(tiny_data, halves, *LOCAL_SGD, "train.max_steps=9"))
-    expected, got = load_file(str(latest_weights(whole))), load_file(str(latest_weights(halves)))
+    expected, got = latest_weights(whole), latest_weights(halves)
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
     assert read_summary(halves)["replicas_identical"] is True

@@ -23,7 +23,6 @@ Launches are shared (module fixture): one reference process per optimizer, stage
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from app import checkpoint, cli, config, export
 from app.parallel.flat import split_sizes
@@ -53,7 +52,7 @@ def step_dir(run_dir, step):
 
 
 def weights(run_dir, step=6):
-    return load_file(str(step_dir(run_dir, step) / "model.safetensors"))
+    return checkpoint.read_weights(step_dir(run_dir, step))
 
 
 def max_abs_difference(a, b) -> float:

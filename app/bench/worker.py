@@ -8,9 +8,11 @@ from app.bench import launch
 from app.step import Training, build_training
 
 
-def start_training(spec: dict):
+def start_training(spec: dict, fresh: bool = True):
     """(cfg, training) for the worker whose spec this is. A config the trainer refuses, or a layout
-    the world size cannot take, is one `error:` line on every rank and exit 2, as in app.train."""
+    the world size cannot take, is one `error:` line on every rank and exit 2, as in app.train.
+    `fresh=False` leaves the start to the caller, which resumes (app.train.resume_or_start): the
+    layout starts once, as ZeRO-3 frees its parameters after it."""
     cfg = cli.compose_config(spec["overrides"])
     OmegaConf.resolve(cfg)
     try:
@@ -21,7 +23,8 @@ def start_training(spec: dict):
     torch.set_num_threads(dist.place_rank(spec["threads"], cfg.train.bind_cores))
     runtime.set_freed_memory(config.keeps_freed_memory(cfg))  # as app.train's place_threads does
     training: Training = build_training(cfg, runtime.pick_device(cfg.train.device, dist.local_rank()))
-    training.parallel.start(None)
+    if fresh:
+        training.parallel.start(None)
     training.model.train()
     return cfg, training
 

@@ -13,7 +13,6 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from app import dist, models
-from app.checkpoint import SavedState
 
 
 class Parallelism:
@@ -30,9 +29,9 @@ class Parallelism:
         self.optimizer = optimizer
         return optimizer
 
-    def start(self, saved: Optional[SavedState]) -> None:
-        """Bring every rank to the same starting point: rank 0's fresh weights, or `saved`
-        (present on rank 0 only) when resuming."""
+    def start(self, reader) -> None:
+        """Bring every rank to the same starting point: rank 0's fresh weights, or, resuming,
+        the checkpoint `reader` (app.checkpoint.Reader, on every rank) holds."""
         raise NotImplementedError
 
     # --- one step ----------------------------------------------------------------------------
@@ -70,8 +69,9 @@ class Parallelism:
         """Called once optimizer step `step` (1-based) is done on every rank."""
 
     # --- checkpoints and the end ---------------------------------------------------------------
-    def saved_state(self) -> Optional[SavedState]:
-        """Collective: every rank calls it; rank 0 gets what a checkpoint holds, the others None."""
+    def checkpoint_shard(self):
+        """Collective: every rank calls it; each gets the app.checkpoint.Shard it writes of a
+        checkpoint, or None where it holds no box that counts."""
         raise NotImplementedError
 
     def finish(self) -> None:
@@ -128,20 +128,3 @@ def held_bytes(params: List[torch.Tensor], optimizer) -> Dict[str, int]:
     state = [] if optimizer is None else [v for entry in optimizer.state.values() for v in entry.values()]
     return {"parameters": total(params), "gradients": total(p.grad for p in params),
             "optimizer_state": total(state)}
-
-
-def load_into(model: torch.nn.Module, optimizer, saved: SavedState) -> None:
-    load_model_state(model, saved.model)
-    optimizer.load_state_dict(saved.optimizer)
-
-
-def load_model_state(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
-    """Load a full state dict whose tied weights may be stored once (safetensors keeps one name
-    per storage): a key may be missing only if it shares its storage with one that is present."""
-    own = model.state_dict()
-    result = model.load_state_dict(state, strict=False)
-    present = {own[k].data_ptr() for k in state if k in own}
-    missing = [k for k in result.missing_keys if own[k].data_ptr() not in present]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"saved weights do not fit the model (missing {missing[:3]}, unexpected "
-                         f"{result.unexpected_keys[:3]}); use the model config they were trained with")

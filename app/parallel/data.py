@@ -19,8 +19,8 @@ import torch
 
 from app import models
 from app.parallel.averaging import average_parameters, check_mpi_world, mean_state
-from app.parallel.base import held_bytes, load_model_state
-from app.parallel.optimizer_state import by_index, by_name, param_order
+from app.parallel.base import held_bytes
+from app.state_dicts import by_index, by_name, load_model_state, param_order
 
 
 def _compression(sync_cfg):

@@ -11,7 +11,7 @@ from typing import List, Optional
 import horovod.torch as hvd
 import torch
 
-from app.parallel.optimizer_state import is_per_element
+from app.state_dicts import is_per_element
 
 
 def split_sizes(numel: int, size: int) -> List[int]:

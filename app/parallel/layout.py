@@ -12,8 +12,8 @@
 
 `Layout` is the one object the loop and the step talk to (app/parallel/base.py); it reaches the
 whole model only through placements: the global gradient norm, the fp16 overflow flag,
-checkpoints (cut into boxes on load, assembled from them on save) and the whole model rebuilt
-for evaluation and the closing sample.
+checkpoints (each rank writes its counted boxes, and reads its own boxes of any layout's) and
+the whole model rebuilt for evaluation and the closing sample.
 """
 import socket
 from contextlib import contextmanager
@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 from app import dist
-from app.checkpoint import SavedState
-from app.parallel.base import Parallelism, load_model_state
+from app.parallel.base import Parallelism
 from app.parallel.data import DataSync, LocalSGD
 from app.parallel.model_part import ModelPart
-from app.parallel.optimizer_state import by_index, by_name, full_model_order
-from app.parallel.placement import assemble, assemble_state, cut_state
+from app.parallel.placement import assemble
 from app.parallel.tied import TiedEmbedding
+from app.sharded_checkpoint import Shard, shard_of
+from app.state_dicts import full_model_order, load_model_state
 
 
 class Layout(Parallelism):
@@ -57,30 +57,20 @@ class Layout(Parallelism):
         self.optimizer = self.data.wrap_optimizer(optimizer)
         return self.optimizer
 
-    def start(self, saved: Optional[SavedState]) -> None:
-        """Fresh: each data set takes its first rank's weights. Resuming: rank 0 cuts the saved
-        whole model and plain optimizer state into every rank's boxes and sends each its own;
-        local SGD's per-rank replicas, saved by the same layout, continue exactly."""
-        resuming = dist.broadcast_object(saved is not None, name="resuming")
-        if not resuming:
+    def start(self, reader) -> None:
+        """Fresh: each data set takes its first rank's weights. Resuming: each rank reads its own
+        boxes of the weights and of the plain optimizer's state from the checkpoint `reader`
+        (app.checkpoint.Reader), whatever layout wrote it; local SGD's per-rank replicas, saved
+        by the same layout on as many ranks, continue exactly."""
+        if reader is None:
             self.data.start_fresh()
             return
-        placements = dist.allgather_object(self.part.placements, name="layout_placements")
-        pieces = None
-        if saved is not None:
-            named = by_name(saved.optimizer, full_model_order(self.part.whole))
-            # Ranks holding the same boxes (a data set's) share one cut: one object, pickled once.
-            distinct = []
-            for rank_placements in placements:
-                if rank_placements not in distinct:
-                    distinct.append(rank_placements)
-            cuts = [cut_state(p, saved.model, named) for p in distinct]
-            pieces = [cuts[distinct.index(p)] for p in placements]
-        mine = dist.scatter_object(pieces, name="layout_resume")
-        self.data.load(mine["model"], mine["optimizer"])
-        replicas = dist.broadcast_object(saved.extra.get("replicas") if saved is not None else None,
-                                         name="local_sgd_replicas")
-        if isinstance(self.data, LocalSGD) and replicas is not None and len(replicas) == dist.size():
+        weights = {local: reader.weight(p) for local, p in self.part.placements.items()}
+        state = {local: reader.state(p) for local, p in self.part.placements.items()}
+        self.data.load(weights, {"state": {local: entry for local, entry in state.items() if entry is not None},
+                                 "groups": reader.groups})
+        replicas = reader.extras().get("replicas") if isinstance(self.data, LocalSGD) else None
+        if replicas is not None and len(replicas) == dist.size():
             self.data.load_replica(replicas[dist.rank()])
 
     # --- one step ----------------------------------------------------------------------------
@@ -141,9 +131,10 @@ class Layout(Parallelism):
         self.data.after_step(step)
 
     # --- checkpoints and the end ---------------------------------------------------------------
-    def saved_state(self) -> Optional[SavedState]:
-        """Collective: each data set's first rank gives its counted boxes; rank 0 assembles the
-        whole model and the plain optimizer's state (global names, the full model's order)."""
+    def checkpoint_shard(self) -> Optional[Shard]:
+        """Collective: each data set's first rank gets its counted boxes of the weights and of
+        the plain optimizer's state (global names), which it writes itself; rank 0 also the
+        optimizer's parameter order and local SGD's replicas. None on the other ranks."""
         local = self.data.local_state()  # every rank of the set takes part; its first rank keeps it
         replicas = None
         if isinstance(self.data, LocalSGD):
@@ -151,24 +142,15 @@ class Layout(Parallelism):
         if self.part.is_whole and not self.data.sharded:
             # Every rank holds the whole model: rank 0's own copy, whatever its coordinates were
             # (an elastic world's rank 0 may be any process of the first world).
-            gathered = [self.part.pieces(*local, every_box=True)] if dist.is_main() else None
+            pieces = self.part.pieces(*local, every_box=True) if dist.is_main() else None
         else:
-            gathered = dist.gather_object(self.part.pieces(*local) if local is not None else None,
-                                          name="layout_save")
-        if not dist.is_main():
+            pieces = self.part.pieces(*local) if local is not None else None
+        if pieces is None:
             return None
-        return SavedState(model=self._assemble_model(gathered), optimizer=self._assemble_optimizer(gathered),
-                          extra={"replicas": replicas} if replicas is not None else {}, world_size=dist.size())
-
-    def _assemble_model(self, gathered) -> Dict[str, torch.Tensor]:
-        whole = assemble(piece for rank in gathered if rank for piece in rank["model"])
-        order = [name for name, _ in self.part.whole.named_parameters()]
-        return {name: whole[name] for name in order}
-
-    def _assemble_optimizer(self, gathered) -> dict:
-        state = assemble_state(entry for rank in gathered if rank for entry in rank["optimizer"])
-        groups = next(rank["groups"] for rank in gathered if rank)
-        return by_index({"state": state, "groups": groups}, full_model_order(self.part.whole))
+        main = dist.is_main()
+        return shard_of(pieces["model"], pieces["optimizer"], pieces["groups"],
+                        order=full_model_order(self.part.whole) if main else None,
+                        extra={"replicas": replicas} if main and replicas is not None else {})
 
     def finish(self) -> None:
         self.data.finish()

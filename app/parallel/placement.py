@@ -3,16 +3,14 @@ plain data): its global name and shape, the box of the global tensor it holds, a
 dimensions over which identical copies of that box live.
 
 Everything that must see the whole model through the layouts reads placements, never a
-layout's class: gradient clipping counts a replicated box once, checkpoints cut a global tensor
-into this rank's box on load and put the boxes back together on save, and the whole model is
-rebuilt from the boxes for evaluation or a sample.
+layout's class: gradient clipping counts a replicated box once, checkpoints write each counted
+box with its offsets and read this rank's box from any layout's (app/sharded_checkpoint.py), and
+the whole model is rebuilt from the boxes for evaluation or a sample.
 """
 from dataclasses import dataclass
 from typing import Dict, Iterable, Tuple
 
 import torch
-
-from app.parallel.optimizer_state import is_per_element
 
 
 @dataclass(frozen=True)
@@ -42,13 +40,6 @@ class Placement:
     def box(self) -> Tuple[slice, ...]:
         return tuple(slice(o, o + s) for o, s in zip(self.offsets, self.sizes))
 
-    def cut(self, full: torch.Tensor) -> torch.Tensor:
-        """This rank's box of the global tensor `full`, as its own contiguous tensor."""
-        if tuple(full.shape) != self.shape:
-            raise ValueError(f"saved tensor {self.name} has shape {tuple(full.shape)}, this model {self.shape}; "
-                             "use the model config it was trained with")
-        return full[self.box].clone(memory_format=torch.contiguous_format)
-
     def counted(self, coordinates: Dict[str, int]) -> bool:
         """Whether this rank's copy is the one that counts in a sum over the mesh (a global
         norm): the first along every dimension that replicates it."""
@@ -64,31 +55,3 @@ def assemble(pieces: Iterable[Tuple[Placement, torch.Tensor]]) -> Dict[str, torc
             full[placement.name] = tensor.new_empty(placement.shape)
         full[placement.name][placement.box] = tensor
     return full
-
-
-def assemble_state(entries: Iterable[Tuple[Placement, dict]]) -> Dict[str, dict]:
-    """Optimizer state per global name from each box's entry: per-element values (Adam's
-    moments) assembled like their parameters, scalars (its step) taken from any box."""
-    by_key: Dict[str, Dict[str, list]] = {}
-    for placement, entry in entries:
-        for key, value in entry.items():
-            by_key.setdefault(placement.name, {}).setdefault(key, []).append((placement, value))
-    return {name: {key: assemble(pieces)[name] if is_per_element(pieces[0][1]) else pieces[0][1]
-                   for key, pieces in keys.items()}
-            for name, keys in by_key.items()}
-
-
-def cut_state(placements: Dict[str, Placement], model_state: Dict[str, torch.Tensor], named_optimizer: dict) -> dict:
-    """A rank's part of a whole model's weights and of a plain optimizer's by-name state (global
-    names), keyed by its local names: per-element state cut like its parameter, scalars (Adam's
-    step) as they are."""
-    missing = [p.name for p in placements.values() if p.name not in model_state]
-    if missing:
-        raise ValueError(f"saved weights lack {missing[:3]}; use the model config they were trained with")
-    state = {}
-    for local, placement in placements.items():
-        entry = named_optimizer["state"].get(placement.name)
-        if entry is not None:
-            state[local] = {k: placement.cut(v) if is_per_element(v) else v for k, v in entry.items()}
-    return {"model": {local: p.cut(model_state[p.name]) for local, p in placements.items()},
-            "optimizer": {"state": state, "groups": named_optimizer["groups"]}}

@@ -48,7 +48,7 @@ class Stage(torch.nn.Module):
         decoder, num_layers = model.model, model.config.num_hidden_layers
         self.config, self.first, self.last = model.config, stage == 0, stage == stages - 1
         # Registered in the full model's parameter order, so the optimizer's order here is a
-        # subsequence of the full model's (app/parallel/optimizer_state.py relies on it).
+        # subsequence of the full model's (app/state_dicts.py relies on it).
         self.embed_tokens = decoder.embed_tokens if self.first else None
         self.layers = torch.nn.ModuleDict({str(i): decoder.layers[i]
                                            for i in layer_bounds(num_layers, stages)[stage]})

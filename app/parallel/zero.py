@@ -44,11 +44,11 @@ import horovod.torch as hvd
 import torch
 
 from app import models
-from app.parallel.base import held_bytes, load_model_state
+from app.parallel.base import held_bytes
 from app.parallel.data import DataSync
 from app.parallel.flat import FlatShard, Unit, copy_value
 from app.parallel.layers import transformer_layers
-from app.parallel.optimizer_state import is_per_element
+from app.state_dicts import is_per_element, load_model_state
 
 # Units whose reduce-scatter may be outstanding (their full gradients alive) during backward,
 # and whose allgather may be outstanding when every unit is gathered: enough to keep the wire

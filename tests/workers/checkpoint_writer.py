@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from app import checkpoint, config, models, optim
+from tests.conftest import plain_shard
 
 run_dir = Path(sys.argv[1])
 model_cfg = OmegaConf.merge(OmegaConf.structured(config.ModelConfig), OmegaConf.load(Path(__file__).parents[2] / "conf/model/llama_small.yaml"))
@@ -24,6 +25,5 @@ while True:
     with torch.no_grad():
         next(model.parameters()).fill_(float(step))  # each checkpoint's content names its step
     state = checkpoint.TrainState(step=step, model_signature=checkpoint.model_signature(model))
-    saved = checkpoint.SavedState(model=model.state_dict(), optimizer=optimizer.state_dict())
-    checkpoint.save(run_dir, model, saved, state, [torch.get_rng_state()], keep_last=2)
+    checkpoint.save(run_dir, model, plain_shard(model, optimizer), state, [torch.get_rng_state()], keep_last=2)
     print(step, flush=True)

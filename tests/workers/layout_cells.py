@@ -1,8 +1,8 @@
 """Several cells of one mesh (the same parallel.tensor and parallel.pipeline, so one launch and one
 Horovod start-up serve them all), each trained from scratch, or resumed from a checkpoint, with the
-trainer's own step (app/step.py) and learning-rate schedule, as the loop runs them. Rank 0 saves
-each cell's final whole model and optimizer state (the layout's saved_state, which checkpoints
-write), every step's loss, gradient norm and number of ZeRO reduce-scatters and allgathers, and
+trainer's own step (app/step.py) and learning-rate schedule, as the loop runs them. Each cell
+ends with a real checkpoint, every rank writing its boxes; rank 0 saves the whole model and
+optimizer state read back from it, every step's loss, gradient norm and number of ZeRO reduce-scatters and allgathers, and
 where the cell asks, each rank's coordinates, checksum of its tensor-replicated parameters and
 CPU RNG state (ZeRO-3 cells cannot: their parameters are freed between steps) and the task's
 evaluation at the end, to OUT/<cell>.pt; a cell may also write a real checkpoint at a step, for
@@ -50,7 +50,7 @@ hvd.grouped_allgather_async = counting(hvd.grouped_allgather_async, "gathers")
 
 
 def run_cell(out: Path, cell: dict) -> None:
-    cfg, training = start_training({"overrides": cell["overrides"], "threads": 1})
+    cfg, training = start_training({"overrides": cell["overrides"], "threads": 1}, fresh=not cell.get("resume"))
     run_dir = out / cell["name"]
     state = checkpoint.TrainState(world_size=dist.size(), model_signature=checkpoint.model_signature(training.model),
                                   tokenizer_sha256=training.task.tokenizer_sha256,
@@ -87,7 +87,8 @@ def run_cell(out: Path, cell: dict) -> None:
         if state.step == cell.get("save_at"):
             train.save_checkpoint(cfg, run_dir, training, state, train.Window(training.device))
     evaluated = evaluate(training, cell["evaluate"]) if cell.get("evaluate") else None
-    saved = training.parallel.saved_state()
+    # The final state as a real (sharded) checkpoint, which rank 0 reads back whole below.
+    train.save_checkpoint(cfg, run_dir, training, state, train.Window(training.device))
     scaling = hvd.allgather_object(scaling, name=f"layout_cells.scaling.{cell['name']}")
     tied_difference = tied_copies_difference(training.parallel, cell["name"])
     training.batches.close()
@@ -97,7 +98,9 @@ def run_cell(out: Path, cell: dict) -> None:
                                        "replicated": replicated_checksum(training.parallel.part),
                                        "rng": torch.get_rng_state()}, name="cell_ranks")
     if dist.is_main():
-        torch.save({"model": saved.model, "optimizer": saved.optimizer, "steps": rows, "ranks": ranks,
+        final = checkpoint.latest(run_dir)
+        torch.save({"model": checkpoint.read_weights(final), "optimizer": checkpoint.load_optimizer_state(final),
+                    "steps": rows, "ranks": ranks,
                     "evaluated": evaluated, "scaling": scaling, "tied_difference": tied_difference,
                     "layout": training.parallel.layout()}, out / f"{cell['name']}.pt")
 

@@ -1,10 +1,11 @@
-"""Optimizer state between a layout's optimizer and a plain one on the full model, by parameter name.
+"""State dicts by name: the model's weights with tied ones stored once, and optimizer state
+between a layout's optimizer and a plain one on the full model, by parameter name.
 
 A torch optimizer's state_dict keys its per-parameter state by position in its param groups, and
 a layout's optimizer holds its parameters in an order of its own: a pipeline stage's a subsequence
 of the full model's, a tensor-parallel rank's shards, ZeRO's flat slices. Checkpoints hold what a
-plain optimizer (optim.build_optimizer) on the full model would (the SavedState contract), so any
-layout resumes from any other. Every layout converts through one form, the state keyed by global
+plain optimizer (optim.build_optimizer) on the full model would, in boxes
+(app/sharded_checkpoint.py), so any layout resumes from any other. Every layout converts through one form, the state keyed by global
 parameter name (`by_name`): the plain state_dict re-keyed with `full_model_order`, then cut into
 this rank's boxes by their placements (app/parallel/placement.py), then keyed by the layout's own
 order (`by_index`); and the reverse to save. No position of one optimizer is ever read as a position of another.
@@ -57,3 +58,15 @@ def by_index(named: dict, order: List[List[str]]) -> dict:
 def is_per_element(value) -> bool:
     """State shaped like its parameter (Adam's moments, momentum), not a scalar (Adam's step)."""
     return torch.is_tensor(value) and value.dim() > 0
+
+
+def load_model_state(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Load a full state dict whose tied weights may be stored once (safetensors keeps one name
+    per storage): a key may be missing only if it shares its storage with one that is present."""
+    own = model.state_dict()
+    result = model.load_state_dict(state, strict=False)
+    present = {own[k].data_ptr() for k in state if k in own}
+    missing = [k for k in result.missing_keys if own[k].data_ptr() not in present]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"saved weights do not fit the model (missing {missing[:3]}, unexpected "
+                         f"{result.unexpected_keys[:3]}); use the model config they were trained with")
