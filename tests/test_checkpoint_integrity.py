@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from app import checkpoint, config, export, metrics, models, optim, sharded_checkpoint
 from app.parallel.placement import Placement
 from app.state_dicts import full_model_order
-from conftest import ROOT, plain_shard, run_job
+from conftest import ROOT, plain_shard, run_job, tensorboard_scalars
 
 
 def tiny_model_and_optimizer():
@@ -456,15 +456,6 @@ def test_rng_state_on_a_gpu_carries_that_device_generator(monkeypatch):
 
 def jsonl_rows(run_dir: Path) -> list:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def tensorboard_scalars(run_dir: Path, tag: str) -> list:
-    """(step, value) in the order TensorBoard shows them, after it applies purges."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tb"))
-    events.Reload()
-    return [(event.step, event.value) for event in events.Scalars(tag)]
 
 
 def test_a_resumed_run_logs_each_step_once_in_jsonl_and_tensorboard(tmp_path):
