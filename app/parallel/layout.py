@@ -58,12 +58,12 @@ class Layout(Parallelism):
         return self.optimizer
 
     def start(self, saved: Optional[SavedState]) -> None:
-        """Fresh: each data set takes its first rank's weights. Resuming: rank 0 cuts the saved
+        """Fresh: nothing to send, every rank built the same weights (per-tensor seeded draws,
+        app/initialization.py, or the same model.init_from files). Resuming: rank 0 cuts the saved
         whole model and plain optimizer state into every rank's boxes and sends each its own;
         local SGD's per-rank replicas, saved by the same layout, continue exactly."""
         resuming = dist.broadcast_object(saved is not None, name="resuming")
         if not resuming:
-            self.data.start_fresh()
             return
         placements = dist.allgather_object(self.part.placements, name="layout_placements")
         pieces = None
