@@ -81,10 +81,6 @@ class Initializer:
     def __init__(self, model: nn.Module, seed: int):
         self.inits, self.seed = plan(model), seed
 
-    def largest_bytes(self) -> int:
-        """The largest global tensor: what building holds beside a rank's share."""
-        return max(torch.Size(i.shape).numel() * i.dtype.itemsize for i in self.inits.values())
-
     def tensor(self, name: str) -> torch.Tensor:
         init = self.inits[name]
         if init.fill == "ones":

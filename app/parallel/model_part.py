@@ -70,8 +70,6 @@ class ModelPart:
         self.initializer = initializer
         materialize_buffers(self.whole, self.module.modules(), device)
         for local, param in self.module.named_parameters():
-            if not param.is_meta:  # model.init_from: the loaded weights
-                continue
             real = torch.empty(param.shape, dtype=param.dtype, device=device)
             if values:
                 real.copy_(self.initial_value(local))

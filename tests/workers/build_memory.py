@@ -38,7 +38,9 @@ def main() -> None:
         "rank": dist.rank(), "peak_rise_bytes": rose,
         "held_bytes": training.parallel.state_bytes()["parameters"],
         "model_bytes": torch.float32.itemsize * training.parameters,
-        "largest_tensor_bytes": training.parallel.part.initializer.largest_bytes()}, name="build_memory")
+        "largest_tensor_bytes": max(torch.Size(init.shape).numel() * init.dtype.itemsize
+                                    for init in training.parallel.part.initializer.inits.values())},
+        name="build_memory")
     if dist.is_main():
         print(json.dumps({"ranks": rows}))
 
