@@ -31,8 +31,8 @@ class Parallelism:
         return optimizer
 
     def start(self, saved: Optional[SavedState]) -> None:
-        """Bring every rank to the same starting point: rank 0's fresh weights, or `saved`
-        (present on rank 0 only) when resuming."""
+        """Bring every rank to the same starting point: the fresh weights every rank built alike,
+        or `saved` (present on rank 0 only) when resuming."""
         raise NotImplementedError
 
     # --- one step ----------------------------------------------------------------------------
