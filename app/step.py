@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from app import compilation, config, dist, models, optim, parallel, runtime, tasks
+from app.initialization import Initializer
 from app.parallel.base import Parallelism
 from app.prefetch import BatchPrefetcher
 
@@ -98,17 +99,31 @@ def build_data(cfg, device: torch.device, data_rank: int, data_replicas: int) ->
                                  pin_memory=device.type == "cuda")
 
 
+def plain_model(task: tasks.Task, cfg, device: torch.device) -> Tuple[torch.nn.Module, Optional[Initializer]]:
+    """The task's plain model and, for a fresh one, the initializer of its weights. A fresh model
+    is built on the meta device, shapes without storage: the layout materialises on each rank
+    only what it holds (app/parallel/model_part.py). model.init_from's weights load on `device`
+    as they are."""
+    if not cfg.model.init_from:
+        with torch.device("meta"):
+            model = task.build_model()
+        return model, Initializer(model, cfg.train.seed)
+    # A classifier's fresh head on a pretrained encoder is drawn by transformers from the global
+    # RNG: seeded alike, every rank draws the same.
+    torch.manual_seed(cfg.train.seed)
+    return task.build_model().to(device), None
+
+
 def build_training(cfg, device: torch.device) -> Training:
     """The task, a plain model, its optimizer and the layout that parallelizes them (not yet
     synchronised: Parallelism.start does that, after any resume)."""
     data_rank, data_replicas = dist.data_position()
     task, batches = build_data(cfg, device, data_rank, data_replicas)
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = task.build_model().to(device)
+    model, initializer = plain_model(task, cfg, device)
     torch.manual_seed(cfg.train.seed + dist.noise_rank())  # dropout noise differs per replica
-    # Counted on the whole model, before a layout may shard it.
+    # Counted on the whole model (on the meta device: shapes only), before a layout may shard it.
     parameters, flops_per_token = models.count_parameters(model), task.flops_per_token(model)
-    layout = parallel.build(cfg, model)
+    layout = parallel.build(cfg, model, device, initializer)
     # After the layout has changed the model (as torchtitan orders it); nothing is renamed or
     # replaced, so the optimizer and Horovod's hooks see the same parameters.
     loss_of = compilation.apply(model, task.loss, cfg.train.compile)

@@ -169,6 +169,22 @@ def test_each_cell_trains_as_one_process_on_the_same_global_batch(cells, referen
             assert torch.allclose(got["optimizer"]["state"][index][key].float(), value.float(), atol=ATOL), (index, key)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_every_rank_builds_bitwise_slices_of_the_one_process_initial_weights(cells, untrained_run, cell):
+    """Built on the meta device, each rank draws each global tensor from its own seeded generator
+    and keeps its box: every box of every rank (ZeRO-3's slices gathered, a pipeline's tied ends
+    both) is exactly its slice of a one-process run's start (untied: a tied model's weights are a
+    subset of it by name), and the boxes cover every tensor of the cell's model."""
+    start = checkpoint.read_weights(checkpoint.latest(untrained_run))
+    got = cells(cell)
+    covered = {name: torch.zeros(tensor.shape, dtype=torch.bool) for name, tensor in got["model"].items()}
+    for rank, boxes in enumerate(got["initial"]):
+        for placement, values in boxes:
+            assert torch.equal(values, start[placement.name][placement.box]), (rank, placement.name)
+            covered[placement.name][placement.box] = True
+    assert all(mask.all() for mask in covered.values()), [name for name, mask in covered.items() if not mask.all()]
+
+
 def test_the_references_clip_at_every_step(reference, tied_reference):
     for one in (reference, tied_reference):
         assert min(row["grad_norm"] for row in reference_steps(one).values()) > ALWAYS_CLIPS

@@ -8,9 +8,12 @@ torchtitan's order, each concern one object (app/parallel/layout.py composes the
    embedding's between a pipeline's ends (tied.py);
 6. the schedule: plain, or a pipeline's GPipe or 1F1B (pipeline.py).
 """
+from typing import Optional
+
 import torch
 
 from app import dist, models
+from app.initialization import Initializer
 from app.parallel import data, tied
 from app.parallel.base import Parallelism
 from app.parallel.layers import apply_activation_checkpointing
@@ -20,18 +23,24 @@ from app.parallel.pipeline import PipelineSchedule
 from app.parallel.zero import Zero
 
 
-def build(cfg, model: torch.nn.Module) -> Parallelism:
-    """The layout the config asks for, applied to a plain model."""
+def build(cfg, model: torch.nn.Module, device: torch.device, initializer: Optional[Initializer]) -> Parallelism:
+    """The layout the config asks for, applied to a plain model: a fresh one (`initializer`) split
+    and cut on the meta device, then made real on `device`, only what this rank holds; ZeRO fills
+    its slices itself, a unit at a time. A loaded one (model.init_from) is already on `device`."""
     part = ModelPart(model)
+    zero = cfg.parallel.zero_stage > 0
+    if initializer is not None:
+        part.materialize(initializer, device, values=not zero)
     apply_activation_checkpointing(part.module, cfg.train.activation_checkpointing,
                                    cfg.train.activation_checkpointing_every)
     mesh, accum = part.mesh, cfg.train.grad_accum_steps
-    data_set, root = dist.process_set("data"), mesh.group(dist.rank(), "data")[0]
-    if cfg.parallel.zero_stage:
-        sync = Zero(part.module, cfg.parallel.zero_stage, cfg.sync, accum, data_set, root,
-                    pipelined=part.stage is not None, counted=part.counted_in_model)
+    data_set = dist.process_set("data")
+    if zero:
+        sync = Zero(part.module, cfg.parallel.zero_stage, cfg.sync, accum, data_set,
+                    pipelined=part.stage is not None, counted=part.counted_in_model,
+                    initial=part.initial_value if initializer is not None else None)
     else:
-        sync = data.build(part.module, cfg.sync, accum, data_set, root)
+        sync = data.build(part.module, cfg.sync, accum, data_set)
     schedule = None
     if part.stage is not None:
         # The last stage's loss from its logits: the vocabulary-parallel one when tensors are split.

@@ -30,8 +30,8 @@ class Parallelism:
         return optimizer
 
     def start(self, reader) -> None:
-        """Bring every rank to the same starting point: rank 0's fresh weights, or, resuming,
-        the checkpoint `reader` (app.checkpoint.Reader, on every rank) holds."""
+        """Bring every rank to the same starting point: the fresh weights every rank built alike,
+        or, resuming, the checkpoint `reader` (app.checkpoint.Reader, on every rank) holds."""
         raise NotImplementedError
 
     # --- one step ----------------------------------------------------------------------------

@@ -33,9 +33,9 @@ class DataSync:
     # Each rank holds a slice of the gradients (ZeRO): a global norm sums over the set.
     sharded = False
 
-    def __init__(self, module: torch.nn.Module, sync_cfg, accum_steps: int, process_set, root: int):
+    def __init__(self, module: torch.nn.Module, sync_cfg, accum_steps: int, process_set):
         self.model, self.sync, self.accum_steps = module, sync_cfg, accum_steps
-        self.process_set, self.root = process_set, root  # root: the set's first rank, a global rank
+        self.process_set = process_set
         self.optimizer: Optional[torch.optim.Optimizer] = None
         if sync_cfg.param_average_every and sync_cfg.param_average_backend == "mpi":
             check_mpi_world()
@@ -49,14 +49,6 @@ class DataSync:
         return optimizer
 
     # --- start and checkpoints ----------------------------------------------------------------
-    def start_fresh(self) -> None:
-        """The set's first rank's weights everywhere in the set (hvd.broadcast_parameters knows no
-        process sets: it would overwrite other sets' shards)."""
-        handles = [hvd.broadcast_async_(param.data, self.root, name=f"data.start.{name}", process_set=self.process_set)
-                   for name, param in self.model.named_parameters()]
-        for handle in handles:
-            hvd.synchronize(handle)
-
     def load(self, model_state: Dict[str, torch.Tensor], named_optimizer: Optional[dict]) -> None:
         """This rank's part of a checkpoint (local names): weights, and the plain optimizer's state."""
         load_model_state(self.model, model_state)
@@ -195,10 +187,10 @@ class LocalSGD(DataSync):
         average_parameters(self.model.parameters(), self.sync.param_average_backend, self.process_set)
 
 
-def build(module: torch.nn.Module, sync_cfg, accum_steps: int, process_set, root: int) -> DataSync:
+def build(module: torch.nn.Module, sync_cfg, accum_steps: int, process_set) -> DataSync:
     if not sync_cfg.gradient_allreduce:
-        return LocalSGD(module, sync_cfg, accum_steps, process_set, root)
+        return LocalSGD(module, sync_cfg, accum_steps, process_set)
     if sync_cfg.op == "adasum":
-        return Adasum(module, sync_cfg, accum_steps, process_set, root)
-    return Allreduce(module, sync_cfg, accum_steps, process_set, root)
+        return Adasum(module, sync_cfg, accum_steps, process_set)
+    return Allreduce(module, sync_cfg, accum_steps, process_set)
 

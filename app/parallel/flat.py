@@ -6,7 +6,7 @@ what is left of the model); the model's parameters become views into its `full` 
 this rank owns `full[start:end]`, the slice Horovod's reducescatter hands it: of n elements
 over s ranks, the first n % s ranks get one element more. A `Unit` is the FlatShards of one
 module, moved together in grouped collectives (one negotiation, one fused buffer)."""
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import horovod.torch as hvd
 import torch
@@ -21,8 +21,14 @@ def split_sizes(numel: int, size: int) -> List[int]:
 
 
 class FlatShard:
+    """`initial` (a fresh model's, app/parallel/model_part.py): a parameter's box of its seeded
+    global tensor, for parameters that are empty shells of their shape. Stages 1-2 then write each
+    box into the whole buffer; stage 3 copies into its slice only the part of each box that falls
+    in it, and has no buffer until its first gather, so building never holds the whole unit.
+    Otherwise (loaded weights) the parameters are flattened as they are."""
+
     def __init__(self, params: List[torch.nn.Parameter], group: int, process_set, shard_is_view: bool,
-                 counted: bool = True):
+                 counted: bool = True, initial: Optional[Callable[[torch.nn.Parameter], torch.Tensor]] = None):
         if any(p.dtype != torch.float32 for p in params):
             raise ValueError("ZeRO keeps fp32 parameters (bf16 is autocast's compute type); build the model in "
                              "fp32 or use parallel.zero_stage=0")
@@ -33,10 +39,6 @@ class FlatShard:
         counts = split_sizes(self.numel, process_set.size())
         self.start = sum(counts[: process_set.rank()])
         self.end = self.start + counts[process_set.rank()]
-        with torch.no_grad():
-            self.full = torch.cat([p.detach().reshape(-1) for p in params])
-            for param, view in zip(params, self.full.split(self.numels)):
-                param.data = view.view_as(param)
         # Stages 1-2 keep the whole buffer, so the optimizer can step on a view of it; stage 3
         # frees the buffer between uses, so the rank's slice must live on its own.
         self.shard_is_view = shard_is_view
@@ -46,8 +48,36 @@ class FlatShard:
         self.grads_are_views = False
         self.slot_of = {id(p): i for i, p in enumerate(params)}
         self.offsets = [sum(self.numels[:i]) for i in range(len(params))]
-        owned = self.full[self.start : self.end]
-        self.shard = torch.nn.Parameter(owned if shard_is_view else owned.clone())
+        with torch.no_grad():
+            if initial is None:
+                self._bind(torch.cat([p.detach().reshape(-1) for p in params]))
+            elif shard_is_view:
+                self._bind(torch.empty(self.numel, device=params[0].device))
+                for param in params:
+                    param.copy_(initial(param))
+            else:
+                self.full = torch.empty(0, device=params[0].device)  # sized at its first gather
+                self.shard = torch.nn.Parameter(self._initial_slice(initial))
+                return
+            owned = self.full[self.start : self.end]
+            self.shard = torch.nn.Parameter(owned if shard_is_view else owned.clone())
+            if not shard_is_view:  # the rank's slice is its own; the unit is gathered when used
+                self.free()
+
+    def _bind(self, full: torch.Tensor) -> None:
+        """`full` becomes the buffer and the parameters views of it."""
+        self.full = full
+        for param, view in zip(self.params, full.split(self.numels)):
+            param.data = view.view_as(param)
+
+    def _initial_slice(self, initial) -> torch.Tensor:
+        """This rank's slice of the unit's fresh parameters, each box drawn only if it overlaps it."""
+        shard = torch.empty(self.end - self.start, device=self.params[0].device)
+        for param, offset, numel in zip(self.params, self.offsets, self.numels):
+            low, high = max(offset, self.start), min(offset + numel, self.end)
+            if low < high:
+                shard[low - self.start : high - self.start] = initial(param).reshape(-1)[low - offset : high - offset]
+        return shard
 
     # --- the full buffer ----------------------------------------------------------------------
     @property
@@ -59,12 +89,18 @@ class FlatShard:
         # at this storage and see the data again once `fill` reallocates it.
         self.full.untyped_storage().resize_(0)
 
+    def allocate(self) -> None:
+        """Stage 3: the full buffer's storage back, its contents undefined until written."""
+        if self.full.numel() != self.numel:  # a fresh model's first use: the parameters become views
+            self._bind(torch.empty(self.numel, device=self.full.device))
+        elif not self.materialized:
+            self.full.untyped_storage().resize_(self.numel * self.full.element_size())
+
     def fill(self, gathered: torch.Tensor) -> None:
         if self.shard_is_view:
             self._adopt(gathered)
             return
-        if not self.materialized:
-            self.full.untyped_storage().resize_(self.numel * self.full.element_size())
+        self.allocate()
         # Through .data: a refill between forward and backward must not bump the version
         # counter autograd checks on the views it saved.
         self.full.data.copy_(gathered)
@@ -74,13 +110,11 @@ class FlatShard:
         rank's slice views of it: no copy of the whole model a step. Between a step and the next
         forward no autograd graph holds the old buffer's views; the optimizer state stays with
         the slice's Parameter object, whose data alone moves."""
-        self.full = gathered
-        for param, view in zip(self.params, gathered.split(self.numels)):
-            param.data = view.view_as(param)
+        self._bind(gathered)
         self.shard.data = gathered[self.start : self.end]
 
     def take_shard(self) -> None:
-        """After the full buffer was loaded or broadcast: a stage-3 slice copies it in."""
+        """After the full buffer was loaded: a stage-3 slice copies it in."""
         if not self.shard_is_view:
             self.shard.data.copy_(self.full[self.start : self.end])
 

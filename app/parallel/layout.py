@@ -58,12 +58,12 @@ class Layout(Parallelism):
         return self.optimizer
 
     def start(self, reader) -> None:
-        """Fresh: each data set takes its first rank's weights. Resuming: each rank reads its own
-        boxes of the weights and of the plain optimizer's state from the checkpoint `reader`
+        """Fresh: nothing to send, every rank built the same weights (per-tensor seeded draws,
+        app/initialization.py, or the same model.init_from files). Resuming: each rank reads its
+        own boxes of the weights and of the plain optimizer's state from the checkpoint `reader`
         (app.checkpoint.Reader), whatever layout wrote it; local SGD's per-rank replicas, saved
         by the same layout on as many ranks, continue exactly."""
         if reader is None:
-            self.data.start_fresh()
             return
         weights = {local: reader.weight(p) for local, p in self.part.placements.items()}
         state = {local: reader.state(p) for local, p in self.part.placements.items()}

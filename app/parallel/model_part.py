@@ -5,12 +5,17 @@ which is all that checkpoints, clipping and the rebuilt whole model read of the 
 
 (The tensor split runs on the whole model before the cut, so the stage's modules are already the
 split ones; the cut only chooses which of them this rank runs.)
+
+A fresh model arrives on the meta device and is split and cut there; `materialize` then makes
+real only what this rank holds, each parameter its box of the seeded global tensor
+(app/initialization.py), so building peaks at the rank's share plus one global tensor.
 """
 from typing import Dict, Optional
 
 import torch
 
 from app import dist
+from app.initialization import Initializer, materialize_buffers
 from app.parallel.placement import Placement
 from app.parallel.stages import Stage
 from app.parallel.tensor import parallelize
@@ -22,6 +27,7 @@ class ModelPart:
         mesh = dist.mesh()
         self.mesh, self.coordinates = mesh, mesh.coordinates(dist.rank())
         self.whole = model  # the plain model object: split in place, and its other stages freed
+        self.initializer: Optional[Initializer] = None  # a fresh model's, once materialized
         self.tensor_group: Optional[TensorGroup] = None
         splits: Dict[str, int] = {}
         if mesh.tensor > 1:
@@ -54,6 +60,27 @@ class ModelPart:
         shape = list(param.shape)
         shape[dim] *= parts
         return Placement.whole(name, shape, replicated).split(dim, parts, self.coordinates["tensor"], "tensor")
+
+    # --- a fresh model, built on the meta device -------------------------------------------------
+    def materialize(self, initializer: Initializer, device: torch.device, values: bool) -> None:
+        """This rank's meta tensors made real on `device`: its buffers computed, and each parameter
+        its box of the seeded global tensor (`values`), or an empty shell of its shape that ZeRO
+        fills slice by slice (app/parallel/flat.py). Swapped in place (torch.utils.swap_tensors),
+        so the Parameter objects, and the ties between them, stay."""
+        self.initializer = initializer
+        materialize_buffers(self.whole, self.module.modules(), device)
+        for local, param in self.module.named_parameters():
+            real = torch.empty(param.shape, dtype=param.dtype, device=device)
+            if values:
+                real.copy_(self.initial_value(local))
+            else:
+                real.untyped_storage().resize_(0)
+            torch.utils.swap_tensors(param, torch.nn.Parameter(real, requires_grad=param.requires_grad))
+
+    def initial_value(self, local_name: str) -> torch.Tensor:
+        """This rank's box of a parameter's fresh global tensor (a CPU view of it)."""
+        placement = self.placements[local_name]
+        return self.initializer.tensor(placement.name)[placement.box]
 
     # --- what the layout asks of the part ---------------------------------------------------------
     @property

@@ -58,11 +58,11 @@ MAX_GATHERS_IN_FLIGHT = 2
 
 
 def build_units(model, groups: List[dict], layers: List[torch.nn.Module], process_set, shard_is_view: bool,
-                counted: Callable[[torch.nn.Parameter], bool]):
+                counted: Callable[[torch.nn.Parameter], bool], initial=None):
     """Unit 0 is the model minus `layers`; unit i + 1 is layers[i]. Within a unit, one FlatShard
     per optimizer group and per `counted` (whether the parameter's squares count in a global
     norm on this rank: a tensor-replicated one only on the tensor set's first rank), its
-    parameters in the optimizer's order."""
+    parameters in the optimizer's order; a fresh model's filled from `initial`, a unit at a time."""
     unit_of = {id(p): i + 1 for i, layer in enumerate(layers) for p in layer.parameters()}
     units = []
     for u in range(len(layers) + 1):
@@ -72,7 +72,7 @@ def build_units(model, groups: List[dict], layers: List[torch.nn.Module], proces
             for kind in (True, False):
                 params = [p for p in mine if counted(p) == kind]
                 if params:
-                    flats.append(FlatShard(params, g, process_set, shard_is_view, counted=kind))
+                    flats.append(FlatShard(params, g, process_set, shard_is_view, counted=kind, initial=initial))
         units.append(Unit(u, model if u == 0 else layers[u - 1], flats, process_set))
     return units
 
@@ -89,12 +89,15 @@ def local_optimizer(plain: torch.optim.Optimizer, shards_per_group: List[List[to
 class Zero(DataSync):
     sharded = True
 
-    def __init__(self, model: torch.nn.Module, stage: int, sync_cfg, grad_accum_steps: int, process_set, root: int,
-                 pipelined: bool = False, counted: Callable[[str], bool] = lambda name: True):
-        super().__init__(model, sync_cfg, grad_accum_steps, process_set, root)
+    def __init__(self, model: torch.nn.Module, stage: int, sync_cfg, grad_accum_steps: int, process_set,
+                 pipelined: bool = False, counted: Callable[[str], bool] = lambda name: True,
+                 initial: Optional[Callable[[str], torch.Tensor]] = None):
+        super().__init__(model, sync_cfg, grad_accum_steps, process_set)
         self.stage, self.pipelined = stage, pipelined
         names = {id(p): name for name, p in model.named_parameters()}
         self.counted = lambda param: counted(names[id(param)])
+        # A fresh model's parameters are empty shells: each box by local name (ModelPart.initial_value).
+        self.initial = None if initial is None else (lambda param: initial(names[id(param)]))
         # Stage 1 keeps whole gradients, summed over the micro-batches in place: a unit is reduced
         # once its parameters' last micro-batch is in. Stages 2-3 reduce each micro-batch's, but
         # under a pipeline once per step.
@@ -122,7 +125,7 @@ class Zero(DataSync):
 
     def wrap_optimizer(self, optimizer):
         self.units = build_units(self.model, optimizer.param_groups, self.layers, self.process_set,
-                                 shard_is_view=self.stage < 3, counted=self.counted)
+                                 shard_is_view=self.stage < 3, counted=self.counted, initial=self.initial)
         shards = [[f.shard for f in self.flats if f.group == g] for g in range(len(optimizer.param_groups))]
         self.optimizer = local_optimizer(optimizer, shards)
         if self.stage == 1:
@@ -135,20 +138,12 @@ class Zero(DataSync):
         return self.optimizer
 
     # --- start and checkpoints ----------------------------------------------------------------
-    def start_fresh(self) -> None:
-        """The set's first rank's weights to every member's full buffers; each keeps its slice."""
-        with torch.no_grad():
-            for unit in self.units:
-                for flat in unit.flats:
-                    hvd.broadcast_(flat.full, root_rank=self.root, name=f"zero.start.{unit.index}.{flat.group}."
-                                   f"{int(flat.counted)}", process_set=self.process_set)
-            for name, buffer in self.model.named_buffers():
-                hvd.broadcast_(buffer, root_rank=self.root, name=f"zero.buffer.{name}", process_set=self.process_set)
-        self._take_shards()
-
     def load(self, model_state: Dict[str, torch.Tensor], named_optimizer: Optional[dict]) -> None:
         """This rank's part of a checkpoint into the full buffers (parameters are views of them),
         each keeping its slice; the plain optimizer's by-name state cut into the slices."""
+        if self.stage == 3:
+            for flat in self.flats:
+                flat.allocate()
         load_model_state(self.model, model_state)
         self._take_shards()
         if named_optimizer is not None:

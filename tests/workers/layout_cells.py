@@ -2,7 +2,9 @@
 Horovod start-up serve them all), each trained from scratch, or resumed from a checkpoint, with the
 trainer's own step (app/step.py) and learning-rate schedule, as the loop runs them. Each cell
 ends with a real checkpoint, every rank writing its boxes; rank 0 saves the whole model and
-optimizer state read back from it, every step's loss, gradient norm and number of ZeRO reduce-scatters and allgathers, and
+optimizer state read back from it, every step's loss, gradient norm and number of ZeRO
+reduce-scatters and allgathers, every box every rank holds of the fresh model before its first
+step (its placement and values), and
 where the cell asks, each rank's coordinates, checksum of its tensor-replicated parameters and
 CPU RNG state (ZeRO-3 cells cannot: their parameters are freed between steps) and the task's
 evaluation at the end, to OUT/<cell>.pt; a cell may also write a real checkpoint at a step, for
@@ -51,6 +53,7 @@ hvd.grouped_allgather_async = counting(hvd.grouped_allgather_async, "gathers")
 
 def run_cell(out: Path, cell: dict) -> None:
     cfg, training = start_training({"overrides": cell["overrides"], "threads": 1}, fresh=not cell.get("resume"))
+    initial = hvd.allgather_object(fresh_boxes(training.parallel), name=f"layout_cells.initial.{cell['name']}")
     run_dir = out / cell["name"]
     state = checkpoint.TrainState(world_size=dist.size(), model_signature=checkpoint.model_signature(training.model),
                                   tokenizer_sha256=training.task.tokenizer_sha256,
@@ -100,9 +103,16 @@ def run_cell(out: Path, cell: dict) -> None:
     if dist.is_main():
         final = checkpoint.latest(run_dir)
         torch.save({"model": checkpoint.read_weights(final), "optimizer": checkpoint.load_optimizer_state(final),
-                    "steps": rows, "ranks": ranks,
+                    "steps": rows, "ranks": ranks, "initial": initial,
                     "evaluated": evaluated, "scaling": scaling, "tied_difference": tied_difference,
                     "layout": training.parallel.layout()}, out / f"{cell['name']}.pt")
+
+
+def fresh_boxes(layout) -> list:
+    """(placement, values) of every parameter this rank holds, as built (ZeRO-3 slices gathered
+    over the data set: its part is whole only if every rank's slices are right)."""
+    with layout.data.whole_part() as part:
+        return [(layout.part.placements[name], param.detach().clone()) for name, param in part.named_parameters()]
 
 
 def evaluate(training, batches: dict) -> dict:

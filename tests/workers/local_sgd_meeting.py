@@ -18,9 +18,8 @@ sync_cfg = OmegaConf.merge(OmegaConf.structured(config.SyncConfig), {
     "param_average_backend": backend})
 torch.manual_seed(0)
 model = torch.nn.Linear(8, 4)
-layout = LocalSGD(model, sync_cfg, accum_steps=1, process_set=hvd.global_process_set, root=0)
+layout = LocalSGD(model, sync_cfg, accum_steps=1, process_set=hvd.global_process_set)
 layout.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
-layout.start_fresh()
 generator = torch.Generator().manual_seed(100 + dist.rank())  # each rank its own data
 
 
