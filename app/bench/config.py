@@ -232,6 +232,12 @@ BENCH_SECTIONS = ("peak", "throughput", "bandwidth", "fusion", "breakdown", "pip
 
 
 def validate(cfg: BenchConfig) -> None:
+    _check_choices(cfg)
+    _check_positive(cfg)
+    _check_relations(cfg)
+
+
+def _check_choices(cfg: BenchConfig) -> None:
     precisions = ("fp32", "bf16")
     for key, values, allowed in (
         ("sections", cfg.sections, BENCH_SECTIONS),
@@ -256,6 +262,9 @@ def validate(cfg: BenchConfig) -> None:
         for value in values:
             if value not in allowed:
                 raise ConfigError(f"{key} has {value!r}, not one of {', '.join(allowed)}")
+
+
+def _check_positive(cfg: BenchConfig) -> None:
     positive = {
         "throughput.measure_steps": cfg.throughput.measure_steps,
         "throughput.ddp_processes": cfg.throughput.ddp_processes,
@@ -282,6 +291,9 @@ def validate(cfg: BenchConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
+
+
+def _check_relations(cfg: BenchConfig) -> None:
     if cfg.pipeline.stages < 2:
         raise ConfigError(f"pipeline.stages={cfg.pipeline.stages} must be at least 2")
     if cfg.tensor.tensor < 2 or cfg.tensor.processes % cfg.tensor.tensor or cfg.tensor.global_batch % cfg.tensor.processes:
