@@ -62,6 +62,11 @@ def load_pretrained(model_class, init_from: str, **extra):
     transformers 5 a bf16 checkpoint (most published LLaMAs) would otherwise stay bf16, which
     Horovod's collectives refuse and which would train with bf16 optimizer state."""
     source = init_source(init_from)
+    if torch.get_default_device().type == "meta":
+        # Shapes only, for counting and planning (app/plan builds on the meta device), where
+        # transformers refuses to load weights.
+        config, _ = transformers.AutoConfig.from_pretrained(source, return_unused_kwargs=True, **extra)
+        return model_class(config)
     if checkpoint.is_sharded(Path(source)):
         # Our checkpoints' weights are boxes by rank, which transformers cannot read: assembled here.
         config, loading = transformers.AutoConfig.from_pretrained(source, return_unused_kwargs=True, **extra)
