@@ -5,7 +5,8 @@
 # Two passes. The jobs spend much of their time starting interpreters (one import of torch and
 # transformers per rank) and waiting on each other, which leaves cores idle, so the first pass
 # runs TEST_WORKERS test files at a time (pytest-xdist; default 2, this machine's cores;
-# tests/conftest.py groups the tests by file). The second runs the tests marked serial alone.
+# --dist loadfile keeps each file on one worker, and tests/conftest.py puts the longest files
+# first). The second runs the tests marked serial alone.
 # Extra arguments go to both passes; a pass they select nothing from is skipped (pytest exit 5).
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -21,6 +22,6 @@ run_pass() {
 }
 
 status=0
-run_pass -n "$workers" --dist loadgroup -m "not serial" "$@" || status=$?
+run_pass -n "$workers" --dist loadfile -m "not serial" "$@" || status=$?
 run_pass -m serial "$@" || status=$?
 exit "$status"

@@ -215,19 +215,14 @@ def plain_shard(model, optimizer, extra=None, parts=1, index=0):
                     state, named["groups"], order, extra)
 
 
-# scripts/test.sh runs the suite on two pytest-xdist workers (--dist loadgroup), then the tests
-# marked serial alone. Each file is one group, so its module fixtures (the launches its tests
-# share) run once, on one worker. The files that start daemons of their own (SLURM's, the
-# network namespaces' sshd) form one group, so they never run beside each other. The files
-# with the longest launches go first: a long file scheduled last would leave the other worker idle.
-DAEMON_FILES = ("test_slurm", "test_multihost")
+# scripts/test.sh runs the suite on two pytest-xdist workers (--dist loadfile: each file on one
+# worker, so its module fixtures, the launches its tests share, and the daemons test_slurm and
+# test_multihost start run once), then the tests marked serial alone. The files with the longest
+# launches go first: a long file scheduled last would leave the other worker idle.
 LONGEST_FIRST = ("test_layouts", "test_bench", "test_zero", "test_checkpoint", "test_pipeline",
                  "test_tensor_parallel", "test_encoder_tensor", "test_train_horovod")
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        name = item.path.stem
-        item.add_marker(pytest.mark.xdist_group("daemons" if name in DAEMON_FILES else name))
     rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: file order otherwise
