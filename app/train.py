@@ -28,9 +28,6 @@ from omegaconf import OmegaConf
 from app import (allocator, checkpoint, cli, compilation, config, cores, dist, elastic, fileio, metrics, models,
                  optim, plan, prepare, runtime, stop, tokenizer)
 from app.plan import training as planning
-from app.plan.cell import from_config as planned_cell
-from app.plan.choose import Prediction
-from app.plan.profile import HardwareProfile
 from app.state_dicts import full_model_order
 from app.profiling import StepProfiler
 from app.step import PhaseTimer, StepOutput, Training, build_training, train_step
@@ -214,7 +211,7 @@ def finish_run(cfg, run_dir: Path, training: Training, state, last: dict, run: "
         identical = all(len({r["param_sha256"] for r in replicas if r["replica_group"] == group}) == 1
                         for group in {r["replica_group"] for r in replicas})
         log.info("parameters identical on all %d ranks holding the same part: %s", dist.size(), identical)
-        plan_block = planning.plan_block(run.prediction, run.hardware, replicas)
+        plan_block = run.plan.block(replicas)
         logger.scalars(state.step, planning.scalars(plan_block))
         log.info("plan: %s", plan_block)
         fileio.write_json(run_dir / "summary.json", {
@@ -249,10 +246,9 @@ class Run:
     after_step: Callable[[Window], None] = lambda window: None
     logger: metrics.NullLogger = field(default_factory=metrics.NullLogger)
     profiler: Optional[StepProfiler] = None  # train.profile_steps; rank 0 records
-    # The planner's prediction for this run (app/plan/training.py) and what the loop measured
-    # against it: each optimizer step's seconds on this rank, the compile warm-up left out.
-    prediction: Optional[Prediction] = None
-    hardware: Optional[HardwareProfile] = None
+    # The planner's prediction for this run (rank 0's: app/plan/training.py) and what the loop
+    # measured against it: each optimizer step's seconds on this rank, the compile warm-up left out.
+    plan: planning.PlannedRun = field(default_factory=planning.PlannedRun)
     step_seconds: List[float] = field(default_factory=list)
 
     def open_logger(self, step: int) -> None:
@@ -278,8 +274,6 @@ def train(cfg, run_dir: Path) -> dict:
     if cfg.train.elastic and dist.is_main():
         copy_tokenizer(cfg, run_dir)
     flops_per_token = training.flops_per_token
-    if cfg.parallel.auto:
-        log.info("parallel.auto: the planner picked %s", " ".join(planned_cell(cfg, dist.size()).overrides()))
     log.info("model %s: %.2fM parameters, %.1f MFLOPs/token; layout %s; compile %s", cfg.model.name,
              training.parameters / 1e6, flops_per_token / 1e6, training.parallel.layout(),
              config.compilation_mode(cfg.train.compile))
@@ -297,7 +291,8 @@ def train(cfg, run_dir: Path) -> dict:
     else:
         resume_or_start(cfg, run_dir, training, state)
     run = Run(run_dir, cfg.train.max_steps, cfg.train.progress_bar, flops_per_token, measure_peak(cfg, device), memory)
-    run.prediction, run.hardware = planning.predict_run(cfg, dist.size(), log.warning, log.info)
+    if dist.is_main() or cfg.train.elastic:  # rank 0 writes the plan block; an elastic world's rank 0 may change
+        run.plan = planning.predict_run(cfg, dist.size(), log.warning, log.info)
     run.open_logger(state.step)
     run.logger.text("config", "```\n" + OmegaConf.to_yaml(cfg) + "\n```")
     timeline = dist.start_timeline(run_dir)

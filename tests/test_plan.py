@@ -167,6 +167,7 @@ def test_parallel_auto_trains_the_planners_pick(auto_run):
         key, value = override.split("=", 1)
         section, name = key.split(".")
         assert f"\n  {name}: {value}\n" in saved, override
+    assert f"parallel.auto: the planner picked {' '.join(pick.cell.overrides())}" in (run_dir / "train.log").read_text()
 
 
 def test_every_run_reports_its_prediction_beside_what_it_measured(auto_run):

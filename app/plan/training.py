@@ -9,6 +9,7 @@ which can differ between unlike hosts: set plan.memory_gib for those.
 import math
 import os
 import statistics
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
 from app import cli, config, dist
@@ -52,37 +53,47 @@ def auto_argv(argv: List[str]) -> List[str]:
     return [arg for arg in argv if arg.split("=", 1)[0].lstrip("+~") not in keys] + chosen
 
 
-def predict_run(cfg, world: int, warn: Callable[[str], None], note: Callable[[str], None]
-                ) -> Tuple[Optional[choose.Prediction], Optional[profile.HardwareProfile]]:
-    """This run's own cell predicted, and the profile that predicted it; (None, None) when the
-    profile cannot be read (the run goes on: its plan block then holds measurements only). An
-    uncalibrated profile is noted, not warned of: the run did not ask for a plan."""
+@dataclass
+class PlannedRun:
+    """This run as the planner predicted it: its own cell's prediction and the profile behind it,
+    both None where no prediction was made (a rank other than 0, or an unreadable profile)."""
+    prediction: Optional[choose.Prediction] = None
+    hardware: Optional[profile.HardwareProfile] = None
+
+    def block(self, replicas: List[dict]) -> dict:
+        """summary.json's plan block: predicted against measured step time and peak memory (the
+        slowest rank's median step, the fullest rank's peak)."""
+        prediction, hardware = self.prediction, self.hardware
+        medians = [r["median_step_s"] for r in replicas if r["median_step_s"] is not None]
+        return {
+            "predicted_step_s": prediction.step_s if prediction else None,
+            "measured_step_s": max(medians) if medians else None,
+            "predicted_peak_bytes": prediction.peak_bytes if prediction else None,
+            "measured_peak_bytes": max(r["memory"]["training_peak_bytes"] for r in replicas),
+            "cell": prediction.cell.name() if prediction else None,
+            "profile": hardware.name if hardware else None,
+            "calibrated": hardware.calibrated if hardware else False,
+            "validated": hardware.validated if hardware else False,
+        }
+
+
+def predict_run(cfg, world: int, warn: Callable[[str], None], note: Callable[[str], None]) -> PlannedRun:
+    """This run's own cell predicted (under parallel.auto, the cell main's pick composed, noted
+    as the pick). An unreadable profile leaves it unpredicted: the run goes on, its plan block
+    holding measurements only. An uncalibrated profile is noted, not warned of: the run did not
+    ask for a plan."""
+    cell = from_config(cfg, world)
+    if cfg.parallel.auto:
+        note(f"parallel.auto: the planner picked {' '.join(cell.overrides())}")
     try:
         hardware = profile.load(cfg.plan)
         planner = choose.Planner(cfg, hardware)
     except config.ConfigError as error:
         warn(f"no prediction for this run: {error}")
-        return None, None
+        return PlannedRun()
     if not hardware.calibrated or not hardware.validated:
         note(f"the plan block's predictions come from {profile.describe(hardware)}")
-    return planner.predict(from_config(cfg, world)), hardware
-
-
-def plan_block(prediction: Optional[choose.Prediction], hardware: Optional[profile.HardwareProfile],
-               replicas: List[dict]) -> dict:
-    """summary.json's plan block: predicted against measured step time and peak memory (the
-    slowest rank's median step, the fullest rank's peak)."""
-    medians = [r["median_step_s"] for r in replicas if r["median_step_s"] is not None]
-    return {
-        "predicted_step_s": prediction.step_s if prediction else None,
-        "measured_step_s": max(medians) if medians else None,
-        "predicted_peak_bytes": prediction.peak_bytes if prediction else None,
-        "measured_peak_bytes": max(r["memory"]["training_peak_bytes"] for r in replicas),
-        "cell": prediction.cell.name() if prediction else None,
-        "profile": hardware.name if hardware else None,
-        "calibrated": hardware.calibrated if hardware else False,
-        "validated": hardware.validated if hardware else False,
-    }
+    return PlannedRun(planner.predict(cell), hardware)
 
 
 def median_step_s(step_seconds: List[float]) -> Optional[float]:
