@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from app import checkpoint, config, export, metrics, models, optim, sharded_checkpoint
 from app.parallel.placement import Placement
 from app.state_dicts import full_model_order
-from conftest import ROOT, plain_shard, run_job, tensorboard_scalars
+from conftest import ROOT, plain_shard, read_metrics, run_job, tensorboard_scalars
 
 
 def tiny_model_and_optimizer():
@@ -454,10 +454,6 @@ def test_rng_state_on_a_gpu_carries_that_device_generator(monkeypatch):
     assert generators[1].tolist() == [7]
 
 
-def jsonl_rows(run_dir: Path) -> list:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_a_resumed_run_logs_each_step_once_in_jsonl_and_tensorboard(tmp_path):
     crashed = metrics.RunLogger(tmp_path, total_steps=10, initial_step=0, progress_bar=False)
     for step in (2, 4, 6, 8):
@@ -472,11 +468,11 @@ def test_a_resumed_run_logs_each_step_once_in_jsonl_and_tensorboard(tmp_path):
     resumed.close()
 
     expected = {2: 2.0, 4: 4.0, 6: 6.5, 8: 8.5, 10: 10.5}
-    assert [(row["step"], row["train/loss"]) for row in jsonl_rows(tmp_path)] == list(expected.items())
+    assert [(row["step"], row["train/loss"]) for row in read_metrics(tmp_path)] == list(expected.items())
     assert tensorboard_scalars(tmp_path, "train/loss") == list(expected.items())
 
 
 def test_a_fresh_run_keeps_rows_at_step_0(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 0, "note": 1}\n')
     metrics.RunLogger(tmp_path, total_steps=10, initial_step=0, progress_bar=False).close()
-    assert jsonl_rows(tmp_path) == [{"step": 0, "note": 1}]
+    assert read_metrics(tmp_path) == [{"step": 0, "note": 1}]
