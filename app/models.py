@@ -2,7 +2,9 @@
 parameters and training FLOPs. Knows nothing of Horovod."""
 import hashlib
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,35 +59,61 @@ def init_source(init_from: str) -> str:
     return str(path)
 
 
-def load_pretrained(model_class, init_from: str, **extra):
-    """model.init_from's weights in float32, whatever dtype they were saved in: under
-    transformers 5 a bf16 checkpoint (most published LLaMAs) would otherwise stay bf16, which
-    Horovod's collectives refuse and which would train with bf16 optimizer state."""
+@dataclass(frozen=True)
+class Architecture:
+    """A model to build: its class and transformers config, the preset's or model.init_from's
+    (whose weights `build` then loads)."""
+    model_class: type
+    config: transformers.PretrainedConfig
+    init_from: Optional[str] = None  # a verified source (init_source)
+    loading: dict = field(default_factory=dict)  # from_pretrained's loading arguments
+
+    def build(self) -> torch.nn.Module:
+        """The model on the default device: model.init_from's weights, else transformers'
+        initialisation of the config (the meta device gives shapes without storage)."""
+        if self.init_from is None:
+            return self.model_class(self.config)
+        return load_pretrained(self.model_class, self.config, self.init_from, self.loading)
+
+    def shapes(self) -> torch.nn.Module:
+        """Every tensor on the meta device, nothing loaded: the model's shapes, whatever its
+        size, for counting and planning."""
+        with torch.device("meta"):
+            return self.model_class(self.config)
+
+
+def pretrained(model_class, init_from: str, **extra) -> Architecture:
+    """model.init_from's architecture; `extra` are from_pretrained's arguments (config ones like
+    num_labels go to the config, the rest to loading)."""
     source = init_source(init_from)
-    if torch.get_default_device().type == "meta":
-        # Shapes only, for counting and planning (app/plan builds on the meta device), where
-        # transformers refuses to load weights.
-        config, _ = transformers.AutoConfig.from_pretrained(source, return_unused_kwargs=True, **extra)
-        return model_class(config)
-    if checkpoint.is_sharded(Path(source)):
-        # Our checkpoints' weights are boxes by rank, which transformers cannot read: assembled here.
-        config, loading = transformers.AutoConfig.from_pretrained(source, return_unused_kwargs=True, **extra)
-        model = model_class.from_pretrained(None, config=config, state_dict=checkpoint.read_weights(Path(source)),
-                                            dtype=torch.float32, **loading)
-    else:
-        model = model_class.from_pretrained(source, dtype=torch.float32, **extra)
+    config, loading = transformers.AutoConfig.from_pretrained(source, return_unused_kwargs=True, **extra)
+    return Architecture(model_class, config, source, loading)
+
+
+def load_pretrained(model_class, config, source: str, loading: dict):
+    """The source's weights in float32, whatever dtype they were saved in: under transformers 5
+    a bf16 checkpoint (most published LLaMAs) would otherwise stay bf16, which Horovod's
+    collectives refuse and which would train with bf16 optimizer state."""
+    # Our checkpoints' weights are boxes by rank, which transformers cannot read: assembled here.
+    state_dict = checkpoint.read_weights(Path(source)) if checkpoint.is_sharded(Path(source)) else None
+    model = model_class.from_pretrained(None if state_dict is not None else source, config=config,
+                                        state_dict=state_dict, dtype=torch.float32, **loading)
     log.info("model.init_from: %s loaded from %s (%s parameters, float32)", model_class.__name__, source,
              f"{count_parameters(model):,}")
     return model
 
 
-def build_causal_lm(model_cfg, vocab_size: int) -> LlamaForCausalLM:
+def causal_lm(model_cfg, vocab_size: int) -> Architecture:
     if model_cfg.init_from:
-        return load_pretrained(LlamaForCausalLM, model_cfg.init_from)
+        return pretrained(LlamaForCausalLM, model_cfg.init_from)
     config = llama_config(model_cfg, resolve_vocab_size(model_cfg, vocab_size))
     # sdpa is the fused attention kernel; eager would materialise the T x T matrix in Python ops.
     config._attn_implementation = "sdpa"
-    return LlamaForCausalLM(config)
+    return Architecture(LlamaForCausalLM, config)
+
+
+def build_causal_lm(model_cfg, vocab_size: int) -> LlamaForCausalLM:
+    return causal_lm(model_cfg, vocab_size).build()
 
 
 def bert_config(model_cfg, vocab_size: int, pad_token_id: int, num_labels: int) -> BertConfig:
@@ -105,16 +133,20 @@ def bert_config(model_cfg, vocab_size: int, pad_token_id: int, num_labels: int) 
     )
 
 
-def build_encoder(model_cfg, vocab_size: int, pad_token_id: int, task: str, num_labels: int = 2):
+def encoder(model_cfg, vocab_size: int, pad_token_id: int, task: str, num_labels: int = 2) -> Architecture:
     """BertForSequenceClassification (task=classify) or BertForMaskedLM (task=mlm). From an
     MLM checkpoint, a classifier keeps the encoder and starts a fresh classification head."""
     model_class = BertForSequenceClassification if task == "classify" else BertForMaskedLM
     if model_cfg.init_from:
         extra = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if task == "classify" else {}
-        return load_pretrained(model_class, model_cfg.init_from, **extra)
+        return pretrained(model_class, model_cfg.init_from, **extra)
     config = bert_config(model_cfg, resolve_vocab_size(model_cfg, vocab_size), pad_token_id, num_labels)
     config._attn_implementation = "sdpa"
-    return model_class(config)
+    return Architecture(model_class, config)
+
+
+def build_encoder(model_cfg, vocab_size: int, pad_token_id: int, task: str, num_labels: int = 2):
+    return encoder(model_cfg, vocab_size, pad_token_id, task, num_labels).build()
 
 
 def causal_lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

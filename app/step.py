@@ -105,13 +105,12 @@ def plain_model(task: tasks.Task, cfg, device: torch.device) -> Tuple[torch.nn.M
     only what it holds (app/parallel/model_part.py). model.init_from's weights load on `device`
     as they are."""
     if not cfg.model.init_from:
-        with torch.device("meta"):
-            model = task.build_model()
+        model = task.architecture().shapes()
         return model, Initializer(model, cfg.train.seed)
     # A classifier's fresh head on a pretrained encoder is drawn by transformers from the global
     # RNG: seeded alike, every rank draws the same.
     torch.manual_seed(cfg.train.seed)
-    return task.build_model().to(device), None
+    return task.architecture().build().to(device), None
 
 
 def build_training(cfg, device: torch.device) -> Training:

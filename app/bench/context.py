@@ -48,7 +48,7 @@ def build(bench_cfg, out_dir: Path, log=print) -> Context:
         raise ValueError(f"the benchmark measures causal-LM training (task=clm); got task={train_cfg.task}")
     prepare.prepare_data(train_cfg.data, log=log)
     task = tasks.build(train_cfg, rank=0, world=1)
-    model = task.build_model()
+    model = task.architecture().shapes()  # counted, never run
     cores = available_cores()
     max_processes = bench_cfg.max_processes or cores
     return Context(

@@ -98,7 +98,7 @@ def targets(runs: list) -> list:
 def measure(ctx: Context, log=print) -> dict:
     mem = ctx.bench.memory
     cfg = cli.compose_config(training_overrides(ctx))
-    parameters = models.count_parameters(tasks.build(cfg, rank=0, world=1).build_model())
+    parameters = models.count_parameters(tasks.build(cfg, rank=0, world=1).architecture().shapes())
     optimizer_bytes = plan.optimizer_bytes_per_parameter(cfg.optim.name, cfg.optim.momentum)
     runs = []
     for checkpointing in mem.activation_checkpointing:

@@ -33,10 +33,9 @@ def model_state_bytes(parameters: int, stage: int, world: int, optimizer_bytes: 
 def meta_model(cfg) -> torch.nn.Module:
     """The configured model built on the meta device: no memory, whatever its size."""
     vocab = cfg.model.vocab_size or cfg.data.vocab_size  # the tokenizer is trained to data.vocab_size
-    with torch.device("meta"):
-        if cfg.model.family == "llama":
-            return models.build_causal_lm(cfg.model, vocab)
-        return models.build_encoder(cfg.model, vocab, 0, cfg.task, cfg.model.num_labels or 2)
+    if cfg.model.family == "llama":
+        return models.causal_lm(cfg.model, vocab).shapes()
+    return models.encoder(cfg.model, vocab, 0, cfg.task, cfg.model.num_labels or 2).shapes()
 
 
 def count_parameters(cfg) -> int:

@@ -6,6 +6,7 @@ from typing import Protocol, Tuple
 import torch
 
 from app.data import RankStream
+from app.models import Architecture
 from app.tasks.clm import CausalLM
 from app.tasks.encoder import Classify, MaskedLM
 
@@ -14,8 +15,8 @@ class Task(Protocol):
     stream: RankStream  # this rank's slice of the global sample stream
     tokenizer_sha256: str  # checkpoints refuse to resume with another tokenizer
 
-    def build_model(self) -> torch.nn.Module:
-        """A plain Hugging Face model; parallelism is applied from outside (app/parallel)."""
+    def architecture(self) -> Architecture:
+        """The plain Hugging Face model to build; parallelism is applied from outside (app/parallel)."""
 
     def flops_per_token(self, model: torch.nn.Module) -> float:
         """Training FLOPs per token, for MFU."""

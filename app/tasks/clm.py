@@ -38,8 +38,8 @@ class CausalLM:
                                               cfg.train.seed, split)
         self.stream = data.RankStream(train, rank, world, cfg.train.micro_batch_size, cfg.train.grad_accum_steps)
 
-    def build_model(self):
-        return models.build_causal_lm(self.cfg.model, self.vocab_size)
+    def architecture(self) -> models.Architecture:
+        return models.causal_lm(self.cfg.model, self.vocab_size)
 
     def flops_per_token(self, model) -> float:
         return models.flops_per_token(model, self.cfg.model.num_layers, self.cfg.model.hidden_size, self.seq_len)

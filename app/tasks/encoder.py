@@ -73,8 +73,8 @@ class EncoderTask:
 
 
 class Classify(EncoderTask):
-    def build_model(self):
-        return models.build_encoder(self.cfg.model, self.vocab_size, self.pad_token_id, "classify",
+    def architecture(self) -> models.Architecture:
+        return models.encoder(self.cfg.model, self.vocab_size, self.pad_token_id, "classify",
                                     self.cfg.model.num_labels or len(self.labels))
 
     @staticmethod
@@ -181,8 +181,8 @@ class MaskedLM(EncoderTask):
         self.masked_samples = MaskedSamples(self.train_samples, self.masker, cfg.train.seed)
         self.stream = self.rank_stream(self.masked_samples)
 
-    def build_model(self):
-        return models.build_encoder(self.cfg.model, self.vocab_size, self.pad_token_id, "mlm")
+    def architecture(self) -> models.Architecture:
+        return models.encoder(self.cfg.model, self.vocab_size, self.pad_token_id, "mlm")
 
     def micro_batch(self, samples_before: int, micro_step: int) -> dict:
         """The rank's micro-batch, with the factor that turns its summed token losses into its
