@@ -2,6 +2,7 @@
 it proposes nothing the trainer refuses or the memory cap excludes, a bad calibration cache is
 one line, and parallel.auto trains the planner's pick and reports the prediction beside what it
 measured."""
+import dataclasses
 import math
 import subprocess
 import sys
@@ -183,3 +184,35 @@ def test_every_run_reports_its_prediction_beside_what_it_measured(auto_run):
     [(_, logged)] = tensorboard_scalars(run_dir, "plan/measured_step_s")
     assert logged == pytest.approx(block["measured_step_s"], rel=1e-6)  # TensorBoard keeps float32
     assert not any(key.startswith("plan/") for row in read_metrics(run_dir) for key in row)
+
+
+def test_the_bench_fit_recovers_the_overlap_and_activation_factor_that_made_the_measurements():
+    """Rows 'measured' as the planner predicts them under known values: the fit finds those
+    values, in sample and held out by model, with no error left."""
+    from app.bench import planner as bench_planner
+    from app.bench.config import BenchPlannerConfig
+
+    true = {"backward_overlap": 0.3, "activation_factor": 1.25}
+    rows = []
+    for model in ("llama_tiny", "llama_small"):
+        for stage in (0, 1, 2):
+            overrides = [f"model={model}", f"parallel.zero_stage={stage}", "plan.hardware=cpu_default"]
+            planner_, cell = bench_planner.planner_of(overrides, 2)
+            planner_.profile = dataclasses.replace(planner_.profile, **true)
+            made = planner_.predict(cell)
+            rows.append({"model": model, "overrides": overrides, "processes": 2, "refused": None,
+                         "oversubscribed": False, "measured_step_s": made.step_s,
+                         "measured_peak_bytes": made.peak_bytes})
+    pc = BenchPlannerConfig(fit_overlap_range=[0.0, 1.0], fit_activation_factor_range=[0.5, 2.0], fit_steps=20)
+    fitted = bench_planner.fit(rows, pc)
+    assert fitted["backward_overlap"] == pytest.approx(true["backward_overlap"])
+    assert fitted["activation_factor"] == pytest.approx(true["activation_factor"])
+    assert fitted["median_step_error"] == pytest.approx(0, abs=1e-9)
+    assert fitted["median_memory_error"] == pytest.approx(0, abs=1e-9)
+    # Held out: llama_tiny's rows alone pin the overlap down; llama_small's compute hides its
+    # communication at any overlap above 0.05, so they cannot.
+    small = fitted["held_out"]["llama_small"]
+    assert small["backward_overlap"] == pytest.approx(true["backward_overlap"])
+    assert small["activation_factor"] == pytest.approx(true["activation_factor"])
+    assert small["median_step_error"] == pytest.approx(0, abs=1e-9)
+    assert fitted["held_out"]["llama_tiny"]["median_step_error"] > 0

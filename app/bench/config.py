@@ -179,6 +179,14 @@ class BenchPlannerConfig:
     repeats: int = 3
     # Memory caps per rank for the pick-quality cases (each with every model); null: no cap.
     memory_caps_gib: List[Optional[float]] = field(default_factory=lambda: [None, 0.6, 0.45])
+    # A previous run's bench.json whose planner rows are reused (nothing runs): each is predicted
+    # again with today's profile and code, e.g. after `python -m app.plan calibrate`.
+    measured: Optional[str] = None
+    # The grids over which the profile's backward_overlap and activation_factor are fitted to the
+    # measured rows: [low, high] in fit_steps equal steps.
+    fit_overlap_range: List[float] = field(default_factory=lambda: [0.0, 1.0])
+    fit_activation_factor_range: List[float] = field(default_factory=lambda: [0.5, 2.0])
+    fit_steps: int = 30
     # Targets, reported, never asserted (issue 27): median step-time error, rank correlation,
     # median peak-memory error, and the pick within this much of the fastest measured cell.
     max_step_error: float = 0.15
@@ -283,6 +291,7 @@ def _check_positive(cfg: BenchConfig) -> None:
         "layouts.micro_batches": cfg.layouts.micro_batches,
         "layouts.measure_steps": cfg.layouts.measure_steps,
         "planner.repeats": cfg.planner.repeats,
+        "planner.fit_steps": cfg.planner.fit_steps,
         "planner.grid.processes": cfg.planner.grid.processes,
         "planner.grid.global_batch": cfg.planner.grid.global_batch,
         "planner.grid.micro_batches": cfg.planner.grid.micro_batches,
@@ -308,3 +317,7 @@ def _check_relations(cfg: BenchConfig) -> None:
         raise ConfigError(f"bandwidth.min_bytes={cfg.bandwidth.min_bytes} must be a multiple of 4 (float32 elements)")
     if cfg.bandwidth.max_iterations < cfg.bandwidth.min_iterations:
         raise ConfigError("bandwidth.max_iterations must be at least bandwidth.min_iterations")
+    for key in ("fit_overlap_range", "fit_activation_factor_range"):
+        low_high = list(getattr(cfg.planner, key))
+        if len(low_high) != 2 or not 0 <= low_high[0] <= low_high[1]:
+            raise ConfigError(f"planner.{key}={low_high} must be [low, high] with 0 <= low <= high")

@@ -14,12 +14,18 @@ training run would (plan.cache, else cpu_default). Reported, per the issue's tar
   fastest predicted whose predicted peak fits) against the fastest measured cell that fits, and
   the plain rule's pick (data parallel if it fits, else the lowest ZeRO stage that fits, else the
   first pipeline cell that fits; fitting by measured peak, which favours the rule).
-Cells with more ranks than cores are flagged oversubscribed and left out of the pick cases.
+Cells with more ranks than cores are flagged oversubscribed and left out of the pick cases
+and the fit: the profile's two assumed numbers (backward_overlap, activation_factor) fitted to
+the measured rows, with each model's errors under the values fitted on the other models alone.
+planner.measured=<bench.json> predicts a previous run's rows again instead of running them (after
+a recalibration, or to try a profile's numbers).
 """
 import dataclasses
+import json
 import math
 import statistics
-from typing import Dict, List, Optional
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
@@ -27,7 +33,7 @@ from app import cli
 from app.bench import layouts
 from app.bench.context import Context
 from app.plan import choose, profile
-from app.plan.cell import from_config
+from app.plan.cell import Cell, from_config
 
 
 def _ranks(values: List[float]) -> List[float]:
@@ -61,14 +67,34 @@ def model_context(ctx: Context, model: str) -> Context:
     return dataclasses.replace(ctx, bench=bench)
 
 
-def predict(overrides: List[str], processes: int) -> choose.Prediction:
+def planner_of(overrides: List[str], processes: int) -> Tuple[choose.Planner, Cell]:
+    """The planner a training run with these overrides would use (its profile: plan.cache, else
+    plan.hardware), and the run's cell."""
     cfg = cli.compose_config(overrides)
-    return choose.Planner(cfg, profile.load(cfg.plan)).predict(from_config(cfg, processes))
+    return choose.Planner(cfg, profile.load(cfg.plan)), from_config(cfg, processes)
+
+
+def predict(overrides: List[str], processes: int) -> choose.Prediction:
+    planner, cell = planner_of(overrides, processes)
+    return planner.predict(cell)
+
+
+def remeasured_cells(path: str) -> List[dict]:
+    """A previous run's rows (planner.measured), each predicted again with today's profile."""
+    try:
+        rows = json.loads(Path(path).read_text())["planner"]["rows"]
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"planner.measured={path} is not a bench.json with a planner section ({error}); "
+                         "point it at a previous `python -m app.bench sections=[planner]` run's bench.json") from None
+    return [row if row["refused"] else {**row, **errors(predict(row["overrides"], row["processes"]), row)}
+            for row in rows]
 
 
 def measure_cells(ctx: Context, log) -> List[dict]:
     """Every (model, cell): its prediction and its measured runs' medians."""
     pc = ctx.bench.planner
+    if pc.measured:
+        return remeasured_cells(pc.measured)
     cells = layouts.selected_cells(pc.grid)
     plans = []
     for model in pc.models:
@@ -76,7 +102,8 @@ def measure_cells(ctx: Context, log) -> List[dict]:
         for cell in cells:
             overrides, row = layouts.cell_plan(model_ctx, cell)
             plans.append((model_ctx, OmegaConf.merge(cell, {"name": f"{model}-{cell.name}"}), overrides,
-                          {**row, "model": model, "cell": cell.name}, predict(overrides, row["processes"])))
+                          {**row, "model": model, "cell": cell.name, "overrides": overrides},
+                          predict(overrides, row["processes"])))
     runs: Dict[int, List[dict]] = {i: [] for i in range(len(plans))}
     for _ in range(pc.repeats):
         for index, (model_ctx, cell, overrides, row, _) in enumerate(plans):
@@ -87,12 +114,16 @@ def measure_cells(ctx: Context, log) -> List[dict]:
 def summarise(row: dict, prediction: choose.Prediction, runs: List[dict]) -> dict:
     if runs[0]["refused"]:
         return {**row, "refused": runs[0]["refused"]}
-    step = statistics.median(r["seconds_per_step"] for r in runs)
-    peak = statistics.median(r["max_peak_memory_bytes"] for r in runs)
-    return {**row, "refused": None, "runs": len(runs), "predicted_step_s": prediction.step_s,
-            "measured_step_s": step, "step_error": prediction.step_s / step - 1,
-            "predicted_peak_bytes": prediction.peak_bytes, "measured_peak_bytes": peak,
-            "memory_error": prediction.peak_bytes / peak - 1, "checkpointing": prediction.cell.checkpointing}
+    measured = {"measured_step_s": statistics.median(r["seconds_per_step"] for r in runs),
+                "measured_peak_bytes": statistics.median(r["max_peak_memory_bytes"] for r in runs)}
+    return {**row, "refused": None, "runs": len(runs), **measured, **errors(prediction, measured),
+            "checkpointing": prediction.cell.checkpointing}
+
+
+def errors(prediction: choose.Prediction, measured: dict) -> dict:
+    return {"predicted_step_s": prediction.step_s, "step_error": prediction.step_s / measured["measured_step_s"] - 1,
+            "predicted_peak_bytes": prediction.peak_bytes,
+            "memory_error": prediction.peak_bytes / measured["measured_peak_bytes"] - 1}
 
 
 def plain_rule(rows: List[dict], cap: float) -> Optional[dict]:
@@ -126,6 +157,61 @@ def pick_cases(rows: List[dict], pc) -> List[dict]:
     return cases
 
 
+def _grid(low_high: List[float], steps: int) -> List[float]:
+    low, high = low_high
+    return [low + (high - low) * i / steps for i in range(steps + 1)]
+
+
+def _abs_errors(entries, key: str, field_name: str, value: float) -> List[float]:
+    """The absolute errors over entries (planner, cell, row) with the profile's field set to value."""
+    found = []
+    for planner, cell, row in entries:
+        planner.profile = dataclasses.replace(planner.profile, **{field_name: value})
+        found.append(abs(errors(planner.predict(cell), row)[key]))
+    return found
+
+
+def _median_error(entries, key: str, field_name: str, value: float) -> float:
+    return statistics.median(_abs_errors(entries, key, field_name, value))
+
+
+def _best(entries, key: str, field_name: str, candidates: List[float]) -> Tuple[float, float]:
+    """(value, median error) of the candidate with the smallest mean error: the mean, since cells
+    the field does not touch (a stage's overlap where nothing is left to hide) would make every
+    candidate's median alike. Among equals, the lowest."""
+    value = min(candidates, key=lambda v: statistics.mean(_abs_errors(entries, key, field_name, v)))
+    return value, _median_error(entries, key, field_name, value)
+
+
+def fit(rows: List[dict], pc) -> dict:
+    """The profile's two assumed numbers fitted to the measured rows (not oversubscribed): the
+    data dimension's backward_overlap to the step times, activation_factor to the peaks, each
+    by a grid search on the mean absolute error. Out of sample: each model's errors with the
+    values fitted on the other models alone."""
+    entries = [(*planner_of(r["overrides"], r["processes"]), r) for r in rows
+               if not r["refused"] and not r["oversubscribed"]]
+    if not entries:
+        return {}
+    overlaps = _grid(pc.fit_overlap_range, pc.fit_steps)
+    factors = _grid(pc.fit_activation_factor_range, pc.fit_steps)
+    overlap, step_error = _best(entries, "step_error", "backward_overlap", overlaps)
+    factor, memory_error = _best(entries, "memory_error", "activation_factor", factors)
+    held_out = {}
+    for model in pc.models:
+        fitted_on = [e for e in entries if e[2]["model"] != model]
+        tested = [e for e in entries if e[2]["model"] == model]
+        if not fitted_on or not tested:
+            continue
+        other_overlap, _ = _best(fitted_on, "step_error", "backward_overlap", overlaps)
+        other_factor, _ = _best(fitted_on, "memory_error", "activation_factor", factors)
+        held_out[model] = {
+            "backward_overlap": other_overlap, "activation_factor": other_factor,
+            "median_step_error": _median_error(tested, "step_error", "backward_overlap", other_overlap),
+            "median_memory_error": _median_error(tested, "memory_error", "activation_factor", other_factor)}
+    return {"backward_overlap": overlap, "median_step_error": step_error, "activation_factor": factor,
+            "median_memory_error": memory_error, "held_out": held_out}
+
+
 def measure(ctx: Context, log=print) -> dict:
     pc = ctx.bench.planner
     rows = measure_cells(ctx, log)
@@ -146,6 +232,7 @@ def measure(ctx: Context, log=print) -> dict:
         "picks_within_target": sum(c["pick_fits"] and c["pick_over_fastest"] <= 1 + pc.max_pick_slowdown
                                    for c in judged),
         "picks_judged": len(judged),
+        "fitted": fit(rows, pc),
         "targets": {"max_step_error": pc.max_step_error, "min_spearman": pc.min_spearman,
                     "max_memory_error": pc.max_memory_error, "max_pick_slowdown": pc.max_pick_slowdown},
     }

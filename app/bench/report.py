@@ -248,6 +248,17 @@ def _signed(value) -> str:
     return "" if value is None else f"{100 * value:+.1f}%"
 
 
+def _fitted(fitted: dict) -> str:
+    if not fitted:
+        return ""
+    held_out = "; ".join(f"{model} with the others' fit ({v['backward_overlap']:.2f}, {v['activation_factor']:.2f}): "
+                         f"step {_percent(v['median_step_error'])}, memory {_percent(v['median_memory_error'])}"
+                         for model, v in fitted["held_out"].items())
+    return (f" Fitted to these rows: backward_overlap {fitted['backward_overlap']:.2f} (median step-time error "
+            f"{_percent(fitted['median_step_error'])}), activation_factor {fitted['activation_factor']:.2f} (median "
+            f"peak-memory error {_percent(fitted['median_memory_error'])})" + (f"; held out: {held_out}." if held_out else "."))
+
+
 def planner(section: dict) -> str:
     targets = section["targets"]
     rows = [[r["model"], r["cell"], r["processes"], "yes" if r["oversubscribed"] else "no"]
@@ -263,7 +274,7 @@ def planner(section: dict) -> str:
                f"{_percent(targets['max_step_error'])}); Spearman {spearman} (target at least {targets['min_spearman']}); "
                f"median peak-memory error {_percent(section['median_memory_error'] or 0)} (target at most "
                f"{_percent(targets['max_memory_error'])}); picks within {_percent(targets['max_pick_slowdown'])} of "
-               f"the fastest: {section['picks_within_target']} of {section['picks_judged']}.")
+               f"the fastest: {section['picks_within_target']} of {section['picks_judged']}." + _fitted(section["fitted"]))
     return (f"## Planner ({section['precision']}, {section['processes']} ranks, global batch "
             f"{section['global_batch']}, median of {section['repeats']} interleaved runs; {section['profile']})\n\n"
             + summary + "\n\n" + _table(["model", "cell", "ranks", "oversubscribed", "predicted s/step",
