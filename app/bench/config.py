@@ -173,10 +173,12 @@ class BenchPlannerConfig:
     """sections=[planner]: the planner's predictions (app/plan) against measured runs of a grid
     of cells, each model's run as the layouts section runs its cells (grid: its model ignored)."""
     models: List[str] = field(default_factory=lambda: ["llama_tiny", "llama_small"])
+    # Sized so the whole grid, both models, runs in about half an hour on a 2-core machine
+    # (llama_small's steps take seconds there): a step after one warm-up is a steady one.
     grid: BenchLayoutsConfig = field(default_factory=lambda: BenchLayoutsConfig(
-        precision="fp32", processes=2, micro_batches=2))
+        precision="fp32", processes=2, global_batch=8, micro_batches=2, warmup_steps=1, measure_steps=3))
     # Runs of each cell, interleaved (every cell once, then again), so load drifts hit all alike.
-    repeats: int = 3
+    repeats: int = 2
     # Memory caps per rank for the pick-quality cases (each with every model); null: no cap.
     memory_caps_gib: List[Optional[float]] = field(default_factory=lambda: [None, 0.6, 0.45])
     # A previous run's bench.json whose planner rows are reused (nothing runs): each is predicted
