@@ -36,6 +36,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import transformers
+from safetensors import SafetensorError
 
 from app import fileio
 from app.state_dicts import by_index, by_name, is_per_element, load_model_state
@@ -135,7 +136,7 @@ def write_shard(staging: Path, rank: int, shard: Optional[Shard]) -> dict:
     what the index says of them, or {"error": the line every rank will raise}."""
     try:
         return write_files(staging, rank, shard) if shard is not None else {}
-    except OSError as error:
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
         return {"error": f"rank {rank} could not write its checkpoint files into {staging}: {error}"}
 
 

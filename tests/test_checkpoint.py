@@ -5,6 +5,7 @@ import collections
 import json
 import math
 import random
+import resource
 import shutil
 import shlex
 import signal
@@ -164,6 +165,27 @@ def test_killing_during_checkpoint_writes_never_leaves_a_broken_latest(tmp_path)
             writer.kill()
             writer.wait()
     assert checkpoint.latest(run_dir) is not None, "no checkpoint ever completed; the writer is too slow to test"
+
+
+# Larger than any other file of the run (the tokenizer, logs), smaller than llama_small's shard files.
+FILE_SIZE_LIMIT = 32 * 2**20
+
+
+def test_a_failed_background_write_exits_2_with_one_line_and_claims_no_checkpoint(tiny_data, tmp_path):
+    """The disk refuses the async writer's files (a file-size limit: EFBIG, as a full disk's
+    ENOSPC): the commit at the run's end reports it on every rank in one line, nothing counts."""
+    run_dir = tmp_path / "run"
+    args = tiny_train_args(tiny_data, run_dir, "model=llama_small", "train.micro_batch_size=1", "train.seq_len=32",
+                           "train.max_steps=2", "train.checkpoint_every=2", ASYNC)
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))  # noqa: E731
+    result = subprocess.run([sys.executable, "-m", "app.train", *args], cwd=ROOT, env=job_env(), capture_output=True,
+                            text=True, timeout=300, preexec_fn=limit)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if "[ERROR]" in line]
+    assert len(errors) == 1 and "rank 0 could not write its checkpoint files into" in errors[0], errors
+    assert "File too large" in errors[0] and "Traceback" not in output
+    assert checkpoint.latest(run_dir) is None and list((run_dir / "checkpoints").iterdir()) == []
 
 
 def test_sigusr1_on_one_rank_checkpoints_all_ranks_exits_0_and_the_rerun_finishes(tiny_data, tmp_path):
