@@ -36,6 +36,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import transformers
+from safetensors import SafetensorError
 
 from app import fileio
 from app.state_dicts import by_index, by_name, is_per_element, load_model_state
@@ -106,19 +107,44 @@ def complete_checkpoints(root: Path) -> List[Path]:
     return sorted(found, key=step_of)
 
 
+class SaveFailed(OSError):
+    """A save that did not complete on some rank: the previous checkpoint stays the one in use.
+    Its message is one line naming the rank and the directory."""
+
+
 def save(run_dir: Path, model, shard: Optional[Shard], state: TrainState, rng_states: list, keep_last: int,
          world: World = World()) -> Path:
     """Collective over `world`: every rank writes its `shard` (None: it holds no counted box) into
     one staging directory; rank 0, once every rank reports its files written, adds the index and
     the rest (`model` gives the Hugging Face config) and renames the directory into place. A
-    failed write on any rank removes the staging directory and raises OSError on every rank."""
+    failed write on any rank removes the staging directory and raises SaveFailed on every rank.
+    The three parts are apart so that an async save (app/saving.py) writes in between."""
+    staging = begin(run_dir, state.step, world)
+    written = write_shard(staging, world.rank, shard)
+    return commit(run_dir, staging, written, model, shard, state, rng_states, keep_last, world)
+
+
+def begin(run_dir: Path, step: int, world: World = World()) -> Path:
+    """Collective: the staging directory of step's save, made by rank 0."""
     root = checkpoints_root(run_dir)
-    final = root / step_dir_name(state.step)
-    staging = world.broadcast(begin_save(root, final) if world.rank == 0 else None, name="checkpoint_staging")
+    return world.broadcast(begin_save(root, root / step_dir_name(step)) if world.rank == 0 else None,
+                           name="checkpoint_staging")
+
+
+def write_shard(staging: Path, rank: int, shard: Optional[Shard]) -> dict:
+    """This rank's files, written and fsynced (no collective: a background thread may run it);
+    what the index says of them, or {"error": the line every rank will raise}."""
     try:
-        written = write_files(staging, world.rank, shard) if shard is not None else {}
-    except OSError as error:
-        written = {"error": f"rank {world.rank} could not write its checkpoint files into {staging}: {error}"}
+        return write_files(staging, rank, shard) if shard is not None else {}
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
+        return {"error": f"rank {rank} could not write its checkpoint files into {staging}: {error}"}
+
+
+def commit(run_dir: Path, staging: Path, written: dict, model, shard: Optional[Shard], state: TrainState,
+           rng_states: list, keep_last: int, world: World = World()) -> Path:
+    """Collective, once this rank's `write_shard` returned: rank 0, every rank's files written,
+    completes the checkpoint; else removes the staging directory and every rank raises SaveFailed."""
+    final = checkpoints_root(run_dir) / step_dir_name(state.step)
     gathered = world.gather(written, name="checkpoint_written")
     failure = None
     if world.rank == 0:
@@ -133,7 +159,7 @@ def save(run_dir: Path, model, shard: Optional[Shard], state: TrainState, rng_st
             shutil.rmtree(staging, ignore_errors=True)
     failure = world.broadcast(failure, name="checkpoint_saved")
     if failure is not None:
-        raise OSError(failure)
+        raise SaveFailed(" ".join(failure.split()))
     return final
 
 

@@ -213,6 +213,10 @@ class TrainConfig:
     # checkpoint gathers on rank 0, does not fit there beside its own share).
     final_checkpoint: bool = True
     keep_last: int = 2
+    # Copy this rank's shard at the save step and write it from a background thread while
+    # training goes on; the save is committed at the next save or the run's end (app/saving.py).
+    # Costs a host copy of the rank's shard (weights and optimizer state) while it is written.
+    checkpoint_async: bool = False
     resume: str = "auto"  # auto | never | a checkpoint directory
     device: str = "auto"  # auto | cpu | cuda
     # None: the cores of this host divided by the ranks on it.
@@ -512,6 +516,8 @@ def check_elastic(cfg: Config) -> None:
         "parallel.pipeline": (cfg.parallel.pipeline > 1, "a reset restarts Horovod without the layout's process sets"),
         "parallel.zero_stage": (cfg.parallel.zero_stage > 0,
                                 "its shards are cut for one world size, and a reset syncs rank 0's state only"),
+        "train.checkpoint_async=true": (cfg.train.checkpoint_async,
+                                        "a reset would change the world under a save in flight"),
         "sync.op=adasum": (cfg.sync.op == "adasum", "Adasum on CPU needs MPI; elastic Horovod runs over Gloo"),
         "sync.param_average_backend=mpi": (
             cfg.sync.param_average_every > 0 and cfg.sync.param_average_backend == "mpi",

@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from app import (allocator, checkpoint, cli, compilation, config, cores, dist, elastic, fileio, metrics, models,
-                 optim, plan, prepare, runtime, stop, tokenizer)
+                 optim, plan, prepare, runtime, saving, stop, tokenizer)
 from app.plan import training as planning
 from app.state_dicts import full_model_order
 from app.profiling import StepProfiler
@@ -175,17 +175,18 @@ def evaluate(cfg, training: Training, state, logger) -> dict:
     return result
 
 
-def save_checkpoint(cfg, run_dir: Path, training: Training, state, window: Window) -> None:
-    """A collective: every rank holding a counted box writes it; rank 0 writes the rest."""
+def save_checkpoint(run: "Run", training: Training, state, window: Window) -> None:
+    """A collective: every rank holding a counted box writes it (train.checkpoint_async: a copy,
+    in the background); rank 0 writes the rest. The loop's stall goes to TensorBoard."""
+    pending = run.saver.start(state.step, checkpoint.World(rank=dist.rank(), broadcast=dist.broadcast_object,
+                                                           gather=dist.gather_object))
     window.count_tokens(state)
     state.world_size = dist.size()  # an elastic run's changes; the RNG states below are this world's
     shard = training.parallel.checkpoint_shard()
     rng_states = dist.allgather_object(checkpoint.capture_rng_state(training.device), name="rng_gather")
     state.grad_scaler = training.scaler.state_dict() if training.scaler is not None else None
-    world = checkpoint.World(rank=dist.rank(), broadcast=dist.broadcast_object, gather=dist.gather_object)
-    path = checkpoint.save(run_dir, training.model, shard, state, rng_states, cfg.train.keep_last, world)
-    if dist.is_main():
-        log.info("checkpoint %s", path)
+    run.saver.save(pending, shard, state, rng_states)
+    run.logger.scalars(state.step, {"checkpoint/stall_s": pending.record.stall_s})
 
 
 def finish_run(cfg, run_dir: Path, training: Training, state, last: dict, run: "Run") -> None:
@@ -203,9 +204,10 @@ def finish_run(cfg, run_dir: Path, training: Training, state, last: dict, run: "
         {"rank": dist.rank(), "host": socket.gethostname(), "cores": cores.affinity(), "run_dir": str(run_dir),
          "param_sha256": training.parallel.parameter_checksum(),
          "replica_group": training.parallel.replica_group(), "memory": run.memory,
-         "median_step_s": planning.median_step_s(run.step_seconds)},
+         "median_step_s": planning.median_step_s(run.step_seconds), "checkpoint": run.saver.summary()},
         name="replicas",
     )
+    saves = [replica.pop("checkpoint") for replica in replicas]  # the summary's own block, not per replica
     if dist.is_main():
         # Ranks that hold the same parameters (all of them, or one pipeline stage's) must agree.
         identical = all(len({r["param_sha256"] for r in replicas if r["replica_group"] == group}) == 1
@@ -219,6 +221,7 @@ def finish_run(cfg, run_dir: Path, training: Training, state, last: dict, run: "
             "controller": dist.controller(), "horovod": dist.settings_in_effect(),
             "layout": training.parallel.layout(), "metrics": last, "replicas": replicas,
             "replicas_identical": identical, "plan": plan_block,
+            "checkpoint": saving.summary_block(run.saver.asynchronous, saves),
         })
     # Eagerly: generation grows its input token by token, no shape to compile once.
     with compilation.eager():
@@ -246,6 +249,7 @@ class Run:
     after_step: Callable[[Window], None] = lambda window: None
     logger: metrics.NullLogger = field(default_factory=metrics.NullLogger)
     profiler: Optional[StepProfiler] = None  # train.profile_steps; rank 0 records
+    saver: Optional[saving.Saver] = None  # the checkpoint saves and their stalls
     # The planner's prediction for this run (rank 0's: app/plan/training.py) and what the loop
     # measured against it: each optimizer step's seconds on this rank, the compile warm-up left out.
     plan: planning.PlannedRun = field(default_factory=planning.PlannedRun)
@@ -298,6 +302,7 @@ def train(cfg, run_dir: Path) -> dict:
     timeline = dist.start_timeline(run_dir)
     if timeline:
         log.info("Horovod timeline: %s", timeline)
+    run.saver = saving.Saver(run_dir, training.model, cfg.train.keep_last, cfg.train.checkpoint_async)
     run.profiler = StepProfiler(list(cfg.train.profile_steps), run_dir, device, enabled=dist.is_main())
     if cfg.train.elastic:
         return elastic.run_loop(cfg, training, state, run, train_steps, start_error)
@@ -373,8 +378,9 @@ def train_steps(cfg, run_dir: Path, training: Training, state, run: Run) -> dict
         # Ranks agree on a stop at log steps only, so a signal costs no per-step collective.
         stop_now = state.step % cfg.train.log_every == 0 and stop.agreed()
         if stop_now or (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0):
-            save_checkpoint(cfg, run_dir, training, state, window)
+            save_checkpoint(run, training, state, window)
         if stop_now:
+            run.saver.finish()
             log.warning("stop requested by signal: checkpointed at step %d, exiting", state.step)
             stop_recording(run_dir, training, run.profiler)
             run.logger.close()
@@ -384,7 +390,8 @@ def train_steps(cfg, run_dir: Path, training: Training, state, run: Run) -> dict
     run.memory["training_peak_bytes"] = metrics.peak_memory_bytes(training.device)  # before the final gathers
     training.parallel.finish()
     if cfg.train.final_checkpoint and (not cfg.train.checkpoint_every or state.step % cfg.train.checkpoint_every):
-        save_checkpoint(cfg, run_dir, training, state, window)
+        save_checkpoint(run, training, state, window)
+    run.saver.finish()
     stop_recording(run_dir, training, run.profiler)
     finish_run(cfg, run_dir, training, state, last, run)
     run.logger.close()
@@ -396,7 +403,7 @@ def hydra_main(cfg) -> None:
     try:
         config.validate(cfg)
         train(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (config.ConfigError, FileNotFoundError, ValueError) as error:
+    except (config.ConfigError, FileNotFoundError, ValueError, checkpoint.SaveFailed) as error:
         log.error("%s", error)
         sys.exit(2)
 

@@ -1,6 +1,7 @@
 """python -m app.bench: the quick preset runs every section for real (horovodrun, mpirun,
 torchrun) and reports numbers that agree with each other and with their definitions."""
 import json
+import math
 import os
 
 import pytest
@@ -9,7 +10,11 @@ from app.bench.bandwidth import bus_bandwidth, message_sizes
 from app.bench.throughput import trainer_tokens_per_second
 from conftest import TINY_VOCAB, read_metrics, read_summary, run_job
 
-SECTIONS = ("peak", "throughput", "bandwidth", "fusion", "breakdown")
+SECTIONS = ("peak", "throughput", "bandwidth", "fusion", "breakdown", "checkpoint")
+# The checkpoint section's run cut to a save at step 2 and a final one at step 3, resumed on the
+# same 2 ranks: its resharding onto other world sizes is test_checkpoint's, and 4 ranks on 2
+# cores would cost the suite most of a minute more.
+CHECKPOINT = ["checkpoint.steps=3", "checkpoint.resume_processes=2", "checkpoint.resume_steps=1"]
 # Three of the quick bench's runs compile llama_tiny (the compiled trainer at 1 and 2 processes,
 # HF Trainer with torch_compile): about three minutes on a quiet 2-core machine, far more on a
 # busy one, so the module gets more than the suite's 600 s.
@@ -32,9 +37,10 @@ def quick_bench(tiny_data, tmp_path_factory):
     overrides = ["train.micro_batch_size=4", f"data.vocab_size={TINY_VOCAB}", f"data.dir={tiny_data}"]
     result = run_job(["preset=quick", f"out={out}", "train_overrides=[" + ",".join(f"'{o}'" for o in overrides) + "]",
                       f"fusion.fusion_thresholds_bytes={list(FUSION_THRESHOLDS)}",
-                      f"throughput.hf_trainer={HF_TRAINER}"],
+                      f"throughput.hf_trainer={HF_TRAINER}", f"sections=[{','.join(SECTIONS)}]", *CHECKPOINT,
+                      "keep_checkpoints=true"],
                      launcher="none", module="app.bench", timeout=1700)
-    return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text(), result.stdout
+    return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text(), result.stdout, out
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +54,42 @@ def layouts_bench(tiny_data, tmp_path_factory):
     return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text()
 
 
+def test_checkpoint_section_reports_each_saves_stall_throughput_and_memory_from_the_runs(quick_bench):
+    results, out = quick_bench[0], quick_bench[3]
+    section = results["checkpoint"]
+    assert section["model"] == "llama_tiny" and section["zero_stage"] == 3 and section["processes"] == 2
+    assert 0 < section["disk_write_bytes_per_s"] < math.inf
+    for mode, run in section["modes"].items():
+        files = [path for path in (out / "work" / f"checkpoint-{mode}" / "checkpoints").glob("step-*/*")]
+        assert run["bytes"] == sum(path.stat().st_size for path in files) > 0, mode
+        assert [save["step"] for save in run["saves"]] == [2, 3], mode
+        for save in run["saves"]:
+            assert 0 < save["write_s"] and 0 < save["stall_s"], (mode, save)
+            assert save["write_bytes_per_s"] == pytest.approx(save["shard_bytes"] / save["write_s"])
+            assert save["of_disk"] == pytest.approx(save["write_bytes_per_s"] / section["disk_write_bytes_per_s"])
+        assert [rank["rank"] for rank in run["memory"]] == [0, 1]
+        # Peaks of a whole process (interpreter, torch, the model): a save moves them a little.
+        assert all(0.9 < rank["ratio"] < 2 for rank in run["memory"]), run["memory"]
+    assert 0 < section["export_peak_rss_bytes"] < 2 * 2**30
+    resumed = section["resume"]
+    assert resumed["from_step"] == 2 and resumed["step"] == 3
+    assert resumed["difference"] == abs(resumed["loss"] - resumed["first_run_loss"]) <= 1e-5
+    losses = {row["step"]: row["train/loss"] for row in read_metrics(out / "work" / "checkpoint-sync") if "train/loss" in row}
+    assert losses[3] == resumed["first_run_loss"]
+    assert [target["met"] for target in section["targets"]][::2] == [True, True]  # the RSS ratio, the export
+
+
 def _run(results, method, processes):
     return next(r for r in results["throughput"]["runs"] if (r["method"], r["processes"]) == (method, processes))
 
 
 def test_quick_bench_reports_every_section_in_json_and_markdown(quick_bench):
-    results, markdown, stdout = quick_bench
+    results, markdown, stdout, _ = quick_bench
     assert results["errors"] == {}
     for section in SECTIONS:
         assert section in results, section
     for heading in ("## Matmul peak", "## Training throughput", "## Targets", "## Allreduce bandwidth",
-                    "## Gradient-set allreduce", "## Step-time breakdown"):
+                    "## Gradient-set allreduce", "## Step-time breakdown", "## Checkpoints"):
         assert heading in markdown and heading in stdout, heading
     assert results["max_processes"] == 2 and results["config"]["model"] == "llama_tiny"
 

@@ -5,6 +5,7 @@ import collections
 import json
 import math
 import random
+import resource
 import shutil
 import shlex
 import signal
@@ -24,7 +25,7 @@ from safetensors.torch import load_file
 
 from app import checkpoint, config, export, fileio, generate, models, optim, tokenizer
 from conftest import (ROOT, job_env, last_json_line, launcher_command, plain_shard, read_metrics, read_summary,
-                      run_job, tiny_train_args)
+                      run_job, tensorboard_scalars, tiny_train_args)
 
 
 def start_job(args, launcher="gloo"):
@@ -69,24 +70,55 @@ def long_args(data, run_dir, *extra):
                            "train.micro_batch_size=8", *extra)
 
 
+ASYNC = "train.checkpoint_async=true"
+
+
+def assert_same_shard_files(expected_dir, got_dir) -> None:
+    """Every rank's weights and optimizer-state files hold the same tensors, bit for bit."""
+    names = sorted(path.name for path in expected_dir.glob("*-rank*.safetensors"))
+    assert names and names == sorted(path.name for path in got_dir.glob("*-rank*.safetensors"))
+    for name in names:
+        expected, got = load_file(expected_dir / name), load_file(got_dir / name)
+        assert expected.keys() == got.keys(), name
+        assert all(torch.equal(expected[key], got[key]) for key in expected), name
+
+
+def assert_one_stall_per_save(run_dir, asynchronous: bool, steps: list) -> None:
+    """summary.json's checkpoint block and TensorBoard's checkpoint/stall_s: one stall per save."""
+    block = read_summary(run_dir)["checkpoint"]
+    assert block["async"] is asynchronous and block["steps"] == steps and block["saves"] == len(steps)
+    assert len(block["stall_s"]) == len(block["write_s"]) == len(steps)
+    assert all(stall > 0 for stall in block["stall_s"]) and all(write > 0 for write in block["write_s"])
+    if not asynchronous:  # the loop waited for the whole write
+        assert all(write < stall for write, stall in zip(block["write_s"], block["stall_s"]))
+    assert block["bytes"] == sum(block["bytes_per_save"]) > 0
+    # A resumed run's TensorBoard also holds the earlier attempt's saves, before the resume step.
+    assert [step for step, _ in tensorboard_scalars(run_dir, "checkpoint/stall_s") if step in steps] == steps
+
+
 def test_kill_9_mid_run_then_rerun_equals_an_uninterrupted_run_bitwise(tiny_data, tmp_path):
+    """The interrupted run saves asynchronously (train.checkpoint_async), the reference synchronously:
+    killed while a writer may be in flight, resumed from an async checkpoint, it must still end
+    with the reference's losses and checkpoints, tensor for tensor."""
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     run_job(long_args(tiny_data, reference))
 
-    job = start_job(long_args(tiny_data, interrupted))
+    job = start_job(long_args(tiny_data, interrupted, ASYNC))
     wait_for(lambda: latest_step(interrupted) >= 8, process=job)
     kill_tree(job)
     killed_at = latest_step(interrupted)
     assert 8 <= killed_at < 40 and not (interrupted / "summary.json").exists(), "the kill came too late to test resume"
 
-    result = run_job(long_args(tiny_data, interrupted))
+    result = run_job(long_args(tiny_data, interrupted, ASYNC))
     assert f"at step {killed_at}" in result.stdout
     assert read_summary(interrupted)["step"] == 40
 
-    expected, got = final_weights(reference), final_weights(interrupted)
-    assert expected.keys() == got.keys()
-    for name in expected:
-        assert torch.equal(expected[name], got[name]), name
+    kept = [step_dir.name for step_dir in checkpoint.complete_checkpoints(reference / "checkpoints")]
+    assert kept == ["step-000036", "step-000040"]
+    for name in kept:
+        assert_same_shard_files(reference / "checkpoints" / name, interrupted / "checkpoints" / name)
+    assert_one_stall_per_save(reference, asynchronous=False, steps=list(range(4, 41, 4)))
+    assert_one_stall_per_save(interrupted, asynchronous=True, steps=list(range(killed_at + 4, 41, 4)))
     # The loss curve too: the last value logged for each step equals the uninterrupted run's.
     reference_curve = {row["step"]: row["train/loss"] for row in read_metrics(reference)}
     resumed_curve = {row["step"]: row["train/loss"] for row in read_metrics(interrupted)}
@@ -133,6 +165,27 @@ def test_killing_during_checkpoint_writes_never_leaves_a_broken_latest(tmp_path)
             writer.kill()
             writer.wait()
     assert checkpoint.latest(run_dir) is not None, "no checkpoint ever completed; the writer is too slow to test"
+
+
+# Larger than any other file of the run (the tokenizer, logs), smaller than llama_small's shard files.
+FILE_SIZE_LIMIT = 32 * 2**20
+
+
+def test_a_failed_background_write_exits_2_with_one_line_and_claims_no_checkpoint(tiny_data, tmp_path):
+    """The disk refuses the async writer's files (a file-size limit: EFBIG, as a full disk's
+    ENOSPC): the commit at the run's end reports it on every rank in one line, nothing counts."""
+    run_dir = tmp_path / "run"
+    args = tiny_train_args(tiny_data, run_dir, "model=llama_small", "train.micro_batch_size=1", "train.seq_len=32",
+                           "train.max_steps=2", "train.checkpoint_every=2", ASYNC)
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))  # noqa: E731
+    result = subprocess.run([sys.executable, "-m", "app.train", *args], cwd=ROOT, env=job_env(), capture_output=True,
+                            text=True, timeout=300, preexec_fn=limit)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if "[ERROR]" in line]
+    assert len(errors) == 1 and "rank 0 could not write its checkpoint files into" in errors[0], errors
+    assert "File too large" in errors[0] and "Traceback" not in output
+    assert checkpoint.latest(run_dir) is None and list((run_dir / "checkpoints").iterdir()) == []
 
 
 def test_sigusr1_on_one_rank_checkpoints_all_ranks_exits_0_and_the_rerun_finishes(tiny_data, tmp_path):

@@ -7,6 +7,7 @@ import argparse
 import json
 import pickle
 import re
+import threading
 import zipfile
 from pathlib import Path
 
@@ -16,9 +17,9 @@ from omegaconf import OmegaConf
 
 from safetensors.torch import load_file, save_file
 
-from app import checkpoint, config, export, metrics, models, optim, sharded_checkpoint
+from app import checkpoint, config, export, metrics, models, optim, saving, sharded_checkpoint
 from app.parallel.placement import Placement
-from app.state_dicts import full_model_order
+from app.state_dicts import by_name, full_model_order
 from conftest import ROOT, plain_shard, read_metrics, run_job, tensorboard_scalars
 
 
@@ -279,6 +280,95 @@ def test_a_crash_between_two_ranks_writes_leaves_the_previous_checkpoint_in_use(
     assert checkpoint.resolve_resume("auto", run_dir, warn=pytest.fail) == step_dir(run_dir, 6)
     save_at(run_dir, 8, *tiny_model_and_optimizer(), [checkpoint.capture_rng_state(torch.device("cpu"))] * 2)
     assert not staging.exists() and checkpoint.latest(run_dir) == step_dir(run_dir, 8)
+
+
+# How long the held writer below keeps a save's files unwritten after the loop lets it go on.
+HELD_WRITE_S = 0.5
+
+
+@pytest.fixture
+def held_writer(monkeypatch) -> threading.Event:
+    """An async save's writer that writes only once the event is set: what the loop does in the
+    meantime is what a slow disk would let it do."""
+    release, write = threading.Event(), checkpoint.write_shard
+
+    def held(*args):
+        assert release.wait(timeout=60), "the test never released the writer"
+        return write(*args)
+
+    monkeypatch.setattr(checkpoint, "write_shard", held)
+    return release
+
+
+def save_async(saver: saving.Saver, step: int, model, optimizer) -> saving.Pending:
+    """One process's async save at `step` (world of one), as the loop makes it."""
+    pending = saver.start(step, checkpoint.World())
+    state = checkpoint.TrainState(step=step, world_size=1, model_signature=checkpoint.model_signature(model))
+    saver.save(pending, plain_shard(model, optimizer), state, [checkpoint.capture_rng_state(torch.device("cpu"))])
+    return pending
+
+
+def train_one_more_step(model, optimizer) -> None:
+    model(input_ids=torch.arange(8).view(1, 8), labels=torch.arange(8).view(1, 8)).loss.backward()
+    optimizer.step()
+
+
+def test_an_async_save_holds_its_steps_values_while_the_loop_trains_on(run_dir, held_writer):
+    """The optimizer changes weights and moments in place while the writer waits: the files hold
+    the values of the save's step, and the checkpoint counts only once the writer is joined."""
+    model, optimizer = tiny_model_and_optimizer()
+    at_save = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    moments_at_save = {name: optimizer.state[param]["exp_avg"].clone() for name, param in model.named_parameters()}
+    saver = saving.Saver(run_dir, model, keep_last=3, asynchronous=True)
+    save_async(saver, 8, model, optimizer)
+    train_one_more_step(model, optimizer)
+    assert checkpoint.latest(run_dir) == step_dir(run_dir, 6), "committed before its files were written"
+    held_writer.set()
+    saver.finish()
+    assert checkpoint.latest(run_dir) == step_dir(run_dir, 8)
+    saved = checkpoint.read_weights(step_dir(run_dir, 8))
+    assert saved.keys() == at_save.keys()
+    assert all(torch.equal(saved[name], at_save[name]) for name in saved)
+    assert not torch.equal(saved["model.norm.weight"], model.state_dict()["model.norm.weight"]), "the step changed nothing"
+    saved_state = by_name(checkpoint.load_optimizer_state(step_dir(run_dir, 8)), full_model_order(model))["state"]
+    assert saved_state.keys() == moments_at_save.keys()
+    assert all(torch.equal(saved_state[name]["exp_avg"], moments_at_save[name]) for name in saved_state)
+
+
+def test_an_async_saves_stall_includes_waiting_for_the_previous_writer(run_dir, held_writer):
+    """The next save joins the writer in flight first: the loop's stall at that save counts the
+    wait, the summary has one stall per save, and its bytes are the checkpoints' files."""
+    model, optimizer = tiny_model_and_optimizer()
+    saver = saving.Saver(run_dir, model, keep_last=3, asynchronous=True)
+    save_async(saver, 8, model, optimizer)
+    threading.Timer(HELD_WRITE_S, held_writer.set).start()
+    save_async(saver, 10, model, optimizer)
+    saver.finish()
+    block = saving.summary_block(True, [saver.summary()])
+    assert block["saves"] == 2 and block["steps"] == [8, 10] and len(block["stall_s"]) == 2
+    assert block["stall_s"][0] < HELD_WRITE_S <= block["stall_s"][1]
+    assert block["write_s"][0] >= HELD_WRITE_S
+    files = [path for step in (8, 10) for path in step_dir(run_dir, step).iterdir()]
+    assert block["bytes"] == sum(path.stat().st_size for path in files)
+    ranks = block["ranks"][0]
+    assert 0 < ranks["training_peak_rss_bytes"] and all(peak > 0 for peak in ranks["save_peak_rss_bytes"])
+
+
+def test_a_failed_background_write_is_one_line_and_leaves_the_previous_checkpoint_in_use(run_dir, monkeypatch):
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write_files", disk_full)
+    model, optimizer = tiny_model_and_optimizer()
+    saver = saving.Saver(run_dir, model, keep_last=3, asynchronous=True)
+    save_async(saver, 8, model, optimizer)
+    with pytest.raises(checkpoint.SaveFailed, match=r"rank 0 could not write its checkpoint files into .*"
+                                                    r"No space left on device") as failure:
+        saver.finish()
+    assert "\n" not in str(failure.value)
+    root = checkpoint.checkpoints_root(run_dir)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000002", "step-000004", "step-000006"]
+    assert checkpoint.resolve_resume("auto", run_dir, warn=pytest.fail) == step_dir(run_dir, 6)
 
 
 @pytest.mark.parametrize("damage", DAMAGES, ids=lambda damage: damage.__name__)

@@ -269,6 +269,7 @@ def test_a_new_world_reads_its_own_slice_and_scales_the_masked_lm_loss_by_its_si
      "train.elastic=true cannot run with sync.param_average_backend=mpi"),
     ("sync=local_sgd", "train.elastic=true cannot run with sync.gradient_allreduce=false"),
     ("train.elastic_commit_every=0", "train.elastic_commit_every=0 must be at least 1"),
+    ("train.checkpoint_async=true", "train.elastic=true cannot run with train.checkpoint_async=true: a reset"),
 ])
 def test_what_cannot_run_under_elastic_is_refused_naming_the_key(override, message):
     cfg = cli.compose_config(["train.elastic=true", *override.split()])

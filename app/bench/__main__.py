@@ -6,6 +6,7 @@
     python -m app.bench sections=[memory]  # ZeRO stages 0-3 x activation checkpointing, llama_125m
     python -m app.bench sections=[layouts] # every layout cell on 4 ranks: tokens/s, peak memory per rank
     python -m app.bench sections=[planner] # the planner's predictions against a grid of measured layouts
+    python -m app.bench sections=[checkpoint]  # sharded saves (sync, async), resume on 4 ranks, export; llama_1b
 
 Sections: the matmul peak (fp32, bf16; 1 thread and all cores); tokens/s and MFU of the trainer
 at 1..N processes, eager and compiled, against a plain PyTorch loop, DDP and Hugging Face's
@@ -28,8 +29,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from app import cli, config, fileio
-from app.bench import (bandwidth, breakdown, context, fusion, launch, layouts, memory, peak, pipeline, planner,
-                       report, tensor_parallel, throughput)
+from app.bench import (bandwidth, breakdown, checkpoint, context, fusion, launch, layouts, memory, peak, pipeline,
+                       planner, report, tensor_parallel, throughput)
 from app.bench import config as bench_config
 
 CONF_DIR = str(Path(cli.CONF_DIR) / "bench")
@@ -88,6 +89,7 @@ def run_sections(cfg, ctx: context.Context) -> dict:
         "tensor": lambda: tensor_parallel.measure(ctx, log),
         "layouts": lambda: layouts.measure(ctx, log),
         "planner": lambda: planner.measure(ctx, log),
+        "checkpoint": lambda: checkpoint.measure(ctx, log),
     }
     results, failed = {}, {}
     for name in bench_config.BENCH_SECTIONS:  # a fixed order: the peak first, while the machine is quiet

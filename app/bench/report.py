@@ -284,13 +284,42 @@ def planner(section: dict) -> str:
                                  "plain rule", "rule / fastest"], picks))
 
 
+def checkpoint(section: dict) -> str:
+    disk = section["disk_write_bytes_per_s"]
+    note = (f"{section['model']} at ZeRO-{section['zero_stage']} on {section['processes']} ranks"
+            + (" (oversubscribed: more ranks than cores)" if section["oversubscribed"] else "")
+            + f", {section['precision']}, micro-batch {section['micro_batch_size']} x {section['seq_len']} tokens, "
+            f"a save every {section['checkpoint_every']} of {section['steps']} steps. Stall: the seconds the loop "
+            "waited (sync: the whole save; async: the copy, the previous writer and its commit; the slowest rank). "
+            "Write: every rank's shard files in parallel, bytes over the slowest rank's seconds, beside this disk's "
+            f"sequential write speed (dd, fdatasync'ed: {disk / 1e9:.2f} GB/s).")
+    save_rows = [[mode, s["step"], f"{s['stall_s']:.2f}", f"{s['write_s']:.2f}", _size(s["shard_bytes"]),
+                  f"{s['write_bytes_per_s'] / 1e9:.2f}", _percent(s["of_disk"])]
+                 for mode, run in section["modes"].items() for s in run["saves"]]
+    memory_rows = [[mode, r["rank"], _mib(r["training_peak_rss_bytes"]), _mib(r["save_peak_rss_bytes"]),
+                    f"{r['ratio']:.3f}"] for mode, run in section["modes"].items() for r in run["memory"]]
+    resumed = section["resume"]
+    resume_note = (f"Resumed from step {resumed['from_step']} on {resumed['processes']} ranks"
+                   + (" (oversubscribed)" if resumed["oversubscribed"] else "")
+                   + f": loss at step {resumed['step']} {resumed['loss']:.6f}, the first run's {resumed['first_run_loss']:.6f} "
+                   f"(difference {resumed['difference']:.2e}). Export peak RSS: {_mib(section['export_peak_rss_bytes'])} MiB.")
+    target_rows = [[t["name"], f"{t['value']:.3g}", t["target"], "yes" if t["met"] else "**no**"]
+                   for t in section["targets"]]
+    return ("## Checkpoints\n\n" + note + "\n\n"
+            + _table(["saves", "step", "stall (s)", "write (s)", "shards", "write GB/s", "of disk"], save_rows)
+            + "\n\n" + _table(["saves", "rank", "training peak RSS (MiB)", "save peak RSS (MiB)", "ratio"],
+                                memory_rows)
+            + "\n\n" + resume_note + "\n\n" + _table(["target", "measured", "wanted", "met"], target_rows))
+
+
 def errors(failed: dict) -> str:
     lines = [f"- {name}: {message.splitlines()[0]}" for name, message in failed.items()]
     return "## Sections that failed\n\n" + "\n".join(lines)
 
 
 SECTIONS = {"peak": peak, "throughput": throughput, "bandwidth": bandwidth, "fusion": fusion, "breakdown": breakdown,
-            "pipeline": pipeline, "memory": memory, "tensor": tensor, "layouts": layouts, "planner": planner}
+            "pipeline": pipeline, "memory": memory, "tensor": tensor, "layouts": layouts, "planner": planner,
+            "checkpoint": checkpoint}
 
 
 def markdown(results: dict) -> str:
