@@ -305,3 +305,20 @@ def test_layouts_worker_refuses_a_config_the_trainer_refuses_in_one_line(tmp_pat
     assert result.stderr.strip().splitlines() == [
         "error: parallel.zero_stage=1 averages gradients itself; use sync=allreduce (or sync=fp16_compression), "
         "or parallel.zero_stage=0 for sync=adasum"]
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("checkpoint.modes", ["async"], "must hold sync"),
+    ("checkpoint.modes", ["sync", "lazy"], "must hold sync"),
+    ("planner.fit_overlap_range", [0.8, 0.2], "must be [low, high]"),
+])
+def test_bench_settings_that_cannot_run_are_refused_by_name(key, value, message):
+    from omegaconf import OmegaConf
+
+    from app.bench import config as bench_config
+    from app.config import ConfigError
+
+    cfg = OmegaConf.structured(bench_config.BenchConfig)
+    OmegaConf.update(cfg, key, value)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*" + message.replace("[", r"\[")):
+        bench_config.validate(cfg)

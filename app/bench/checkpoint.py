@@ -4,7 +4,7 @@ summary.json (its checkpoint block, app/saving.py).
     python -m app.bench sections=[checkpoint]                       # llama_1b, ZeRO-3, 2 ranks, then 4
     python -m app.bench sections=[checkpoint] checkpoint.model=llama_tiny checkpoint.seq_len=64
 
-The same run twice on checkpoint.processes ranks, train.checkpoint_async=false then true, each
+The same run on checkpoint.processes ranks for each of checkpoint.modes (sync, async), each
 saving every checkpoint.checkpoint_every steps and at the end: per save the loop's stall and
 the write's throughput beside this disk's sequential write speed (dd, fdatasync'ed, in the same
 work directory); every rank's peak resident set while saving against its training peak before
@@ -122,7 +122,7 @@ def resume(ctx: Context, first: dict) -> dict:
 def measure(ctx: Context, log=print) -> dict:
     cc = ctx.bench.checkpoint
     runs = {}
-    for mode in ("sync", "async"):
+    for mode in cc.modes:
         name = f"checkpoint-{mode}"
         shutil.rmtree(ctx.work_dir / name, ignore_errors=True)
         log(f"bench: checkpoint, {cc.model} at ZeRO-{cc.zero_stage} on {cc.processes} ranks, {mode} saves")
