@@ -111,10 +111,19 @@ def save(run_dir: Path, model, shard: Optional[Shard], state: TrainState, rng_st
     """Collective over `world`: every rank writes its `shard` (None: it holds no counted box) into
     one staging directory; rank 0, once every rank reports its files written, adds the index and
     the rest (`model` gives the Hugging Face config) and renames the directory into place. A
-    failed write on any rank removes the staging directory and raises OSError on every rank."""
+    staging directory rank 0 cannot make, or a failed write on any rank, removes the staging
+    directory and raises CheckpointError on every rank; `latest` stays where it was."""
     root = checkpoints_root(run_dir)
     final = root / step_dir_name(state.step)
-    staging = world.broadcast(begin_save(root, final) if world.rank == 0 else None, name="checkpoint_staging")
+    begun = None
+    if world.rank == 0:
+        try:
+            begun = begin_save(root, final)
+        except OSError as error:  # told to every rank below: none may wait for a directory never made
+            begun = f"rank 0 could not make the staging directory of {final}: {error}"
+    staging = world.broadcast(begun, name="checkpoint_staging")
+    if isinstance(staging, str):
+        raise save_failed(staging, root)
     try:
         written = write_files(staging, world.rank, shard) if shard is not None else {}
     except OSError as error:
@@ -133,8 +142,13 @@ def save(run_dir: Path, model, shard: Optional[Shard], state: TrainState, rng_st
             shutil.rmtree(staging, ignore_errors=True)
     failure = world.broadcast(failure, name="checkpoint_saved")
     if failure is not None:
-        raise OSError(failure)
+        raise save_failed(failure, root)
     return final
+
+
+def save_failed(failure: str, root: Path) -> CheckpointError:
+    return CheckpointError(f"{failure}; the previous checkpoint stays the latest: free space or fix {root}, "
+                           "then rerun (train.resume=auto continues from it)")
 
 
 def begin_save(root: Path, final: Path) -> Path:
