@@ -14,7 +14,7 @@
 whole model only through placements: the global gradient norm, the fp16 overflow flag,
 checkpoints (each rank writes its counted boxes, under ZeRO the flat ranges of its slices, and
 reads its own boxes of any layout's) and the whole model rebuilt for evaluation and the closing
-sample.
+sample (at data-only ZeRO-3, the sharded model run layer by layer instead).
 """
 import socket
 from contextlib import contextmanager
@@ -187,11 +187,34 @@ class Layout(Parallelism):
             plain.get_buffer(_plain_buffer_name(name, plain)).copy_(buffer)
         yield plain.train(self.model.training)
 
+    @property
+    def layer_by_layer(self) -> bool:
+        """Data-only ZeRO-3: the sharded model itself evaluates and samples, its hooks gathering
+        one layer at a time in each forward, as in training; no rank holds the whole model."""
+        return self.part.is_whole and getattr(self.data, "reshards", False)
+
+    @contextmanager
+    def sampling_model(self):
+        """What the closing sample runs on: layer by layer at data-only ZeRO-3, where each forward
+        gathers, a collective of the data set, so every rank must generate the same sample (the
+        same seed: the same tokens, as many forwards); otherwise the whole model."""
+        if self.layer_by_layer:
+            yield self.model
+            return
+        with super().sampling_model() as model:
+            yield model
+
     @contextmanager
     def evaluation_model(self):
         """Under tensor parallelism alone the split model itself, whose vocabulary-parallel loss
         is the whole model's: the ranks of a tensor set evaluate one share (their data position)
-        together. Otherwise the whole model, each rank a share of its own."""
+        together. At data-only ZeRO-3 the sharded model, layer by layer; its gathers are
+        collectives, so every rank runs the same forwards: all evaluate every batch, one share
+        together (a share is counted by each rank computing it, which scales both sums of a mean
+        alike). Otherwise the whole model, each rank a share of its own."""
+        if self.layer_by_layer:
+            yield self.model, (0, 1)
+            return
         if self.schedule is None and self.part.tensor_group is not None:
             with self.data.whole_part() as part:
                 yield part, dist.data_position()

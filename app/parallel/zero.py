@@ -113,7 +113,8 @@ class Zero(DataSync):
         self.layers = transformer_layers(model)
         self.units: List[Unit] = []
         self.pending = []  # (unit, handle) of reduce-scatters in flight
-        self.whole = False  # stage 3 after finish(): every parameter gathered, hooks idle
+        self.whole = False  # stage 3 while whole_part(): every parameter gathered, hooks idle
+        self.whole_gathers = 0  # times whole_part() gathered every unit at stage 3 (the summary says)
         self.resting_bytes: Optional[Dict[str, int]] = None
 
     @property
@@ -338,6 +339,7 @@ class Zero(DataSync):
             yield self.model
             return
         self.whole = True
+        self.whole_gathers += 1
         try:
             yield self.model
         finally:
@@ -369,4 +371,5 @@ class Zero(DataSync):
         return self.resting_bytes or self.state_bytes()
 
     def describe(self) -> dict:
-        return {**super().describe(), "zero_stage": self.stage, "units": len(self.units)}
+        return {**super().describe(), "zero_stage": self.stage, "units": len(self.units),
+                "whole_model_gathers": self.whole_gathers}
