@@ -107,7 +107,7 @@ def complete_checkpoints(root: Path) -> List[Path]:
     return sorted(found, key=step_of)
 
 
-class SaveFailed(OSError):
+class SaveFailed(CheckpointError):
     """A save that did not complete on some rank: the previous checkpoint stays the one in use.
     Its message is one line naming the rank and the directory."""
 
@@ -117,18 +117,29 @@ def save(run_dir: Path, model, shard: Optional[Shard], state: TrainState, rng_st
     """Collective over `world`: every rank writes its `shard` (None: it holds no counted box) into
     one staging directory; rank 0, once every rank reports its files written, adds the index and
     the rest (`model` gives the Hugging Face config) and renames the directory into place. A
-    failed write on any rank removes the staging directory and raises SaveFailed on every rank.
-    The three parts are apart so that an async save (app/saving.py) writes in between."""
+    staging directory rank 0 cannot make, or a failed write on any rank, removes the staging
+    directory and raises SaveFailed on every rank; `latest` stays where it was. The three parts
+    are apart so that an async save (app/saving.py) writes in between."""
     staging = begin(run_dir, state.step, world)
     written = write_shard(staging, world.rank, shard)
     return commit(run_dir, staging, written, model, shard, state, rng_states, keep_last, world)
 
 
 def begin(run_dir: Path, step: int, world: World = World()) -> Path:
-    """Collective: the staging directory of step's save, made by rank 0."""
+    """Collective: the staging directory of step's save, made by rank 0; SaveFailed on every
+    rank when it cannot be made (none may wait for a directory never made)."""
     root = checkpoints_root(run_dir)
-    return world.broadcast(begin_save(root, root / step_dir_name(step)) if world.rank == 0 else None,
-                           name="checkpoint_staging")
+    final = root / step_dir_name(step)
+    begun = None
+    if world.rank == 0:
+        try:
+            begun = begin_save(root, final)
+        except OSError as error:
+            begun = f"rank 0 could not make the staging directory of {final}: {error}"
+    staging = world.broadcast(begun, name="checkpoint_staging")
+    if isinstance(staging, str):
+        raise save_failed(staging, root)
+    return staging
 
 
 def write_shard(staging: Path, rank: int, shard: Optional[Shard]) -> dict:
@@ -159,8 +170,13 @@ def commit(run_dir: Path, staging: Path, written: dict, model, shard: Optional[S
             shutil.rmtree(staging, ignore_errors=True)
     failure = world.broadcast(failure, name="checkpoint_saved")
     if failure is not None:
-        raise SaveFailed(" ".join(failure.split()))
+        raise save_failed(failure, final.parent)
     return final
+
+
+def save_failed(failure: str, root: Path) -> "SaveFailed":
+    return SaveFailed(f"{' '.join(failure.split())}; the previous checkpoint stays the latest: free space or fix "
+                      f"{root}, then rerun (train.resume=auto continues from it)")
 
 
 def begin_save(root: Path, final: Path) -> Path:

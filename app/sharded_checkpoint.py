@@ -8,7 +8,18 @@ dist_checkpointing, in plain safetensors and JSON).
                                   moments), keyed NAME/KEY@OFFSETS
     index.json   {"weights": {name: TENSOR}, "optimizer": {"groups": [settings], "order":
                  [[names]], "state": {name: {key: TENSOR or {"value": v, "dtype": d}}}}}
-                 TENSOR = {"shape", "dtype", "boxes": [{"file", "key", "offsets", "sizes"}]}
+                 TENSOR = {"shape", "dtype", "boxes": [BOX]}
+                 BOX = {"file", "key", "offsets", "sizes"}: the box of the global tensor at
+                 offsets, stored with its shape `sizes`; or, with "flat_offset" and
+                 "flat_length", elements [flat_offset, flat_offset + flat_length) of that box in
+                 row-major order, stored as a 1-D tensor (a ZeRO rank's flat slice, keyed
+                 NAME@OFFSETS+FLAT_OFFSET)
+
+Who writes what: a rank holding a box writes it, once per set of ranks holding equal copies (its
+counted copy); under ZeRO every rank of the data set writes the flat ranges its slice covers,
+weights and optimizer state alike, with no gather (at stages 1-2, where the weights are whole
+on every rank, the same ranges), so each element is written exactly once (Megatron's
+distributed optimizer checkpoint and DeepSpeed's universal checkpoint cut the same way).
 
 The optimizer's part is the plain optimizer's state by global parameter name (its scalars, such
 as Adam's step, as JSON values), so any layout cuts it like the parameters.
@@ -20,7 +31,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -38,8 +49,9 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that is missing, cut short or not what we wrote. A ValueError, so the
-    command-line tools report it as one line and exit 2."""
+    """A checkpoint file that is missing, cut short or not what we wrote, or a save that could
+    not complete. A ValueError, so the trainer and the command-line tools report it as one line
+    and exit 2."""
 
 
 def damaged(path: Path, why: str) -> CheckpointError:
@@ -56,8 +68,8 @@ def damaged(path: Path, why: str) -> CheckpointError:
 
 @dataclass
 class Shard:
-    """What one rank writes: its boxes (anything with a global name, shape and offsets: a
-    Placement) of the weights and of the per-element optimizer state, its scalar state by
+    """What one rank writes: its boxes (anything with a global name, shape, offsets and sizes: a
+    Placement, or a FlatRange of one with its flat_offset and flat_length) of the weights and of the per-element optimizer state, its scalar state by
     global name and key; rank 0 also the optimizer's group settings, the plain optimizer's
     parameter names group by group, and the extras one layout alone needs (local SGD's replicas)."""
     weights: List[Tuple[object, torch.Tensor]]
@@ -90,13 +102,16 @@ def optim_file(rank: int) -> str:
     return f"optim-rank{rank:05d}.safetensors"
 
 
-def box_key(name: str, offsets: Sequence[int]) -> str:
-    return f"{name}@{','.join(map(str, offsets))}"
+def box_key(name: str, box) -> str:
+    key = f"{name}@{','.join(map(str, box.offsets))}"
+    return key if getattr(box, "flat_offset", None) is None else f"{key}+{box.flat_offset}"
 
 
 def _entry(name: str, box, file: str, key: str, tensor: torch.Tensor) -> dict:
-    return {"name": name, "shape": list(box.shape), "dtype": DTYPE_NAMES[tensor.dtype],
-            "box": {"file": file, "key": key, "offsets": list(box.offsets), "sizes": list(tensor.shape)}}
+    saved = {"file": file, "key": key, "offsets": list(box.offsets), "sizes": list(box.sizes)}
+    if getattr(box, "flat_offset", None) is not None:  # a flat range (app/parallel/placement.py's FlatRange)
+        saved.update(flat_offset=box.flat_offset, flat_length=box.flat_length)
+    return {"name": name, "shape": list(box.shape), "dtype": DTYPE_NAMES[tensor.dtype], "box": saved}
 
 
 def _write_fsynced(path: Path, tensors: Dict[str, torch.Tensor]) -> None:
@@ -109,11 +124,11 @@ def write_files(directory: Path, rank: int, shard: Shard) -> dict:
     """This rank's boxes into its own files, fsynced; what the index says of them."""
     weights, moments, written = {}, {}, {"weights": [], "state": [], "scalars": {}}
     for box, tensor in shard.weights:
-        key = box_key(box.name, box.offsets)
+        key = box_key(box.name, box)
         weights[key] = to_cpu(tensor.detach()).contiguous()
         written["weights"].append(_entry(box.name, box, model_file(rank), key, weights[key]))
     for box, state_key, tensor in shard.state:
-        key = box_key(f"{box.name}/{state_key}", box.offsets)
+        key = box_key(f"{box.name}/{state_key}", box)
         moments[key] = to_cpu(tensor.detach()).contiguous()
         written["state"].append({**_entry(box.name, box, optim_file(rank), key, moments[key]), "key": state_key})
     for name, scalars in shard.scalars.items():
@@ -183,7 +198,8 @@ def tensors_of(index: dict) -> List[Tuple[str, dict]]:
 
 
 def check_boxes(name: str, tensor: dict) -> None:
-    """The boxes lie inside the tensor, do not overlap, and together cover it exactly."""
+    """The boxes (and flat ranges) lie inside the tensor, do not overlap, and together cover it
+    exactly: no element is missing or listed twice."""
     shape, boxes = [int(s) for s in tensor["shape"]], tensor["boxes"]
     if tensor["dtype"] not in DTYPES:
         raise ValueError(f"{name} has dtype {tensor['dtype']}")
@@ -193,10 +209,30 @@ def check_boxes(name: str, tensor: dict) -> None:
         if len(box["offsets"]) != len(shape) or len(box["sizes"]) != len(shape) or any(
                 o < 0 or s <= 0 or o + s > d for o, s, d in zip(box["offsets"], box["sizes"], shape)):
             raise ValueError(f"a box of {name} lies outside its shape {shape}")
-        if any(_overlap(box["offsets"], box["sizes"], other["offsets"], other["sizes"]) for other in boxes[:i]):
+        if is_flat(box) and not 0 <= box["flat_offset"] < box["flat_offset"] + box["flat_length"] <= math.prod(
+                box["sizes"]):
+            raise ValueError(f"a flat range of {name} lies outside its box {box['sizes']}")
+        if any(_entries_overlap(box, other) for other in boxes[:i]):
             raise ValueError(f"two boxes of {name} overlap")
-    if sum(math.prod(box["sizes"]) for box in boxes) != math.prod(shape):
+    if sum(elements(box) for box in boxes) != math.prod(shape):
         raise ValueError(f"the boxes of {name} do not cover its shape {shape}")
+
+
+def is_flat(box: dict) -> bool:
+    return "flat_offset" in box
+
+
+def elements(box: dict) -> int:
+    return box["flat_length"] if is_flat(box) else math.prod(box["sizes"])
+
+
+def _entries_overlap(box: dict, other: dict) -> bool:
+    """Two flat ranges of one box overlap where their ranges do; any other two entries where
+    their boxes do (no writer cuts flat ranges across boxes)."""
+    if is_flat(box) and is_flat(other) and box["offsets"] == other["offsets"] and box["sizes"] == other["sizes"]:
+        return max(box["flat_offset"], other["flat_offset"]) < min(
+            box["flat_offset"] + box["flat_length"], other["flat_offset"] + other["flat_length"])
+    return _overlap(box["offsets"], box["sizes"], other["offsets"], other["sizes"]) is not None
 
 
 def _overlap(offsets, sizes, other_offsets, other_sizes) -> Optional[List[Tuple[int, int]]]:
@@ -216,9 +252,9 @@ def check_files(directory: Path, index: dict) -> None:
     for file, boxes in sorted(listed.items()):
         header = check_safetensors(directory / file)
         for dtype, box in boxes:
-            held = header.get(box["key"])
-            if not isinstance(held, dict) or held.get("dtype") != dtype or held.get("shape") != box["sizes"]:
-                raise damaged(directory / file, f"does not hold {box['key']} as {dtype} {box['sizes']}, as "
+            held, stored = header.get(box["key"]), [box["flat_length"]] if is_flat(box) else box["sizes"]
+            if not isinstance(held, dict) or held.get("dtype") != dtype or held.get("shape") != stored:
+                raise damaged(directory / file, f"does not hold {box['key']} as {dtype} {stored}, as "
                               f"{INDEX} lists it")
     for path in sorted(directory.glob("*.safetensors")):
         if RANK_FILE.match(path.name) and path.name not in listed:
@@ -253,20 +289,76 @@ def check_safetensors(path: Path) -> dict:
 
 def read_box(directory: Path, name: str, tensor: dict, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
     """The box (offsets, sizes) of a listed tensor, read from the saved boxes it overlaps, each
-    file read only where they overlap (safetensors' get_slice)."""
+    file read only where they overlap (safetensors' get_slice; a flat range by the whole rows of
+    it that the box crosses)."""
     out = torch.empty(tuple(sizes), dtype=DTYPES[tensor["dtype"]])
     for saved in tensor["boxes"]:
-        ranges = _overlap(offsets, sizes, saved["offsets"], saved["sizes"])
-        if ranges is None:
-            continue
-        path = Path(directory) / saved["file"]
-        source = tuple(slice(low - o, high - o) for (low, high), o in zip(ranges, saved["offsets"]))
-        try:
-            # pread, not mmap: a mapped page that was read stays in the resident set until the
-            # file is unmapped (streaming llama_1b's weights peaked at 4.44 GiB RSS mapped, 1.20 pread).
-            with safe_open(str(path), framework="pt", backend="pread") as handle:
-                piece = handle.get_slice(saved["key"])[source]
-        except (SafetensorError, OSError) as error:
-            raise damaged(path, f"{name}: {error}") from None
-        out[tuple(slice(low - o, high - o) for (low, high), o in zip(ranges, offsets))] = piece
+        for piece_offsets, piece_sizes, read in _contiguous_pieces(saved):
+            ranges = _overlap(offsets, sizes, piece_offsets, piece_sizes)
+            if ranges is None:
+                continue
+            path = Path(directory) / saved["file"]
+            try:
+                # pread, not mmap: a mapped page that was read stays in the resident set until the
+                # file is unmapped (streaming llama_1b's weights peaked at 4.44 GiB RSS mapped, 1.20 pread).
+                with safe_open(str(path), framework="pt", backend="pread") as handle:
+                    piece = read(handle.get_slice(saved["key"]), ranges)
+            except (SafetensorError, OSError) as error:
+                raise damaged(path, f"{name}: {error}") from None
+            out[tuple(slice(low - o, high - o) for (low, high), o in zip(ranges, offsets))] = piece
     return out
+
+
+def _contiguous_pieces(saved: dict):
+    """(offsets, sizes, read) per global box the saved entry holds: a box entry is one, read by
+    its overlap `ranges`; a flat range is up to 2 * ndim - 1 boxes, each contiguous in its 1-D
+    storage, read by whole rows of the first dimension the piece spans."""
+    if not is_flat(saved):
+        def read_box_part(stored, ranges):
+            return stored[tuple(slice(low - o, high - o) for (low, high), o in zip(ranges, saved["offsets"]))]
+        yield saved["offsets"], saved["sizes"], read_box_part
+        return
+    first = saved["flat_offset"]
+    for offsets, sizes, start in flat_boxes(saved["sizes"], first, first + saved["flat_length"]):
+        global_offsets = [o + p for o, p in zip(offsets, saved["offsets"])]
+
+        def read_flat_part(stored, ranges, offsets=global_offsets, sizes=sizes, start=start):
+            # The piece's dimensions before `dim` are one wide and those after it whole: the rows
+            # of `dim` the ranges cross are one contiguous run of the storage.
+            dim = next((d for d, size in enumerate(sizes) if size > 1), len(sizes) - 1)
+            low, high = ranges[dim] if sizes else (0, 1)
+            row = math.prod(sizes[dim + 1:])
+            begin = start - first + (low - offsets[dim]) * row if sizes else start - first
+            shape = list(sizes)
+            if sizes:
+                shape[dim] = high - low
+            rows = stored[begin : begin + math.prod(shape)].reshape(shape)
+            read_offsets = [low if d == dim else o for d, o in enumerate(offsets)]
+            return rows[tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(ranges, read_offsets))]
+        yield global_offsets, sizes, read_flat_part
+
+
+def flat_boxes(shape: Sequence[int], low: int, high: int) -> Iterator[Tuple[List[int], List[int], int]]:
+    """Elements [low, high) of a row-major tensor of `shape` as boxes (offsets, sizes, first
+    element), each contiguous: a partial first row, the whole rows, a partial last row."""
+    shape = list(shape)
+    if low >= high:
+        return
+    if not shape:
+        yield [], [], low
+        return
+    row = math.prod(shape[1:])
+    head_end = min(high, -(-low // row) * row)  # up to the first row boundary, if low is inside a row
+    if low < head_end:
+        at = low // row
+        for offsets, sizes, start in flat_boxes(shape[1:], low - at * row, head_end - at * row):
+            yield [at, *offsets], [1, *sizes], start + at * row
+        low = head_end
+    whole_end = high // row * row
+    if low < whole_end:
+        yield [low // row] + [0] * (len(shape) - 1), [(whole_end - low) // row, *shape[1:]], low
+        low = whole_end
+    if low < high:
+        at = low // row
+        for offsets, sizes, start in flat_boxes(shape[1:], 0, high - at * row):
+            yield [at, *offsets], [1, *sizes], start + at * row

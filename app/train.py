@@ -193,6 +193,10 @@ def finish_run(cfg, run_dir: Path, training: Training, state, last: dict, run: "
     """Hyperparameters, the run summary (layout, replicas' agreement, the plan against what was
     measured) and the task's own ending."""
     logger = run.logger
+    # First, so the summary's layout counts what the sample gathered. Eagerly: generation grows
+    # its input token by token, no shape to compile once.
+    with compilation.eager():
+        training.task.finish(training.parallel.sampling_model, run_dir, logger, log)
     logger.hparams(
         {"task": cfg.task, "model": cfg.model.name, "optim": cfg.optim.name, "lr": cfg.optim.lr,
          "sync": cfg.sync.name, "precision": cfg.train.precision, "world_size": dist.size(),
@@ -223,9 +227,6 @@ def finish_run(cfg, run_dir: Path, training: Training, state, last: dict, run: "
             "replicas_identical": identical, "plan": plan_block,
             "checkpoint": saving.summary_block(run.saver.asynchronous, saves),
         })
-    # Eagerly: generation grows its input token by token, no shape to compile once.
-    with compilation.eager():
-        training.task.finish(training.parallel.full_model, run_dir, logger, log)
 
 
 def measure_peak(cfg, device: torch.device) -> float:
@@ -403,7 +404,7 @@ def hydra_main(cfg) -> None:
     try:
         config.validate(cfg)
         train(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (config.ConfigError, FileNotFoundError, ValueError, checkpoint.SaveFailed) as error:
+    except (config.ConfigError, FileNotFoundError, ValueError) as error:  # a CheckpointError is a ValueError
         log.error("%s", error)
         sys.exit(2)
 

@@ -4,6 +4,7 @@ file, never a traceback; train.resume=auto falls back to the newest good one, an
 failed or crashed on one rank leaves the previous one in use; whole-model checkpoints of before
 still load; RNG states round-trip; a resumed run's metrics read as one run."""
 import argparse
+import itertools
 import json
 import pickle
 import re
@@ -262,7 +263,7 @@ def test_verify_names_the_damaged_file_of_a_whole_model_checkpoint(whole_model_r
 def test_a_save_one_rank_failed_leaves_the_previous_checkpoint_in_use(run_dir):
     """Rank 1 reports its files unwritten: nothing renamed, no staging left, `latest` unmoved."""
     model, optimizer = tiny_model_and_optimizer()
-    with pytest.raises(OSError, match="rank 1: disk full"):
+    with pytest.raises(checkpoint.CheckpointError, match="rank 1: disk full.*the previous checkpoint stays the latest"):
         save_at(run_dir, 8, model, optimizer, [checkpoint.capture_rng_state(torch.device("cpu"))] * 2,
                 fail_rank_1=True)
     root = checkpoint.checkpoints_root(run_dir)
@@ -566,3 +567,24 @@ def test_a_fresh_run_keeps_rows_at_step_0(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 0, "note": 1}\n')
     metrics.RunLogger(tmp_path, total_steps=10, initial_step=0, progress_bar=False).close()
     assert read_metrics(tmp_path) == [{"step": 0, "note": 1}]
+
+
+def test_a_reader_reads_every_box_of_a_tensor_saved_as_flat_ranges(tmp_path):
+    """Two boxes of rows of a 3-D tensor, each cut into flat ranges at places inside rows and
+    inside a row's rows (as ZeRO's slices fall): every box of the tensor reads back exactly."""
+    full = torch.arange(4 * 3 * 5, dtype=torch.float32).reshape(4, 3, 5)
+    stored, boxes = {}, []
+    for first_row, rows, cuts in ((0, 3, [0, 7, 8, 31, 45]), (3, 1, [0, 15])):
+        flat = full[first_row : first_row + rows].reshape(-1)
+        for low, high in zip(cuts, cuts[1:]):
+            key = f"t@{first_row},0,0+{low}"
+            stored[key] = flat[low:high].clone()
+            boxes.append({"file": "model-rank00000.safetensors", "key": key, "offsets": [first_row, 0, 0],
+                          "sizes": [rows, 3, 5], "flat_offset": low, "flat_length": high - low})
+    save_file(stored, str(tmp_path / "model-rank00000.safetensors"))
+    tensor = {"shape": [4, 3, 5], "dtype": "F32", "boxes": boxes}
+    sharded_checkpoint.check_boxes("t", tensor)
+    for offsets in itertools.product(range(4), range(0, 3, 2), range(0, 5, 2)):
+        for sizes in itertools.product(*(range(1, d - o + 1) for d, o in zip(full.shape, offsets))):
+            box = tuple(slice(o, o + s) for o, s in zip(offsets, sizes))
+            assert torch.equal(sharded_checkpoint.read_box(tmp_path, "t", tensor, offsets, sizes), full[box]), box

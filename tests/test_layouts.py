@@ -64,9 +64,11 @@ CELLS = [cell for cells in LAUNCHES.values() for cell in cells]
 # resumes, each time in other boxes than it saved. Resumer -> the cell whose checkpoint it reads.
 RESUMES = {"t2d2_zero3_resumed": "one", "p2t2d2_zero1_resumed": "one", "p2d2_tied_resumed": "one",
            "p2d2_zero3_from_t2d2_zero3": "t2d2_zero3", "p2t2_from_p2d2_zero3": "p2d2_zero3"}
-# Saver -> the ranks that write boxes: each data set's first (data coordinate 0), one per pipeline
-# and tensor position (rank = (pipeline * data + data_index) * tensor + tensor_index, app/mesh.py).
-SAVERS = {"p2t2d2_zero1": [0, 1, 4, 5], "t2d2_zero3": [0, 1], "p2d2_zero3": [0, 2]}
+# Saver -> the ranks that write boxes: under ZeRO every rank, each the flat ranges of its own slices
+# (no gather onto the data set's first rank).
+SAVERS = {"p2t2d2_zero1": list(range(8)), "t2d2_zero3": list(range(4)), "p2d2_zero3": list(range(4))}
+# After its step-3 save, this cell tries a save whose staging directory rank 0 cannot make.
+BLOCKED_SAVE = "t2d2_zero3"
 # The step at which one rank's gradients overflow, and the rank: (p1, t1) and (p1, d1), whose
 # overflow the other stage must agree on, and the rest of its tensor or ZeRO data set.
 OVERFLOWS = {"p2t2_fp16": {"step": 4, "rank": 3}, "p2d2_zero2_fp16": {"step": 4, "rank": 3}}
@@ -120,7 +122,8 @@ def cells(tiny_data, reference, tied_reference, tmp_path_factory):
         if key not in launched:
             launcher, ranks, pipeline, tensor = key
             specs = [{"name": cell, "overrides": overrides(tiny_data, ranks, pipeline, tensor, *extra),
-                      "overflow": OVERFLOWS.get(cell), "save_at": SAVE_AT if cell in SAVERS else None}
+                      "overflow": OVERFLOWS.get(cell), "save_at": SAVE_AT if cell in SAVERS else None,
+                      "blocked_save": cell == BLOCKED_SAVE}
                      for cell, extra in LAUNCHES[key].items()]
             for spec in specs:
                 saver = RESUMES.get(spec["name"])
@@ -228,7 +231,8 @@ def test_a_checkpoint_saved_in_one_layout_resumes_in_another(cells, cell):
 @pytest.mark.parametrize("cell", SAVERS)
 def test_a_checkpoint_is_sharded_each_writer_holding_only_its_boxes(cells, reference, cell):
     """No whole-model file: each writer's file holds part of the model, and the files together
-    hold every weight exactly once (a replicated box written once, by its counted copy)."""
+    hold every weight exactly once (a replicated box written once, by its counted copy; a ZeRO
+    data set's ranks each the flat ranges of their slices)."""
     cells(cell)
     saved = checkpoint.checkpoints_root(cells("dir") / cell) / checkpoint.step_dir_name(SAVE_AT)
     files = sorted(saved.glob("*.safetensors"))
@@ -239,6 +243,17 @@ def test_a_checkpoint_is_sharded_each_writer_holding_only_its_boxes(cells, refer
     held = [sum(t.numel() for t in load_file(str(f)).values()) for f in files if f.name.startswith("model")]
     assert max(held) < whole and sum(held) == whole, (held, whole)
 
+
+def test_a_save_rank_0_cannot_stage_fails_on_every_rank_and_keeps_the_previous_checkpoint(cells):
+    """A file stands where the checkpoints directory was: rank 0 cannot make the staging
+    directory, and every rank learns it (none waits), as one CheckpointError line."""
+    blocked = cells(BLOCKED_SAVE)["blocked"]
+    assert len(blocked["errors"]) == 4
+    for error in blocked["errors"]:
+        assert error is not None and "\n" not in error, blocked
+        assert error.startswith("rank 0 could not make the staging directory of ") and \
+            "the previous checkpoint stays the latest" in error, error
+    assert blocked["latest"] == checkpoint.step_dir_name(SAVE_AT)
 
 
 @pytest.mark.parametrize("cell", TIED_CELLS)

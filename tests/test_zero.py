@@ -18,17 +18,23 @@ sqrt(v), which amplifies it where gradients are tiny, so weights differ by up to
 offset, a missing average, a rank's slice lost, no clipping) moves weights by ~lr = 1e-3.
 
 Launches are shared (module fixture): one reference process per optimizer, stages 1, 2 and 3 on
-2 ranks (checkpointing at steps 3 and 6), and two resumes across stage and world size.
+2 ranks (checkpointing at steps 3 and 6), two resumes across stage and world size, and one of
+stage 1's checkpoint into a tensor split.
 """
+import json
+import re
+import shutil
+
 import pytest
 import torch
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
-from app import checkpoint, cli, config, export
+from app import checkpoint, cli, config, export, generate, tokenizer
 from app.parallel.flat import split_sizes
 from app.parallel.layers import apply_activation_checkpointing, transformer_layers
 from conftest import (CLIPPED, UNCLIPPED, assert_always_clipped, assert_never_clipped, assert_same_grad_norms,
-                      read_metrics, read_summary, run_job, tiny_train_args)
+                      last_json_line, read_metrics, read_summary, run_job, tiny_train_args)
 
 ADAM_ATOL = 1e-5
 # Evaluation at step 4 and at the end, right after a step: stages 1-2 gather the parameters
@@ -73,6 +79,10 @@ def runs(tiny_data, tmp_path_factory):
     found["3_to_1rank_stage0"] = launch(tiny_data, root / "to0", 1, *SGD, f"train.resume={step_dir(found[3], 3)}")
     found["1rank_stage0_to_3"] = launch(tiny_data, root / "to3", 2, *ADAMW_CLIPPED, "parallel.zero_stage=3",
                                         f"train.resume={step_dir(found['one_adamw'], 3)}")
+    # Stage 1's flat slices into a tensor split (one data replica: the whole batch per step).
+    found["1_to_t2"] = root / "to_t2"
+    run_job(tiny_train_args(tiny_data, found["1_to_t2"], *SETTINGS, "train.micro_batch_size=4", *SGD,
+                            "parallel.tensor=2", f"train.resume={step_dir(found[1], 3)}"), np_=2, launcher="gloo")
     return found
 
 
@@ -92,19 +102,73 @@ def test_each_stage_on_two_ranks_takes_the_steps_of_one_process_with_the_whole_b
 
 def test_evaluation_right_after_a_step_sees_the_updated_model(runs):
     """Stages 1-2 gather updated parameters lazily, at the next forward; evaluation right after a
-    step (step 4, and the end) must see them, as stage 3 sees its whole model gathered for it.
+    step (step 4, and the end) must see them, as stage 3's layer-by-layer forwards gather them.
     Two ranks evaluate other windows than one, so the 2-rank runs are compared with each other."""
     val = {stage: [row["val/loss"] for row in read_metrics(runs[stage]) if "val/loss" in row] for stage in (1, 2, 3)}
     assert len(val[3]) == 2
     assert val[1] == pytest.approx(val[3], rel=1e-6) and val[2] == pytest.approx(val[3], rel=1e-6)
 
 
-def test_stage_3_ends_sharded_and_gathers_the_whole_model_only_for_the_sample(runs):
+def test_stage_3_evaluates_and_samples_layer_by_layer_as_one_process_does(runs):
+    """Stage 3 never gathers the whole model after training (its summary counts the whole-model
+    gathers: the end's evaluation and sample included, none), and its last evaluation and its
+    sample equal one process's on the final checkpoint: the same windows (2 batches of 2), the
+    same tokens by seed."""
+    assert read_summary(runs[3])["layout"]["whole_model_gathers"] == 0
+    final = step_dir(runs[3], 6)
+    evaluated = last_json_line(run_job([f"checkpoint={final}", "batch_size=2", "max_batches=2"], launcher="none",
+                                       module="app.evaluate").stdout)
+    last = [row["val/loss"] for row in read_metrics(runs[3]) if "val/loss" in row][-1]
+    assert evaluated["val/loss"] == pytest.approx(last, abs=1e-5)
+    train_cfg = OmegaConf.create(checkpoint.read_state(final).config).train
+    expected = generate.generate_text(checkpoint.load_trained_model(final), tokenizer.load(checkpoint.tokenizer_dir(final)),
+                                      train_cfg.sample_prompt, train_cfg.sample_tokens, train_cfg.sample_temperature,
+                                      train_cfg.sample_top_k, seed=train_cfg.seed)
+    sample = re.search(r"sample:\n(.*?)\n\[", (runs[3] / "train.log").read_text(), re.DOTALL)
+    assert sample is not None and sample.group(1) == expected
+
+
+def test_stage_3_ends_sharded(runs):
     log = (runs[3] / "train.log").read_text()
     assert "sample:" in log and "parameters identical on all 2 ranks holding the same part: True" in log
     # The memory at rest is recorded after the last step: the slices, not the gathered model.
     assert read_summary(runs[3])["layout"]["state_bytes"]["parameters"] < 0.55 * read_summary(runs["one"])[
         "layout"]["state_bytes"]["parameters"]
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_each_rank_writes_only_the_flat_ranges_of_its_own_slices(runs, stage):
+    """Both ranks write, each about half of the weights and of the optimizer state (its slices,
+    gathered by nobody: at stage 1 the replicated weights' matching ranges), every entry a flat
+    range, every element once."""
+    saved = step_dir(runs[stage], 3)
+    whole = sum(t.numel() for t in weights(runs[stage], 3).values())
+    for kind in ("model", "optim"):
+        held = [sum(t.numel() for t in load_file(str(saved / f"{kind}-rank{rank:05d}.safetensors")).values())
+                for rank in (0, 1)]
+        assert sum(held) == whole and max(held) <= 0.51 * whole, (kind, held, whole)
+    index = json.loads((saved / "index.json").read_text())
+    boxes = [box for tensor in index["weights"].values() for box in tensor["boxes"]]
+    assert all("flat_offset" in box for box in boxes)
+    assert sum(box["flat_length"] for box in boxes) == whole
+
+
+@pytest.mark.parametrize("damage", ["overlap", "gap"])
+def test_a_damaged_flat_range_is_an_error_naming_the_index(runs, tmp_path, damage):
+    """One flat range moved back over its neighbour's, or shortened to leave a hole."""
+    saved = tmp_path / "step"
+    shutil.copytree(step_dir(runs[3], 3), saved)
+    index = json.loads((saved / "index.json").read_text())
+    tensor = next(t for t in index["weights"].values() if len(t["boxes"]) == 2)
+    later = max(tensor["boxes"], key=lambda box: box["flat_offset"])
+    if damage == "overlap":
+        later["flat_offset"] -= 1
+    else:
+        later["flat_length"] -= 1
+    (saved / "index.json").write_text(json.dumps(index))
+    with pytest.raises(checkpoint.CheckpointError, match=f"checkpoint file {re.escape(str(saved / 'index.json'))} "
+                       "is damaged .*(overlap|do not cover)"):
+        checkpoint.verify(saved)
 
 
 def test_a_run_without_a_final_checkpoint_writes_none(tiny_data, tmp_path):
@@ -138,6 +202,8 @@ def test_sharded_checkpoint_holds_the_plain_optimizer_state_dict(runs):
 def test_resume_across_stage_and_world_size_both_ways(runs):
     reference = weights(runs["one"])
     assert max_abs_difference(weights(runs["3_to_1rank_stage0"]), reference) < ADAM_ATOL
+    assert max_abs_difference(weights(runs["1_to_t2"]), reference) < ADAM_ATOL
+    assert [row["step"] for row in read_metrics(runs["1_to_t2"]) if "train/loss" in row][0] > 3  # resumed
     assert max_abs_difference(weights(runs["1rank_stage0_to_3"]), weights(runs["one_adamw"])) < ADAM_ATOL
 
 

@@ -84,6 +84,12 @@ class Parallelism:
         yield self.model
 
     @contextmanager
+    def sampling_model(self):
+        """The model the closing sample runs on, on every rank: by default the whole model."""
+        with self.full_model() as model:
+            yield model
+
+    @contextmanager
     def evaluation_model(self):
         """(model, share) for evaluation: a model that computes the whole model's loss, and this
         rank's share (index, count) of the evaluation batches. By default the whole model, each

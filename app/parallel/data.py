@@ -56,8 +56,8 @@ class DataSync:
             self.optimizer.load_state_dict(by_index(named_optimizer, self._order()))
 
     def local_state(self) -> Optional[tuple]:
-        """(weights, by-name plain optimizer state) of this rank's part, by local name; a
-        collective of the set (ZeRO gathers), None except on the set's first rank."""
+        """(weights, by-name plain optimizer state) of this rank's part, by local name (a
+        collective of the set where a layout averages its replicas: local SGD)."""
         weights = {name: p.detach().clone() for name, p in self.model.named_parameters()}
         return weights, by_name(self.optimizer.state_dict(), self._order())
 

@@ -6,7 +6,7 @@ what is left of the model); the model's parameters become views into its `full` 
 this rank owns `full[start:end]`, the slice Horovod's reducescatter hands it: of n elements
 over s ranks, the first n % s ranks get one element more. A `Unit` is the FlatShards of one
 module, moved together in grouped collectives (one negotiation, one fused buffer)."""
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import horovod.torch as hvd
 import torch
@@ -73,10 +73,8 @@ class FlatShard:
     def _initial_slice(self, initial) -> torch.Tensor:
         """This rank's slice of the unit's fresh parameters, each box drawn only if it overlaps it."""
         shard = torch.empty(self.end - self.start, device=self.params[0].device)
-        for param, offset, numel in zip(self.params, self.offsets, self.numels):
-            low, high = max(offset, self.start), min(offset + numel, self.end)
-            if low < high:
-                shard[low - self.start : high - self.start] = initial(param).reshape(-1)[low - offset : high - offset]
+        for param, low, high, at in self.owned_ranges():
+            shard[at : at + high - low] = initial(param).reshape(-1)[low:high]
         return shard
 
     # --- the full buffer ----------------------------------------------------------------------
@@ -159,9 +157,15 @@ class FlatShard:
             self.shard.grad += reduced
 
     # --- optimizer state in the plain optimizer's layout -------------------------------------
-    def split_full(self, flat: torch.Tensor) -> List[torch.Tensor]:
-        """A full flat tensor cut back into this shard's parameters' shapes."""
-        return [piece.reshape(param.shape).clone() for piece, param in zip(flat.split(self.numels), self.params)]
+    def owned_ranges(self) -> List[Tuple[torch.nn.Parameter, int, int, int]]:
+        """(parameter, first element, end, where they start in the slice) of each parameter this
+        rank's slice overlaps, elements counted in the parameter's row-major order."""
+        ranges = []
+        for param, offset, numel in zip(self.params, self.offsets, self.numels):
+            low, high = max(offset, self.start), min(offset + numel, self.end)
+            if low < high:
+                ranges.append((param, low - offset, high - offset, low - self.start))
+        return ranges
 
     def owned_state(self, entries: List[Optional[dict]]) -> Optional[dict]:
         """This rank's slice's optimizer state from its parameters' plain states (None where a

@@ -12,8 +12,9 @@
 
 `Layout` is the one object the loop and the step talk to (app/parallel/base.py); it reaches the
 whole model only through placements: the global gradient norm, the fp16 overflow flag,
-checkpoints (each rank writes its counted boxes, and reads its own boxes of any layout's) and
-the whole model rebuilt for evaluation and the closing sample.
+checkpoints (each rank writes its counted boxes, under ZeRO the flat ranges of its slices, and
+reads its own boxes of any layout's) and the whole model rebuilt for evaluation and the closing
+sample (at data-only ZeRO-3, the sharded model run layer by layer instead).
 """
 import socket
 from contextlib import contextmanager
@@ -132,24 +133,29 @@ class Layout(Parallelism):
 
     # --- checkpoints and the end ---------------------------------------------------------------
     def checkpoint_shard(self) -> Optional[Shard]:
-        """Collective: each data set's first rank gets its counted boxes of the weights and of
-        the plain optimizer's state (global names), which it writes itself; rank 0 also the
-        optimizer's parameter order and local SGD's replicas. None on the other ranks."""
+        """This rank's share of a checkpoint, which it writes itself: under ZeRO every rank's
+        flat ranges of its counted boxes (no collective); otherwise, collective, each data set's
+        first rank its counted boxes of the weights and of the plain optimizer's state (global
+        names). Rank 0 also gets the optimizer's parameter order and local SGD's replicas. None
+        on a rank with nothing to write."""
+        main = dist.is_main()
+        order = full_model_order(self.part.whole) if main else None
+        if self.data.sharded:
+            weights, optimizer, groups = self.data.own_slices(self.part.placements)
+            return shard_of(weights, optimizer, groups, order=order)
         local = self.data.local_state()  # every rank of the set takes part; its first rank keeps it
         replicas = None
         if isinstance(self.data, LocalSGD):
             replicas = dist.allgather_object(self.data.replica(), name="local_sgd_replicas_gather")
-        if self.part.is_whole and not self.data.sharded:
+        if self.part.is_whole:
             # Every rank holds the whole model: rank 0's own copy, whatever its coordinates were
             # (an elastic world's rank 0 may be any process of the first world).
-            pieces = self.part.pieces(*local, every_box=True) if dist.is_main() else None
+            pieces = self.part.pieces(*local, every_box=True) if main else None
         else:
             pieces = self.part.pieces(*local) if local is not None else None
         if pieces is None:
             return None
-        main = dist.is_main()
-        return shard_of(pieces["model"], pieces["optimizer"], pieces["groups"],
-                        order=full_model_order(self.part.whole) if main else None,
+        return shard_of(pieces["model"], pieces["optimizer"], pieces["groups"], order=order,
                         extra={"replicas": replicas} if main and replicas is not None else {})
 
     def finish(self) -> None:
@@ -181,11 +187,34 @@ class Layout(Parallelism):
             plain.get_buffer(_plain_buffer_name(name, plain)).copy_(buffer)
         yield plain.train(self.model.training)
 
+    @property
+    def layer_by_layer(self) -> bool:
+        """Data-only ZeRO-3: the sharded model itself evaluates and samples, its hooks gathering
+        one layer at a time in each forward, as in training; no rank holds the whole model."""
+        return self.part.is_whole and getattr(self.data, "reshards", False)
+
+    @contextmanager
+    def sampling_model(self):
+        """What the closing sample runs on: layer by layer at data-only ZeRO-3, where each forward
+        gathers, a collective of the data set, so every rank must generate the same sample (the
+        same seed: the same tokens, as many forwards); otherwise the whole model."""
+        if self.layer_by_layer:
+            yield self.model
+            return
+        with super().sampling_model() as model:
+            yield model
+
     @contextmanager
     def evaluation_model(self):
         """Under tensor parallelism alone the split model itself, whose vocabulary-parallel loss
         is the whole model's: the ranks of a tensor set evaluate one share (their data position)
-        together. Otherwise the whole model, each rank a share of its own."""
+        together. At data-only ZeRO-3 the sharded model, layer by layer; its gathers are
+        collectives, so every rank runs the same forwards: all evaluate every batch, one share
+        together (a share is counted by each rank computing it, which scales both sums of a mean
+        alike). Otherwise the whole model, each rank a share of its own."""
+        if self.layer_by_layer:
+            yield self.model, (0, 1)
+            return
         if self.schedule is None and self.part.tensor_group is not None:
             with self.data.whole_part() as part:
                 yield part, dist.data_position()

@@ -5,7 +5,8 @@ dimensions over which identical copies of that box live.
 Everything that must see the whole model through the layouts reads placements, never a
 layout's class: gradient clipping counts a replicated box once, checkpoints write each counted
 box with its offsets and read this rank's box from any layout's (app/sharded_checkpoint.py), and
-the whole model is rebuilt from the boxes for evaluation or a sample.
+the whole model is rebuilt from the boxes for evaluation or a sample. A ZeRO slice holds a
+flat range of a box (`FlatRange`), which is what it writes.
 """
 from dataclasses import dataclass
 from typing import Dict, Iterable, Tuple
@@ -40,10 +41,26 @@ class Placement:
     def box(self) -> Tuple[slice, ...]:
         return tuple(slice(o, o + s) for o, s in zip(self.offsets, self.sizes))
 
+    def flat_range(self, offset: int, length: int) -> "FlatRange":
+        """Elements [offset, offset + length) of this box in row-major order: what a ZeRO slice
+        holds of it."""
+        return FlatRange(self.name, self.shape, self.offsets, self.sizes, offset, length)
+
     def counted(self, coordinates: Dict[str, int]) -> bool:
         """Whether this rank's copy is the one that counts in a sum over the mesh (a global
         norm): the first along every dimension that replicates it."""
         return all(coordinates[d] == 0 for d in self.replicated)
+
+
+@dataclass(frozen=True)
+class FlatRange:
+    """A contiguous run of a box's row-major elements (app/sharded_checkpoint.py's flat entries)."""
+    name: str
+    shape: Tuple[int, ...]
+    offsets: Tuple[int, ...]
+    sizes: Tuple[int, ...]
+    flat_offset: int
+    flat_length: int
 
 
 def assemble(pieces: Iterable[Tuple[Placement, torch.Tensor]]) -> Dict[str, torch.Tensor]:

@@ -38,7 +38,7 @@ import functools
 import hashlib
 import inspect
 from contextlib import contextmanager
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import horovod.torch as hvd
 import torch
@@ -48,6 +48,7 @@ from app.parallel.base import held_bytes
 from app.parallel.data import DataSync
 from app.parallel.flat import FlatShard, Unit, copy_value
 from app.parallel.layers import transformer_layers
+from app.parallel.placement import Placement
 from app.state_dicts import is_per_element, load_model_state
 
 # Units whose reduce-scatter may be outstanding (their full gradients alive) during backward,
@@ -112,7 +113,8 @@ class Zero(DataSync):
         self.layers = transformer_layers(model)
         self.units: List[Unit] = []
         self.pending = []  # (unit, handle) of reduce-scatters in flight
-        self.whole = False  # stage 3 after finish(): every parameter gathered, hooks idle
+        self.whole = False  # stage 3 while whole_part(): every parameter gathered, hooks idle
+        self.whole_gathers = 0  # times whole_part() gathered every unit at stage 3 (the summary says)
         self.resting_bytes: Optional[Dict[str, int]] = None
 
     @property
@@ -175,43 +177,26 @@ class Zero(DataSync):
         by_shard = {id(f.shard): f for f in self.flats}
         return [by_shard[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
 
-    def local_state(self) -> Optional[tuple]:
-        """Collective of the set: the part's weights (stage 3 gathers them) and the plain
-        optimizer's state by local name, each slice's state allgathered and cut back into its
-        parameters; on the set's first rank, None elsewhere."""
-        model_state = self._model_state()
-        keep, names, state = self.process_set.rank() == 0, self._names(), {}
-        for local_index, flat in enumerate(self._flats_in_optimizer_order()):
-            entry = self.optimizer.state.get(flat.shard)
-            for key, value in sorted((entry or {}).items()):
-                if is_per_element(value):
-                    full = hvd.allgather(value.detach().float(), name=f"zero.state.{local_index}.{key}",
-                                         process_set=self.process_set)
-                    values = flat.split_full(full)
-                else:  # a copy each: a shared step counter would be bumped once per parameter
-                    values = [copy_value(value) for _ in flat.params]
-                if keep:  # the others only take part in the allgathers
-                    for param, piece in zip(flat.params, values):
-                        state.setdefault(names[id(param)], {})[key] = piece
-        if not keep:
-            return None
+    def own_slices(self, placements: Dict[str, Placement]) -> Tuple[list, list, List[dict]]:
+        """This rank's share of a checkpoint, with no collective: for each counted parameter
+        (flat.counted: one tensor rank's copy of a replicated box) the flat range of its box
+        that this rank's slice holds, with the weights of that range (at stages 1-2, whose
+        weights every rank of the set holds whole, only that range, so each element is written
+        once) and the optimizer state of it, in the plain optimizer's form: (range, weights),
+        (range, state entry), and the groups' settings."""
+        names, weights, optimizer = self._names(), [], []
+        for flat in self._flats_in_optimizer_order():
+            if not flat.counted:
+                continue
+            entry = self.optimizer.state.get(flat.shard) or {}
+            for param, low, high, at in flat.owned_ranges():
+                piece = placements[names[id(param)]].flat_range(low, high - low)
+                weights.append((piece, flat.shard.detach()[at : at + high - low]))
+                if entry:  # a scalar (the step) a copy each: a shared counter would be bumped once per range
+                    optimizer.append((piece, {key: value[at : at + high - low] if is_per_element(value) else
+                                              copy_value(value) for key, value in entry.items()}))
         settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-        return model_state, {"state": state, "groups": settings}
-
-    def _model_state(self) -> Optional[Dict[str, torch.Tensor]]:
-        """The set's first rank's copy of the part's parameters by local name; stage 3 gathers one
-        unit at a time, so no rank ever holds the whole part twice."""
-        keep, names = self.process_set.rank() == 0, self._names()
-        if self.stage < 3 or self.whole:
-            self._gather_all()
-            return {name: p.detach().clone() for name, p in self.model.named_parameters()} if keep else None
-        copies = {}
-        for unit in self.units:
-            self._gather(unit)
-            if keep:
-                copies.update({names[id(p)]: p.detach().clone() for p in unit.params})
-            unit.free()
-        return copies if keep else None
+        return weights, optimizer, settings
 
     # --- one step -----------------------------------------------------------------------------
     def _grad_ready(self, unit: Unit, param) -> None:
@@ -354,6 +339,7 @@ class Zero(DataSync):
             yield self.model
             return
         self.whole = True
+        self.whole_gathers += 1
         try:
             yield self.model
         finally:
@@ -385,4 +371,5 @@ class Zero(DataSync):
         return self.resting_bytes or self.state_bytes()
 
     def describe(self) -> dict:
-        return {**super().describe(), "zero_stage": self.stage, "units": len(self.units)}
+        return {**super().describe(), "zero_stage": self.stage, "units": len(self.units),
+                "whole_model_gathers": self.whole_gathers}

@@ -36,9 +36,10 @@ class Task(Protocol):
         (index, count) of its batches; ranks given the same share (a tensor group's) compute it
         together."""
 
-    def finish(self, whole_model, run_dir: Path, logger, log) -> None:
-        """Anything the task does once training ends (a generated sample); `whole_model()` gives
-        a context holding the whole model, a collective that every rank must enter or none."""
+    def finish(self, sampling_model, run_dir: Path, logger, log) -> None:
+        """Anything the task does once training ends (a generated sample); `sampling_model()`
+        gives a context holding the model to run (the whole model, or at ZeRO-3 the sharded one,
+        gathering layer by layer), a collective that every rank must enter or none."""
 
 
 TASKS = {"clm": CausalLM, "classify": Classify, "mlm": MaskedLM}

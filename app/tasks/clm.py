@@ -63,17 +63,19 @@ class CausalLM:
         return {"val/loss": loss, "val/perplexity": math.exp(loss),
                 "val/windows": min(total, self.eval_windows.windows_per_epoch)}
 
-    def finish(self, whole_model, run_dir: Path, logger, log) -> None:
-        """A sample from the trained model, printed and logged, on rank 0. `whole_model()` is a
-        collective on sharded layouts: every rank enters it, and only when a sample is asked for."""
+    def finish(self, sampling_model, run_dir: Path, logger, log) -> None:
+        """A sample from the trained model, printed and logged by rank 0. `sampling_model()` is a
+        collective on sharded layouts: every rank enters it, and only when a sample is asked for.
+        Every rank generates the same sample (the same seed): at ZeRO-3 each forward gathers the
+        layers, a collective that every rank must run as often."""
         train_cfg = self.cfg.train
         if train_cfg.sample_tokens <= 0:
             return
-        with whole_model() as model:
-            if not dist.is_main():
-                return
+        with sampling_model() as model:
             tok = tokenizer.load(checkpoint.run_tokenizer_dir(run_dir))
             sample = generate_text(model, tok, train_cfg.sample_prompt, train_cfg.sample_tokens,
                                    train_cfg.sample_temperature, train_cfg.sample_top_k, seed=train_cfg.seed)
+        if not dist.is_main():
+            return
         log.info("sample:\n%s", sample)
         logger.text("sample", sample)

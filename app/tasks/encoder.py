@@ -68,7 +68,7 @@ class EncoderTask:
         (a tensor set, on the split model) each hold its totals whole, so they count once."""
         return dist.sum_over_ranks(totals, name=name) / (dist.size() // share[1])
 
-    def finish(self, whole_model, run_dir, logger, log) -> None:
+    def finish(self, sampling_model, run_dir, logger, log) -> None:
         pass
 
 

@@ -8,7 +8,7 @@ step (its placement and values), and
 where the cell asks, each rank's coordinates, checksum of its tensor-replicated parameters and
 CPU RNG state (ZeRO-3 cells cannot: their parameters are freed between steps) and the task's
 evaluation at the end, to OUT/<cell>.pt; a cell may also write a real checkpoint at a step, for
-another layout to resume.
+another layout to resume, and then try one more that cannot be staged ("blocked_save").
 
 A cell with "overflow" trains with an fp16 loss scaler (torch.amp.GradScaler on the CPU: the
 same unscale, clip and step path as on a GPU) and, at that step, one rank's gradients forced to
@@ -17,10 +17,11 @@ saved too. Every cell saves the largest difference between the copies of a tied 
 ranks hold (the first and last stages' under a pipeline).
 
     mpirun -np 8 python tests/workers/layout_cells.py OUT CELLS_JSON
-    CELLS_JSON: [{"name": ..., "overrides": [...], "resume": path|null, "save_at": step|null,
+    CELLS_JSON: [{"name": ..., "overrides": [...], "resume": path|null, "save_at": step|null, "blocked_save": bool,
                  "evaluate": {"batch_size": b, "max_batches": n}|null, "ranks": bool,
                  "overflow": {"step": 1-based step, "rank": global rank}|null}, ...]
 """
+import dataclasses
 import hashlib
 import json
 import sys
@@ -63,7 +64,7 @@ def run_cell(out: Path, cell: dict) -> None:
     overflow = cell.get("overflow")
     if overflow:
         training.scaler = torch.amp.GradScaler("cpu", init_scale=INITIAL_SCALE)
-    timer, rows, scaling = PhaseTimer(training.device), [], []
+    timer, rows, scaling, blocked = PhaseTimer(training.device), [], [], None
     while state.step < cfg.train.max_steps:
         optim.set_lr(training.optimizer, optim.lr_at(state.step, cfg.optim, cfg.train.max_steps,
                                                      dist.data_position()[1]))
@@ -89,6 +90,7 @@ def run_cell(out: Path, cell: dict) -> None:
                             **scaled})
         if state.step == cell.get("save_at"):
             train.save_checkpoint(cfg, run_dir, training, state, train.Window(training.device))
+            blocked = blocked_save(cfg, run_dir, training, state) if cell.get("blocked_save") else blocked
     evaluated = evaluate(training, cell["evaluate"]) if cell.get("evaluate") else None
     # The final state as a real (sharded) checkpoint, which rank 0 reads back whole below.
     train.save_checkpoint(cfg, run_dir, training, state, train.Window(training.device))
@@ -104,8 +106,30 @@ def run_cell(out: Path, cell: dict) -> None:
         final = checkpoint.latest(run_dir)
         torch.save({"model": checkpoint.read_weights(final), "optimizer": checkpoint.load_optimizer_state(final),
                     "steps": rows, "ranks": ranks, "initial": initial,
-                    "evaluated": evaluated, "scaling": scaling, "tied_difference": tied_difference,
+                    "evaluated": evaluated, "scaling": scaling, "tied_difference": tied_difference, "blocked": blocked,
                     "layout": training.parallel.layout()}, out / f"{cell['name']}.pt")
+
+
+def blocked_save(cfg, run_dir: Path, training, state) -> dict:
+    """A save whose staging directory rank 0 cannot make (a file stands where checkpoints/ was):
+    every rank's error (None if it returned, or it would hang here) and the checkpoint `latest`
+    names afterwards, checkpoints/ put back."""
+    root = checkpoint.checkpoints_root(run_dir)
+    aside = root.with_name("checkpoints.aside")
+    if dist.is_main():
+        root.rename(aside)
+        root.write_text("not a directory\n")
+    try:
+        # A copy of the state: a save counts the window's tokens into it.
+        train.save_checkpoint(cfg, run_dir, training, dataclasses.replace(state), train.Window(training.device))
+        error = None
+    except checkpoint.CheckpointError as failed:
+        error = str(failed)
+    errors = dist.allgather_object(error, name="layout_cells.blocked_save")
+    if dist.is_main():
+        root.unlink()
+        aside.rename(root)
+    return {"errors": errors, "latest": checkpoint.latest(run_dir).name if dist.is_main() else None}
 
 
 def fresh_boxes(layout) -> list:
