@@ -30,6 +30,7 @@ import pickle
 import re
 import shutil
 import zipfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -270,6 +271,26 @@ def whole_model_index(checkpoint_dir: Path, order: Optional[List[List[str]]]) ->
     return {"weights": weights, "optimizer": optimizer}
 
 
+class ReadOnDemand(Mapping):
+    """Local name -> `read(placement)`, read each time it is asked for and never kept: a ZeRO rank
+    keeps a slice of each value and drops the rest, so it never holds them all at once."""
+
+    def __init__(self, read: Callable, placements: Dict[str, object]):
+        self.read, self.placements = read, placements
+
+    def __getitem__(self, local: str):
+        return self.read(self.placements[local])
+
+    def __contains__(self, local) -> bool:  # Mapping's own would read the value to find out
+        return local in self.placements
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.placements)
+
+    def __len__(self) -> int:
+        return len(self.placements)
+
+
 class Reader:
     """A checkpoint as global tensors made of boxes, whatever layout wrote it: each rank reads
     the box it holds of each tensor, only from the saved boxes that overlap it. `order`, the
@@ -287,6 +308,16 @@ class Reader:
     @property
     def order(self) -> List[List[str]]:
         return self.index["optimizer"]["order"]
+
+    def weight_boxes(self, placements: Dict[str, object]) -> ReadOnDemand:
+        """The boxes of the weights these placements (by local name) describe, read on demand."""
+        return ReadOnDemand(self.weight, placements)
+
+    def state_boxes(self, placements: Dict[str, object]) -> ReadOnDemand:
+        """The plain optimizer's states of those of these placements' parameters that have one,
+        read on demand."""
+        saved = self.index["optimizer"]["state"]
+        return ReadOnDemand(self.state, {local: p for local, p in placements.items() if p.name in saved})
 
     def weight(self, placement) -> torch.Tensor:
         """The box of a weight a Placement (global name, shape, offsets, sizes) describes."""

@@ -57,7 +57,7 @@ class FlatShard:
                     param.copy_(initial(param))
             else:
                 self.full = torch.empty(0, device=params[0].device)  # sized at its first gather
-                self.shard = torch.nn.Parameter(self._initial_slice(initial))
+                self.shard = torch.nn.Parameter(self._slice_from(initial))
                 return
             owned = self.full[self.start : self.end]
             self.shard = torch.nn.Parameter(owned if shard_is_view else owned.clone())
@@ -70,11 +70,12 @@ class FlatShard:
         for param, view in zip(self.params, full.split(self.numels)):
             param.data = view.view_as(param)
 
-    def _initial_slice(self, initial) -> torch.Tensor:
-        """This rank's slice of the unit's fresh parameters, each box drawn only if it overlaps it."""
+    def _slice_from(self, value_of) -> torch.Tensor:
+        """This rank's slice of the unit's parameters, each parameter's value (a fresh draw of its
+        box, or a checkpoint's read) asked for only if it overlaps the slice."""
         shard = torch.empty(self.end - self.start, device=self.params[0].device)
         for param, low, high, at in self.owned_ranges():
-            shard[at : at + high - low] = initial(param).reshape(-1)[low:high]
+            shard[at : at + high - low] = value_of(param).reshape(-1)[low:high]
         return shard
 
     # --- the full buffer ----------------------------------------------------------------------
@@ -111,10 +112,10 @@ class FlatShard:
         self._bind(gathered)
         self.shard.data = gathered[self.start : self.end]
 
-    def take_shard(self) -> None:
-        """After the full buffer was loaded: a stage-3 slice copies it in."""
-        if not self.shard_is_view:
-            self.shard.data.copy_(self.full[self.start : self.end])
+    def load_slice(self, value_of: Callable[[torch.nn.Parameter], torch.Tensor]) -> None:
+        """Stage 3: the slice from each overlapping parameter's value, read one at a time; the
+        full buffer stays unallocated."""
+        self.shard.data.copy_(self._slice_from(value_of))
 
     # --- gradients ----------------------------------------------------------------------------
     def keep_grads_in_flat_buffer(self) -> None:

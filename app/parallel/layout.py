@@ -66,10 +66,10 @@ class Layout(Parallelism):
         by the same layout on as many ranks, continue exactly."""
         if reader is None:
             return
-        weights = {local: reader.weight(p) for local, p in self.part.placements.items()}
-        state = {local: reader.state(p) for local, p in self.part.placements.items()}
-        self.data.load(weights, {"state": {local: entry for local, entry in state.items() if entry is not None},
-                                 "groups": reader.groups})
+        # Read as the data dimension asks: a ZeRO rank keeps its slices of one tensor at a time.
+        placements = self.part.placements
+        self.data.load(reader.weight_boxes(placements),
+                       {"state": reader.state_boxes(placements), "groups": reader.groups})
         replicas = reader.extras().get("replicas") if isinstance(self.data, LocalSGD) else None
         if replicas is not None and len(replicas) == dist.size():
             self.data.load_replica(replicas[dist.rank()])

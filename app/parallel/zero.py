@@ -38,9 +38,8 @@ import functools
 import hashlib
 import inspect
 from contextlib import contextmanager
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
-import horovod.torch as hvd
 import torch
 
 from app import models
@@ -49,7 +48,7 @@ from app.parallel.data import DataSync
 from app.parallel.flat import FlatShard, Unit, copy_value
 from app.parallel.layers import transformer_layers
 from app.parallel.placement import Placement
-from app.state_dicts import is_per_element, load_model_state
+from app.state_dicts import is_per_element
 
 # Units whose reduce-scatter may be outstanding (their full gradients alive) during backward,
 # and whose allgather may be outstanding when every unit is gathered: enough to keep the wire
@@ -140,23 +139,21 @@ class Zero(DataSync):
         return self.optimizer
 
     # --- start and checkpoints ----------------------------------------------------------------
-    def load(self, model_state: Dict[str, torch.Tensor], named_optimizer: Optional[dict]) -> None:
-        """This rank's part of a checkpoint into the full buffers (parameters are views of them),
-        each keeping its slice; the plain optimizer's by-name state cut into the slices."""
-        if self.stage == 3:
+    def load(self, model_state: Mapping[str, torch.Tensor], named_optimizer: Optional[dict]) -> None:
+        """This rank's part of a checkpoint, read one tensor at a time from mappings that may read
+        lazily (Layout.start's): stages 1-2 into the full buffers (parameters are views of them),
+        stage 3 into its slice alone, so a rank never holds more than its share and one tensor;
+        the plain optimizer's by-name state cut into the slices, one unit at a time."""
+        names = self._names()
+        with torch.no_grad():
             for flat in self.flats:
-                flat.allocate()
-        load_model_state(self.model, model_state)
-        self._take_shards()
+                if self.stage == 3:
+                    flat.load_slice(lambda param: model_state[names[id(param)]])
+                    continue
+                for param in flat.params:
+                    param.copy_(model_state[names[id(param)]])
         if named_optimizer is not None:
             self.optimizer.load_state_dict(self._sliced_state(named_optimizer))
-
-    def _take_shards(self) -> None:
-        for flat in self.flats:
-            flat.take_shard()
-        if self.stage == 3:
-            for unit in self.units:
-                unit.free()
 
     def _sliced_state(self, named: dict) -> dict:
         """A by-name plain optimizer state cut to this rank's slices (the local optimizer's)."""
