@@ -231,10 +231,11 @@ SMALL_SHARDS = "100KB"
 
 @pytest.fixture(scope="module")
 def sharded_export(finished_run, tmp_path_factory):
-    """The finished run exported in float32 with shards small enough to split it."""
+    """The finished run exported in float32 with shards small enough to split it. In this process:
+    bf16_export runs the command line."""
     out = tmp_path_factory.mktemp("export") / "sharded"
-    run_job([f"checkpoint={finished_run}", f"out={out}", f"max_shard_size={SMALL_SHARDS}"], launcher="none",
-            module="app.export")
+    export.export(OmegaConf.structured(config.ExportConfig(checkpoint=str(finished_run), out=str(out),
+                                                           max_shard_size=SMALL_SHARDS)))
     return out
 
 
