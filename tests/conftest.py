@@ -1,14 +1,23 @@
 """Shared fixtures: a small prepared Shakespeare dataset and a runner for real Horovod jobs."""
+import fcntl
 import functools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# The suite oversubscribes two cores (several ranks per job, two test files at a time). OpenMP
+# threads that finish a parallel region spin, by default, waiting for the next one, on a core
+# another process needs: waiting passively halved a one-process llama_tiny run's CPU time here,
+# with bitwise-equal weights. Set before torch loads OpenMP; every job inherits it (job_env).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402 (after the variable above)
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -151,12 +160,33 @@ def assert_same_grad_norms(run_dir: Path, reference: Path) -> None:
         assert norm == pytest.approx(expected[step], rel=GRAD_NORM_RTOL), (step, got, expected)
 
 
+def made_once_per_session(tmp_path_factory, name: str, make) -> Path:
+    """The directory `name`, made by make(path) once per test session, not once per xdist worker
+    (scripts/test.sh runs two, each with its own session fixtures): the first worker to ask makes
+    it under a lock while the other waits, in the session's directory that both workers' own lie in."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    shared = root / "made_once"
+    shared.mkdir(exist_ok=True)
+    path, made = shared / name, shared / f"{name}.made"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not made.exists():
+            shutil.rmtree(path, ignore_errors=True)  # what a failed make left
+            make(path)
+            made.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """Shakespeare with a 512-token BPE vocabulary, prepared once per test session."""
-    data_dir = tmp_path_factory.mktemp("data") / "shakespeare512"
-    run_job(["data=shakespeare", f"data.vocab_size={TINY_VOCAB}", f"data.dir={data_dir}"], launcher="none", module="app.prepare")
-    return data_dir
+    def prepare(data_dir):
+        run_job(["data=shakespeare", f"data.vocab_size={TINY_VOCAB}", f"data.dir={data_dir}"], launcher="none",
+                module="app.prepare")
+
+    return made_once_per_session(tmp_path_factory, "shakespeare512", prepare)
 
 
 def tiny_train_args(data_dir: Path, run_dir: Path, *extra) -> list:
@@ -175,18 +205,20 @@ def untrained_run(tiny_data, tmp_path_factory) -> Path:
     """A run of tiny_train_args that stops before its first step: its checkpoint holds the weights
     every tiny run starts from (optimizer and sync settings do not change them), which tests
     measure updates against."""
-    run_dir = tmp_path_factory.mktemp("untrained") / "run"
-    run_job(tiny_train_args(tiny_data, run_dir, "train.max_steps=0"), launcher="none")
-    return run_dir
+    def launch(run_dir):
+        run_job(tiny_train_args(tiny_data, run_dir, "train.max_steps=0"), launcher="none")
+
+    return made_once_per_session(tmp_path_factory, "untrained", launch)
 
 
 @pytest.fixture(scope="session")
 def tiny_genre_data(tmp_path_factory) -> Path:
     """Genre-labelled Shakespeare passages with a 2048-token WordPiece vocabulary."""
-    data_dir = tmp_path_factory.mktemp("data") / "genre2048"
-    run_job(["task=classify", "model=bert_tiny", "data=shakespeare_genre", "data.vocab_size=2048",
-             f"data.dir={data_dir}"], launcher="none", module="app.prepare")
-    return data_dir
+    def prepare(data_dir):
+        run_job(["task=classify", "model=bert_tiny", "data=shakespeare_genre", "data.vocab_size=2048",
+                 f"data.dir={data_dir}"], launcher="none", module="app.prepare")
+
+    return made_once_per_session(tmp_path_factory, "genre2048", prepare)
 
 
 def tiny_encoder_args(task: str, data_dir: Path, run_dir: Path, *extra) -> list:

@@ -1,9 +1,9 @@
 """Checkpoints lose nothing: kill -9 and resume equals an uninterrupted run, writes are atomic,
 signals stop every rank cleanly, exports stream into Hugging Face's sharded format and load in
 plain transformers."""
-import collections
 import json
 import math
+import os
 import random
 import resource
 import shutil
@@ -132,26 +132,22 @@ def test_kill_9_mid_run_then_rerun_equals_an_uninterrupted_run_bitwise(tiny_data
 def test_killing_during_checkpoint_writes_never_leaves_a_broken_latest(tmp_path):
     rng = random.Random(0)
     run_dir = tmp_path / "run"
-    attempts, started_ahead = 8, 2
-
-    def start_writer():
-        return subprocess.Popen([sys.executable, str(ROOT / "tests/workers/checkpoint_writer.py"), str(run_dir)],
-                                env=job_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    # A writer's start-up (imports, building the model) takes seconds, most of this test's time:
-    # the next writers start while one is tested, and wait for "go" before they read the run dir.
-    waiting = collections.deque(start_writer() for _ in range(started_ahead))
+    attempts = 8
+    # One start-up (imports, building the model) serves every attempt: the worker forks a writer
+    # per attempt, and the test SIGKILLs that writer. A session of their own: a failed attempt
+    # kills the worker and any writer it left running together.
+    writers = subprocess.Popen([sys.executable, str(ROOT / "tests/workers/checkpoint_writer.py"), str(run_dir)],
+                               env=job_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                               start_new_session=True)
     try:
-        for attempt in range(attempts):
-            writer = waiting.popleft()
-            if attempt + started_ahead < attempts:
-                waiting.append(start_writer())
-            assert writer.stdout.readline().strip() == "ready"
-            writer.stdin.write("go\n")
-            writer.stdin.flush()
+        assert writers.stdout.readline().strip() == "ready"
+        for _ in range(attempts):
+            writers.stdin.write("go\n")
+            writers.stdin.flush()
+            writer = int(writers.stdout.readline())
             time.sleep(rng.random() * 1.5)
-            writer.send_signal(signal.SIGKILL)
-            writer.wait()
+            os.kill(writer, signal.SIGKILL)
+            assert writers.stdout.readline().split() == ["ended", str(-signal.SIGKILL)]
             found = checkpoint.latest(run_dir)
             if found is None:
                 continue  # killed before the first checkpoint completed: nothing claimed, nothing broken
@@ -161,9 +157,8 @@ def test_killing_during_checkpoint_writes_never_leaves_a_broken_latest(tmp_path)
             assert checkpoint.load_optimizer_state(found)["param_groups"]
             assert len(checkpoint.complete_checkpoints(run_dir / "checkpoints")) <= 3
     finally:
-        for writer in waiting:  # a failed attempt leaves writers that never got their turn
-            writer.kill()
-            writer.wait()
+        os.killpg(writers.pid, signal.SIGKILL)
+        writers.wait()
     assert checkpoint.latest(run_dir) is not None, "no checkpoint ever completed; the writer is too slow to test"
 
 
@@ -289,10 +284,11 @@ SMALL_SHARDS = "100KB"
 
 @pytest.fixture(scope="module")
 def sharded_export(finished_run, tmp_path_factory):
-    """The finished run exported in float32 with shards small enough to split it."""
+    """The finished run exported in float32 with shards small enough to split it. In this process:
+    bf16_export runs the command line."""
     out = tmp_path_factory.mktemp("export") / "sharded"
-    run_job([f"checkpoint={finished_run}", f"out={out}", f"max_shard_size={SMALL_SHARDS}"], launcher="none",
-            module="app.export")
+    export.export(OmegaConf.structured(config.ExportConfig(checkpoint=str(finished_run), out=str(out),
+                                                           max_shard_size=SMALL_SHARDS)))
     return out
 
 

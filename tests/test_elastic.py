@@ -28,9 +28,10 @@ from omegaconf import OmegaConf
 from app import checkpoint, cli, config, elastic, step
 from conftest import ROOT, job_env, read_metrics, read_summary, run_job, tiny_train_args
 
-# Elastic restarts wait on Horovod's discovery and failure timeouts: scripts/test.sh runs this
-# file after the parallel pass, alone, as a starved worker would read as a failed one.
-pytestmark = pytest.mark.serial
+# Elastic restarts wait on Horovod's discovery and failure timeouts: scripts/test.sh runs the
+# tests that run elastic jobs after the parallel pass, alone, as a starved worker would read as a
+# failed one. The rest (refusals, dry runs, no job) run in the parallel pass.
+serial = pytest.mark.serial
 
 LAUNCH_SH = ROOT / "scripts" / "launch.sh"
 BOTH_HOSTS = "localhost:1\n127.0.0.1:1\n"
@@ -172,6 +173,7 @@ def assert_one_run_with_every_sample_once(job: ElasticJob, max_steps: int) -> li
     return steps
 
 
+@serial
 def test_two_ranks_shrink_to_one_and_grow_back_training_each_sample_once(tiny_data, tmp_path):
     # The host is back at step 8-10 (measured, idle and loaded alike: the change is noticed at the
     # next commit and the ranks wait in the rendezvous while the new worker starts, so steps
@@ -199,6 +201,7 @@ def test_two_ranks_shrink_to_one_and_grow_back_training_each_sample_once(tiny_da
     assert logged[-1]["train/loss"] < logged[0]["train/loss"] - 0.3
 
 
+@serial
 def test_rank_0_killed_mid_step_is_survived_and_its_host_rejoins(tiny_data, tmp_path):
     # The host rejoins at step 6 (measured, as above: its cooldown is over by the survivor's next
     # commit); the commits at 9 and 12 are margin for a slower rejoin.
@@ -217,6 +220,7 @@ def test_rank_0_killed_mid_step_is_survived_and_its_host_rejoins(tiny_data, tmp_
     assert world_sizes(steps) == [2, 1, 2]  # the survivor alone, then the host back after its cooldown
 
 
+@serial
 def test_a_job_that_cannot_go_on_in_place_is_restarted_from_its_checkpoint(tiny_data, tmp_path):
     """Both ranks on one host: Horovod blacklists hosts, not ranks, so a SIGKILLed rank takes its
     host's survivor out of the job with it and horovodrun fails (this build's behaviour);
