@@ -14,7 +14,10 @@ SECTIONS = ("peak", "throughput", "bandwidth", "fusion", "breakdown", "checkpoin
 # The checkpoint section's run cut to a save at step 2 and a final one at step 3, resumed on the
 # same 2 ranks: its resharding onto other world sizes is test_checkpoint's, and 4 ranks on 2
 # cores would cost the suite most of a minute more.
-CHECKPOINT = ["checkpoint.steps=3", "checkpoint.resume_processes=2", "checkpoint.resume_steps=1"]
+# Synchronous saves only: async ones are the kill -9 test's (test_checkpoint.py), and each run is
+# a 2-rank launch.
+CHECKPOINT = ["checkpoint.steps=3", "checkpoint.resume_processes=2", "checkpoint.resume_steps=1",
+              "checkpoint.modes=[sync]"]
 # Three of the quick bench's runs compile llama_tiny (the compiled trainer at 1 and 2 processes,
 # HF Trainer with torch_compile): about three minutes on a quiet 2-core machine, far more on a
 # busy one, so the module gets more than the suite's 600 s.
@@ -59,6 +62,7 @@ def test_checkpoint_section_reports_each_saves_stall_throughput_and_memory_from_
     section = results["checkpoint"]
     assert section["model"] == "llama_tiny" and section["zero_stage"] == 3 and section["processes"] == 2
     assert 0 < section["disk_write_bytes_per_s"] < math.inf
+    assert list(section["modes"]) == ["sync"]
     for mode, run in section["modes"].items():
         files = [path for path in (out / "work" / f"checkpoint-{mode}" / "checkpoints").glob("step-*/*")]
         assert run["bytes"] == sum(path.stat().st_size for path in files) > 0, mode

@@ -31,7 +31,7 @@ import horovod.torch as hvd
 import torch
 from omegaconf import OmegaConf
 
-from app import checkpoint, dist, models, optim, train
+from app import checkpoint, dist, models, optim, saving, train
 from app.bench.worker import start_training
 from app.step import PhaseTimer, train_step
 
@@ -89,11 +89,11 @@ def run_cell(out: Path, cell: dict) -> None:
                             "changed": training.parallel.parameter_checksum() != scaled.pop("checksum_before"),
                             **scaled})
         if state.step == cell.get("save_at"):
-            train.save_checkpoint(cfg, run_dir, training, state, train.Window(training.device))
+            save(cfg, run_dir, training, state)
             blocked = blocked_save(cfg, run_dir, training, state) if cell.get("blocked_save") else blocked
     evaluated = evaluate(training, cell["evaluate"]) if cell.get("evaluate") else None
     # The final state as a real (sharded) checkpoint, which rank 0 reads back whole below.
-    train.save_checkpoint(cfg, run_dir, training, state, train.Window(training.device))
+    save(cfg, run_dir, training, state)
     scaling = hvd.allgather_object(scaling, name=f"layout_cells.scaling.{cell['name']}")
     tied_difference = tied_copies_difference(training.parallel, cell["name"])
     training.batches.close()
@@ -110,6 +110,13 @@ def run_cell(out: Path, cell: dict) -> None:
                     "layout": training.parallel.layout()}, out / f"{cell['name']}.pt")
 
 
+def save(cfg, run_dir: Path, training, state) -> None:
+    """The trainer's own synchronous save, committed on return."""
+    run = train.Run(run_dir, cfg.train.max_steps, False, 0.0, 0.0, {},
+                    saver=saving.Saver(run_dir, training.model, cfg.train.keep_last, asynchronous=False))
+    train.save_checkpoint(run, training, state, train.Window(training.device))
+
+
 def blocked_save(cfg, run_dir: Path, training, state) -> dict:
     """A save whose staging directory rank 0 cannot make (a file stands where checkpoints/ was):
     every rank's error (None if it returned, or it would hang here) and the checkpoint `latest`
@@ -121,7 +128,7 @@ def blocked_save(cfg, run_dir: Path, training, state) -> dict:
         root.write_text("not a directory\n")
     try:
         # A copy of the state: a save counts the window's tokens into it.
-        train.save_checkpoint(cfg, run_dir, training, dataclasses.replace(state), train.Window(training.device))
+        save(cfg, run_dir, training, dataclasses.replace(state))
         error = None
     except checkpoint.CheckpointError as failed:
         error = str(failed)
