@@ -315,6 +315,7 @@ def test_layouts_worker_refuses_a_config_the_trainer_refuses_in_one_line(tmp_pat
     ("checkpoint.modes", ["async"], "must hold sync"),
     ("checkpoint.modes", ["sync", "lazy"], "must hold sync"),
     ("planner.fit_overlap_range", [0.8, 0.2], "must be [low, high]"),
+    ("checkpoint.resume_processes", -1, "must be at least 0"),
 ])
 def test_bench_settings_that_cannot_run_are_refused_by_name(key, value, message):
     from omegaconf import OmegaConf

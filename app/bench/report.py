@@ -299,10 +299,12 @@ def checkpoint(section: dict) -> str:
     memory_rows = [[mode, r["rank"], _mib(r["training_peak_rss_bytes"]), _mib(r["save_peak_rss_bytes"]),
                     f"{r['ratio']:.3f}"] for mode, run in section["modes"].items() for r in run["memory"]]
     resumed = section["resume"]
-    resume_note = (f"Resumed from step {resumed['from_step']} on {resumed['processes']} ranks"
+    resume_note = ("Not resumed (checkpoint.resume_processes=0). " if resumed is None else
+                   f"Resumed from step {resumed['from_step']} on {resumed['processes']} ranks"
                    + (" (oversubscribed)" if resumed["oversubscribed"] else "")
-                   + f": loss at step {resumed['step']} {resumed['loss']:.6f}, the first run's {resumed['first_run_loss']:.6f} "
-                   f"(difference {resumed['difference']:.2e}). Export peak RSS: {_mib(section['export_peak_rss_bytes'])} MiB.")
+                   + f": loss at step {resumed['step']} {resumed['loss']:.6f}, the first run's "
+                   f"{resumed['first_run_loss']:.6f} (difference {resumed['difference']:.2e}). ")
+    resume_note += f"Export peak RSS: {_mib(section['export_peak_rss_bytes'])} MiB."
     target_rows = [[t["name"], f"{t['value']:.3g}", t["target"], "yes" if t["met"] else "**no**"]
                    for t in section["targets"]]
     return ("## Checkpoints\n\n" + note + "\n\n"
