@@ -83,6 +83,11 @@ class NullLogger:
         pass
 
 
+def read_rows(run_dir: Path) -> list:
+    """A run's metrics.jsonl, one dict a row (what RunLogger.log wrote)."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
 def drop_rows_after(jsonl_path: Path, last_step: int) -> None:
     """Rewrite metrics.jsonl (atomically) without rows past last_step: a resumed run logs those
     steps again, and its logs must read as one run. A torn last line, from a crash mid-write,

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from app import checkpoint as checkpoints
+from app import metrics
 from app.bench import launch
 from app.bench.context import Context
 from app.bench.layouts import OVERSUBSCRIBE
@@ -48,7 +49,7 @@ def run_trainer(ctx: Context, name: str, processes: int, args: list) -> dict:
                          [*args, f"train.threads_per_rank={max(1, ctx.cores // processes)}"],
                          list(OVERSUBSCRIBE) if oversubscribed else [], list(ctx.bench.mpirun_args))
     launch.run(cmd, ctx.work_dir / f"{name}.log", ctx.bench.launch_timeout_s, OVERSUBSCRIBE if oversubscribed else None)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics.read_rows(run_dir)
     return {"summary": json.loads((run_dir / "summary.json").read_text()), "oversubscribed": oversubscribed,
             "losses": {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}}
 

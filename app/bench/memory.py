@@ -13,7 +13,7 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
-from app import cli, config, models, plan, tasks
+from app import cli, config, metrics, models, plan, tasks
 from app.bench import launch
 from app.bench.context import Context
 from app.bench.throughput import trainer_tokens_per_second
@@ -44,7 +44,7 @@ def run_one(ctx: Context, stage: int, checkpointing: str, allocator: Optional[st
     cmd = launch.command(ctx.bench.launcher, mem.processes, "app.train", args, [], list(ctx.bench.mpirun_args))
     launch.run(cmd, ctx.work_dir / f"{run_dir.name}.log", ctx.bench.launch_timeout_s)
     summary = json.loads((run_dir / "summary.json").read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics.read_rows(run_dir)
     if not ctx.bench.keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     ranks = [r["memory"] for r in summary["replicas"]]

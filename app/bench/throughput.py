@@ -52,7 +52,7 @@ def run_trainer(ctx: Context, precision: str, processes: int, method: str = "tra
     ]
     cmd = launch.command(ctx.bench.launcher, processes, "app.train", args, [], list(ctx.bench.mpirun_args))
     launch.run(cmd, ctx.work_dir / f"{run_dir.name}.log", ctx.bench.launch_timeout_s)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics.read_rows(run_dir)
     if not ctx.bench.keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     warmups = [row["time/compile_warmup_s"] for row in rows if "time/compile_warmup_s" in row]
