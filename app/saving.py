@@ -141,7 +141,11 @@ class Saver:
 
     def save(self, pending: Pending, shard: Optional[Shard], state: checkpoint.TrainState, rng_states: list) -> None:
         """Sync: write and commit now. Async: copy, and leave the writing to a thread."""
-        pending.staging = checkpoint.begin(self.run_dir, state.step, self.world)
+        try:
+            pending.staging = checkpoint.begin(self.run_dir, state.step, self.world)
+        except checkpoint.SaveFailed:
+            pending.sampler.stop()  # its thread would otherwise sample for the rest of the process
+            raise
         pending.rng_states = rng_states
         self.pending = pending
         if self.asynchronous:
