@@ -177,6 +177,14 @@ class CalibrationConfig:
     repeats: int = 2
     # Parameters of the timed optimizer step (AdamW).
     optimizer_parameters: int = 4_000_000
+    # The layout jobs (app/plan/layout_costs.py): one LLaMA [hidden, layers, seq_len, micro_batch],
+    # large enough that a layout's own work stands out of the step's noise, trained at plain data
+    # parallelism, ZeRO 1-3 and tensor parallelism with this many micro-batches (the tensor
+    # layout's micro-batch as large as the data ranks' together), steps warmed up and timed.
+    layout_model: List[int] = field(default_factory=lambda: [256, 4, 128, 2])
+    layout_micro_batches: int = 2
+    layout_warmup_steps: int = 1
+    layout_measure_steps: int = 3
 
 
 @dataclass
@@ -191,6 +199,9 @@ class PlanConfig:
     # Memory a rank may use, in GiB; null: the profile's memory_per_rank_gib, else this host's
     # memory divided by the ranks on it.
     memory_gib: Optional[float] = None
+    # Ranks on each host, whose cores they share (the profile's host_cores: more ranks than cores
+    # time-share them); null: as the launch placed them (training), else none shared (python -m app.plan).
+    ranks_per_host: Optional[int] = None
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 

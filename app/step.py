@@ -118,6 +118,11 @@ def build_training(cfg, device: torch.device) -> Training:
     synchronised: Parallelism.start does that, after any resume)."""
     data_rank, data_replicas = dist.data_position()
     task, batches = build_data(cfg, device, data_rank, data_replicas)
+    return training_for(cfg, device, task, batches)
+
+
+def training_for(cfg, device: torch.device, task: tasks.Task, batches: BatchPrefetcher) -> Training:
+    """build_training's model, optimizer and layout around a task and its batches."""
     model, initializer = plain_model(task, cfg, device)
     torch.manual_seed(cfg.train.seed + dist.noise_rank())  # dropout noise differs per replica
     # Counted on the whole model (on the meta device: shapes only), before a layout may shard it.
@@ -128,7 +133,8 @@ def build_training(cfg, device: torch.device) -> Training:
     loss_of = compilation.apply(model, task.loss, cfg.train.compile)
     # The optimizer holds what this rank trains (a pipeline stage's layers, or the whole model).
     optimizer = layout.wrap_optimizer(
-        optim.build_optimizer(layout.model, cfg.optim, optim.lr_at(0, cfg.optim, cfg.train.max_steps, data_replicas)))
+        optim.build_optimizer(layout.model, cfg.optim,
+                              optim.lr_at(0, cfg.optim, cfg.train.max_steps, dist.data_position()[1])))
     return Training(
         task=task, loss_of=loss_of, model=model, optimizer=optimizer, parallel=layout, device=device,
         parameters=parameters, flops_per_token=flops_per_token,

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from app import cli
+from app import cli, cores
 from app.plan import choose, memory, profile
 from app.plan.cell import Cell, from_config
 from conftest import ROOT, job_env, read_metrics, read_summary, run_job, tensorboard_scalars, tiny_train_args
@@ -72,6 +72,85 @@ def test_tensor_parallelism_splits_the_flops_and_pays_blocking_allreduces(small)
     assert split.memory["parameters"] == pytest.approx(alone.memory["parameters"] / 2)
 
 
+def profiled(*overrides, ranks_on_host=None, **costs) -> choose.Planner:
+    """A planner on cpu_default with `costs` replacing the profile's fields."""
+    cfg = cli.compose_config(list(overrides))
+    return choose.Planner(cfg, dataclasses.replace(profile.hardware(profile.DEFAULT_HARDWARE), **costs), ranks_on_host)
+
+
+def test_zero_sends_each_unit_once_per_pass_and_stage_3_gathers_it_twice_per_micro_batch():
+    # Latency alone, no overlap, no cycle wait: the data part counts the collectives.
+    latency = 1e-3
+    links = {name: profile.LinkFit(latency_s=latency, seconds_per_byte=1e-18)
+             for name in ("allreduce", "reducescatter", "allgather")}
+    plan = profiled("model=llama_small", "horovod.cycle_time_ms=1.0", backward_overlap=0.0, **links)
+    units = plan.shape.layers + 1  # each layer, and the rest of the model
+    for stage, m, collectives in ((1, 4, 2), (2, 4, 4 + 1), (3, 2, 2 + 2 * 2)):
+        data = plan.predict(Cell(2, zero_stage=stage, micro_batch_size=1, grad_accum_steps=m)).seconds["data"]
+        assert data == pytest.approx(collectives * units * latency, rel=1e-6), (stage, m)
+
+
+def test_zero_work_is_priced_per_parameter_held_and_per_reduction_pass():
+    costs = [0.0, 1e-9, 2e-9, 3e-9]
+    plan = profiled("model=llama_small", zero_s_per_parameter=costs)
+    held = plan.shape.layer_parameters * plan.shape.layers + plan.shape.first_parameters + plan.shape.last_parameters
+    for stage in (0, 1, 2, 3):
+        for m in (1, 4):
+            work = plan.predict(Cell(2, zero_stage=stage, micro_batch_size=1, grad_accum_steps=m)).seconds["zero_work"]
+            # Stage 1 reduces once a step, stages 2-3 every micro-batch.
+            assert work == pytest.approx(costs[stage] * held * (m if stage >= 2 else 1)), (stage, m)
+
+
+def test_tensor_parallel_work_is_priced_per_byte_allreduced():
+    plain, costly = (profiled("model=llama_small", tensor_s_per_byte=cost) for cost in (0.0, 1e-9))
+    cell = Cell(2, tensor=2, micro_batch_size=4, grad_accum_steps=2)
+    shape = plain.shape
+    # Per layer four activation allreduces, plus the vocabulary-parallel ends' two, each micro-batch.
+    allreduced = 2 * (4 * shape.layers + 2) * 4 * shape.seq_len * shape.hidden * 4
+    extra = costly.predict(cell).seconds["tensor"] - plain.predict(cell).seconds["tensor"]
+    assert extra == pytest.approx(1e-9 * allreduced)
+
+
+def test_oversubscribed_ranks_stretch_their_cpu_work_but_not_their_waits():
+    cell = Cell(4, tensor=2, micro_batch_size=2)
+    alone, shared = (profiled("model=llama_small", ranks_on_host=ranks, host_cores=2).predict(cell).seconds
+                     for ranks in (2, 4))
+    assert shared["compute"] == pytest.approx(2 * alone["compute"])
+    assert shared["optimizer"] == pytest.approx(2 * alone["optimizer"])
+    assert shared["tensor"] == pytest.approx(alone["tensor"]) and shared["data"] == pytest.approx(alone["data"])
+    unknown = profiled("model=llama_small", host_cores=2).predict(cell).seconds  # python -m app.plan: no host given
+    assert unknown["compute"] == pytest.approx(alone["compute"])
+
+
+def test_pipeline_stages_share_the_fixed_cost_of_a_micro_batch():
+    fixed = {"fp32": profile.ComputeFit(micro_batch_overhead_s=0.1, layer_overhead_s=0.0, flops_per_s=1e30)}
+    plan = profiled("model=llama_small", "train.precision=fp32", compute=fixed)
+    whole = plan.predict(Cell(2, micro_batch_size=1, grad_accum_steps=4)).seconds
+    staged = plan.predict(Cell(2, pipeline=2, micro_batch_size=2, grad_accum_steps=4)).seconds
+    assert whole["compute"] == pytest.approx(4 * 0.1)
+    # The bubble: one round of a stage, and its sends.
+    assert staged["compute"] == pytest.approx(4 * 0.05) and staged["bubble"] == pytest.approx(0.05, rel=0.05)
+
+
+def test_calibration_recovers_the_layout_costs_that_made_the_steps():
+    """Steps 'measured' as the planner predicts them under known ZeRO and tensor costs: the
+    calibration's fit finds those costs again from a profile that has none."""
+    from app.plan import layout_costs
+
+    cfg = cli.compose_config([])
+    model = {"hidden_size": 128, "intermediate_size": 341, "num_layers": 2, "num_heads": 2, "num_kv_heads": None,
+             "max_seq_len": 64, "tie_embeddings": False}
+    true = {"zero_s_per_parameter": [0.0, 2e-9, 5e-9, 7e-9], "tensor_s_per_byte": 3e-9}
+    base = profile.hardware(profile.DEFAULT_HARDWARE)
+    cells = layout_costs.cells(cfg, 2)
+    job_cfg = cli.compose_config(layout_costs.overrides(cfg, model, cells["zero0"].micro_batch_size))
+    made = choose.Planner(job_cfg, dataclasses.replace(base, **true), 2)
+    measured = {name: made.predict(cell).step_s for name, cell in cells.items()}
+    fitted = layout_costs.fit(cfg, model, measured, dataclasses.replace(base), log=lambda line: None)
+    assert fitted.zero_s_per_parameter == pytest.approx(true["zero_s_per_parameter"], rel=1e-6)
+    assert fitted.tensor_s_per_byte == pytest.approx(true["tensor_s_per_byte"], rel=1e-6)
+
+
 def test_every_prediction_of_the_grid_is_finite_and_positive(small):
     predictions = [small.predict(cell) for cell in small.grid(8, 32, mpi=True)]
     assert len(predictions) > 100
@@ -130,6 +209,33 @@ def test_a_corrupt_cache_is_one_line_naming_the_file_and_the_fix(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert str(cache) in result.stderr and "python -m app.plan calibrate" in result.stderr
+
+
+# Calibration at its smallest: two buffer sizes, three tiny timed models at fp32, the layout jobs'
+# model with one timed step.
+SMALL_CALIBRATION = [
+    "plan.calibration.min_bytes=4096", "plan.calibration.max_bytes=65536", "plan.calibration.size_factor=16",
+    "plan.calibration.seconds_per_size=0.05", "plan.calibration.precisions=[fp32]",
+    "plan.calibration.models=[[64,1,32,1],[64,2,32,1],[128,1,32,2]]", "plan.calibration.repeats=1",
+    "plan.calibration.optimizer_parameters=100000", "plan.calibration.layout_model=[128,2,32,1]",
+    "plan.calibration.layout_warmup_steps=1", "plan.calibration.layout_measure_steps=1"]
+
+
+def test_calibration_measures_every_cost_and_the_planner_then_uses_it(tmp_path):
+    cache = tmp_path / "profile.json"
+    result = plan_command("calibrate", f"plan.cache={cache}", *SMALL_CALIBRATION)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = profile.read_cache(cache)
+    assert measured.calibrated and measured.host_cores == len(cores.affinity()) and list(measured.compute) == ["fp32"]
+    assert 100 * 2**20 < measured.process_baseline_bytes < 2 * 2**30  # torch, Horovod, MPI loaded
+    links = [measured.allreduce, measured.reducescatter, measured.allgather, measured.point_to_point]
+    assert all(link.latency_s > 0 and link.seconds_per_byte > 0 for link in links)
+    # The layout jobs ran every stage and tensor parallelism (the log names each step's seconds).
+    assert all(f"{name} " in result.stdout for name in ("zero0", "zero1", "zero2", "zero3", "tensor")), result.stdout
+    costs = [*measured.zero_s_per_parameter, measured.tensor_s_per_byte]
+    assert len(costs) == 5 and costs[0] == 0 and all(math.isfinite(c) and c >= 0 for c in costs), costs
+    planned = plan_command("model=llama_tiny", "world=2", "memory_gib=2", "train.precision=fp32", f"plan.cache={cache}")
+    assert planned.returncode == 0 and f"profile {measured.name}" in planned.stdout, planned.stderr
 
 
 def test_a_missing_cache_plans_with_the_default_profile_and_says_so(tmp_path):

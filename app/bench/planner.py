@@ -71,7 +71,8 @@ def planner_of(overrides: List[str], processes: int) -> Tuple[choose.Planner, Ce
     """The planner a training run with these overrides would use (its profile: plan.cache, else
     plan.hardware), and the run's cell."""
     cfg = cli.compose_config(overrides)
-    return choose.Planner(cfg, profile.load(cfg.plan)), from_config(cfg, processes)
+    # The bench runs every cell on this one host.
+    return choose.Planner(cfg, profile.load(cfg.plan), processes), from_config(cfg, processes)
 
 
 def predict(overrides: List[str], processes: int) -> choose.Prediction:

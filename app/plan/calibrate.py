@@ -26,13 +26,16 @@ from omegaconf import OmegaConf
 from app import cores, models
 from app.bench import bandwidth, launch
 from app.parallel.layers import transformer_layers
-from app.plan import profile
+from app.plan import layout_costs, profile
 from app.plan.profile import ComputeFit, HardwareProfile, LinkFit
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # LLaMA's proportions for the timed models: FFN 8/3 of hidden, 64-wide heads.
 FFN_RATIO = 8 / 3
 HEAD_WIDTH = 64
+# The FFN width rounded up to a multiple of this, as LLaMA rounds it (to 256), so that tensor
+# parallelism's sizes divide it.
+FFN_MULTIPLE = 8
 # A fit's coefficients never go below this (noise can make a least-squares cost negative).
 SMALLEST_COST = 1e-12
 
@@ -45,13 +48,18 @@ def linear_fit(x: List[float], y: List[float]) -> LinkFit:
     return LinkFit(latency_s=max(float(intercept), SMALLEST_COST), seconds_per_byte=max(float(slope), SMALLEST_COST))
 
 
+def model_overrides(hidden: int, layers: int, seq_len: int) -> dict:
+    """model.* of a timed LLaMA of LLaMA's proportions."""
+    ffn = -(-int(hidden * FFN_RATIO) // FFN_MULTIPLE) * FFN_MULTIPLE
+    return {"hidden_size": hidden, "intermediate_size": ffn, "num_layers": layers,
+            "num_heads": max(1, hidden // HEAD_WIDTH), "num_kv_heads": None, "max_seq_len": seq_len,
+            "tie_embeddings": False}
+
+
 def time_model(model_cfg, vocab: int, shape: List[int], dtype, repeats: int) -> tuple:
     """(layers, FLOPs, median seconds) of one forward + backward of a model of `shape`."""
     hidden, layers, seq_len, batch = shape
-    overrides = {"hidden_size": hidden, "intermediate_size": int(hidden * FFN_RATIO), "num_layers": layers,
-                 "num_heads": max(1, hidden // HEAD_WIDTH), "num_kv_heads": None, "max_seq_len": seq_len,
-                 "tie_embeddings": False}
-    model = models.build_causal_lm(OmegaConf.merge(model_cfg, overrides), vocab)
+    model = models.build_causal_lm(OmegaConf.merge(model_cfg, model_overrides(hidden, layers, seq_len)), vocab)
     per_layer = sum(p.numel() for p in transformer_layers(model)[0].parameters())
     flops = batch * seq_len * (layers * (6 * per_layer + 12 * hidden * seq_len) + 6 * vocab * hidden)
     tokens = torch.randint(vocab, (batch, seq_len))
@@ -85,14 +93,15 @@ def optimizer_seconds_per_parameter(parameters: int, repeats: int) -> float:
     return (time.perf_counter() - started) / repeats / parameters
 
 
-def collective_job(cfg, threads: int, log) -> dict:
-    """The collectives job's result: rows of seconds per buffer size per collective, and the baseline."""
+def collective_job(cfg, threads: int, layout: dict, log) -> dict:
+    """The collectives job's result: rows of seconds per buffer size per collective, the
+    baseline, and the seconds per step of `layout` (a layout_steps spec)."""
     calibration = cfg.plan.calibration
     horovod = {**OmegaConf.to_container(cfg.horovod), "cycle_time_ms": calibration.cycle_time_ms}
     spec = {"sizes": bandwidth.message_sizes(calibration.min_bytes, calibration.max_bytes, calibration.size_factor),
             "threads": threads, "warmup_iterations": 1, "min_iterations": 2, "max_iterations": 1000,
-            "seconds_per_size": calibration.seconds_per_size, "horovod": horovod}
-    log(f"calibrate: collectives on {calibration.ranks} ranks under mpirun")
+            "seconds_per_size": calibration.seconds_per_size, "horovod": horovod, "layout": layout}
+    log(f"calibrate: collectives, then a tensor-parallel step, on {calibration.ranks} ranks under mpirun")
     with tempfile.TemporaryDirectory(prefix="plan-calibrate-") as work_dir:
         return launch.run_worker("app.plan.collectives", spec, Path(work_dir), "mpi", calibration.ranks, calibration)
 
@@ -101,7 +110,11 @@ def calibrate(cfg, log=print) -> HardwareProfile:
     """Measure this machine (module docstring) and write the cache; returns the profile."""
     calibration = cfg.plan.calibration
     threads = max(1, len(cores.affinity()) // calibration.ranks)
-    job = collective_job(cfg, threads, log)
+    hidden, layers, seq_len, _ = calibration.layout_model
+    layout_model = model_overrides(hidden, layers, seq_len)
+    tensor, zero = layout_costs.tensor_layout(cfg, layout_model), layout_costs.zero_layouts(cfg, layout_model)
+    job = collective_job(cfg, threads, tensor, log)
+    layouts = {**layout_costs.zero_job(cfg, zero, threads, log), "tensor": job["layout_seconds_per_step"][0]}
     fits = {name: linear_fit([r["bytes"] for r in rows], [r["time_s"] for r in rows])
             for name, rows in job["rows"].items()}
     torch.set_num_threads(threads)
@@ -114,7 +127,8 @@ def calibrate(cfg, log=print) -> HardwareProfile:
             calibration.optimizer_parameters, calibration.repeats),
         calibration_ranks=calibration.ranks, calibration_cycle_time_ms=calibration.cycle_time_ms,
         process_baseline_bytes=job["baseline_bytes"], activation_factor=default.activation_factor,
-        backward_overlap=default.backward_overlap, **fits)
+        backward_overlap=default.backward_overlap, host_cores=len(cores.affinity()), **fits)
+    measured = layout_costs.fit(cfg, layout_model, layouts, measured, log)
     path = profile.cache_path(cfg.plan)
     profile.write_cache(measured, path)
     log(f"calibrate: wrote {path}")

@@ -47,8 +47,10 @@ class Prediction:
 class Planner:
     """Predictions for one model and training config on one profile."""
 
-    def __init__(self, cfg, profile: HardwareProfile):
+    def __init__(self, cfg, profile: HardwareProfile, ranks_on_host: Optional[int] = None):
+        """`ranks_on_host`: the launch's ranks per host, where plan.ranks_per_host leaves it open."""
         self.cfg, self.profile, self.shape = cfg, profile, shape(cfg)
+        self.ranks_on_host = cfg.plan.ranks_per_host or ranks_on_host
         self.optimizer_bytes = state.optimizer_bytes_per_parameter(cfg.optim.name, cfg.optim.momentum)
         fusion_mb = cfg.horovod.fusion_threshold_mb
         self.fusion_bytes = (HOROVOD_FUSION_THRESHOLD_MB if fusion_mb is None else fusion_mb) * 2**20
@@ -62,7 +64,8 @@ class Planner:
 
     def predict(self, cell: Cell) -> Prediction:
         parts = memory.peak_bytes(self.shape, cell, self.settings, self.optimizer_bytes, self.fusion_bytes, self.profile)
-        seconds = time.step_seconds(self.shape, cell, self.settings, self.fusion_bytes, self.profile)
+        seconds = time.step_seconds(self.shape, cell, self.settings, self.fusion_bytes, self.profile,
+                                    min(cell.world, self.ranks_on_host) if self.ranks_on_host else None)
         return Prediction(cell, parts, seconds, cell.global_batch * self.shape.seq_len / seconds["total"])
 
     def allowed(self, cell: Cell) -> bool:

@@ -1,7 +1,8 @@
 """The calibration's collectives job: Horovod's allreduce, reducescatter and allgather, and
-mpi4py's point-to-point exchange, timed over buffer sizes by the bandwidth bench's sweep; and a
+mpi4py's point-to-point exchange, timed over buffer sizes by the bandwidth bench's sweep; a
 rank's resident memory before any model (the planner's process baseline), measured once Horovod
-and MPI run and everything the trainer imports is loaded.
+and MPI run and everything the trainer imports is loaded; then, on the same ranks and cycle
+time, the spec's layout steps (app/plan/layout_steps.py: tensor parallelism's).
 
     mpirun -np 2 python -m app.plan.collectives SPEC.json   (python -m app.plan calibrate runs it)
 """
@@ -12,6 +13,7 @@ from omegaconf import OmegaConf
 
 from app import dist, fileio, train  # noqa: F401  train: the libraries a training rank loads, in the baseline
 from app.bench import bandwidth, launch
+from app.plan import layout_steps
 
 
 def reducescatter(tensor: torch.Tensor, name: str) -> None:
@@ -37,7 +39,9 @@ def exchange(comm):
 
 def main() -> None:
     spec = launch.read_spec()
-    dist.init(OmegaConf.create(spec["horovod"]))  # as a training rank starts: its cycle time, MPI's yielding
+    layouts = layout_steps.configs(spec["layout"]) if spec.get("layout") else []
+    # As a training rank starts (its cycle time, MPI's yielding), with the timed layout's mesh.
+    dist.init(OmegaConf.create(spec["horovod"]), layouts[0].parallel if layouts else None)
     torch.set_num_threads(spec["threads"])
     from mpi4py import MPI  # after dist.init, which starts MPI under this MPI launch
 
@@ -46,8 +50,10 @@ def main() -> None:
     collectives = {"allreduce": bandwidth.allreduce, "reducescatter": reducescatter, "allgather": allgather,
                    "point_to_point": exchange(MPI.COMM_WORLD)}
     rows = {name: bandwidth.sweep(spec, collective, prefix=name) for name, collective in collectives.items()}
+    layout_seconds = layout_steps.timed(layouts, spec["layout"]) if layouts else []
     if dist.is_main():
-        fileio.write_json(spec["result"], {"processes": hvd.size(), "rows": rows, "baseline_bytes": baseline})
+        fileio.write_json(spec["result"], {"processes": hvd.size(), "rows": rows, "baseline_bytes": baseline,
+                                           "layout_seconds_per_step": layout_seconds})
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ at `calibration_cycle_time_ms`; app/plan/time.py scales them to other group size
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -68,6 +68,16 @@ class HardwareProfile:
     # The share of gradient communication that runs behind backward (and of ZeRO's parameter
     # gathers behind forward); an assumption per profile, checked by the planner bench.
     backward_overlap: float = 0.5
+    # ZeRO's own seconds per parameter a rank's part holds and per reduction pass, by stage
+    # (index 0, plain data parallelism, is 0): its work beyond the collectives' wire time
+    # (app/plan/time.py), measured by calibration's 2-rank steps (app/plan/layout_costs.py).
+    zero_s_per_parameter: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    # Tensor-parallel layers' own seconds per byte of activation they allreduce, beyond the
+    # allreduce's fit; measured the same way.
+    tensor_s_per_byte: float = 0.0
+    # CPU cores a host gives its ranks: more ranks than these time-share them (app/plan/time.py);
+    # None where each rank has its own device.
+    host_cores: Optional[int] = None
     # Memory a rank may use; None: the host's memory divided by its ranks.
     memory_per_rank_gib: Optional[float] = None
 

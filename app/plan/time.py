@@ -15,6 +15,9 @@
   (Megatron's f and g, forward and backward; a recomputed layer's forward two more), plus the
   vocabulary-parallel embedding and head input (two more) and the loss's two small ones. None of
   them overlaps compute.
+  The tensor-parallel layers' own work beyond those collectives' wire time (splitting and
+  gathering activations, the blocking waits' wake-ups) is the profile's tensor_s_per_byte per
+  byte allreduced; calibration measures it (app/plan/layout_costs.py).
 - Pipeline: m micro-batches through P stages take (m + P - 1) times the slowest stage's
   micro-batch (forward, backward, its sends of the activation and its gradient by mpi4py), so
   the bubble is (P - 1)/(m + P - 1) for GPipe and 1F1B alike (app/parallel/pipeline_schedule.py).
@@ -25,10 +28,20 @@
   ZeRO-2 reduce-scatters every micro-batch's gradients; ZeRO-3 also gathers each unit before its
   forward and before its backward, every micro-batch. The profile's backward_overlap of the compute
   they can run behind hides that much of them; the last collective is never hidden.
+  ZeRO's own work beyond its collectives' wire time (the flat buffers' copies, the per-unit
+  hooks, Horovod's background thread copying beside the compute on a CPU) is the profile's
+  zero_s_per_parameter of its stage, per parameter the rank's part holds and per reduction pass
+  (stage 1 and under a pipeline one a step, stages 2-3 one a micro-batch); calibration measures
+  it (app/plan/layout_costs.py), and it is never hidden behind compute.
 - Optimizer: the profile's cost per parameter updated (its slice under ZeRO).
+- Fixed costs per micro-batch (the profile's micro_batch_overhead_s: the embedding, the head and
+  the loss, Python's dispatch) are shared by a pipeline's stages, each paying its 1/P.
+- Oversubscription: ranks beyond the host's cores (the profile's host_cores, the run's ranks on
+  a host) time-share them, so the parts that are CPU work (compute, the bubble's, ZeRO's work,
+  the optimizer) stretch by ranks / cores; waits on the wire do not.
 """
 import math
-from typing import Dict
+from typing import Dict, Optional
 
 from app import dist
 from app.plan.cell import Cell, Settings, Shape
@@ -45,6 +58,9 @@ TENSOR_ALLREDUCES_PER_FORWARD = 2
 # loss's small ones (max and sums over the vocabulary shards).
 VOCAB_ACTIVATION_ALLREDUCES = 2
 VOCAB_LOSS_ALLREDUCES = 2
+# The parts that are a rank's own CPU work, which time-shared cores stretch; the rest is waiting
+# on collectives and sends, during which a rank yields its core (app/dist.py).
+CPU_WORK = ("compute", "bubble", "zero_work", "optimizer")
 # Of a micro-batch's compute, the backward's share (twice the forward's FLOPs).
 BACKWARD_SHARE = 2 / 3
 # A recomputed layer runs its forward again: a third of its training FLOPs.
@@ -86,23 +102,37 @@ def micro_batch_compute_s(shape: Shape, cell: Cell, stage: int, settings: Settin
     flops = layer_flops * (layers + RECOMPUTE_SHARE * recomputed)
     if stage == cell.pipeline - 1:
         flops += tokens * 6 * shape.vocab * shape.hidden
-    overheads = fit.micro_batch_overhead_s + fit.layer_overhead_s * (layers + RECOMPUTE_SHARE * recomputed)
+    layer_overheads = fit.layer_overhead_s * (layers + RECOMPUTE_SHARE * recomputed)
+    overheads = fit.micro_batch_overhead_s / cell.pipeline + layer_overheads
     return overheads + flops / cell.tensor / fit.flops_per_s
 
 
-def tensor_s(shape: Shape, cell: Cell, stage: int, settings: Settings, links: Links) -> float:
-    """One micro-batch's tensor-parallel collectives on `stage`."""
-    if cell.tensor == 1:
-        return 0.0
-    activation = cell.micro_batch_size * shape.seq_len * shape.hidden * FP32_BYTES
+def tensor_allreduces(shape: Shape, cell: Cell, stage: int, settings: Settings) -> float:
+    """One micro-batch's activation-sized tensor-parallel allreduces on `stage`."""
     layers = stage_layers(shape.layers, cell.pipeline)[stage]
     recomputed = recomputed_layers(layers, cell.checkpointing, settings.activation_checkpointing_every)
     count = TENSOR_ALLREDUCES_PER_LAYER * layers + TENSOR_ALLREDUCES_PER_FORWARD * recomputed
-    count += VOCAB_ACTIVATION_ALLREDUCES * ((stage == 0) + (stage == cell.pipeline - 1)) / 2
+    return count + VOCAB_ACTIVATION_ALLREDUCES * ((stage == 0) + (stage == cell.pipeline - 1)) / 2
+
+
+def tensor_allreduce_bytes(shape: Shape, cell: Cell, stage: int, settings: Settings) -> float:
+    """The bytes of one micro-batch's activation-sized tensor-parallel allreduces on `stage`."""
+    activation = cell.micro_batch_size * shape.seq_len * shape.hidden * FP32_BYTES
+    return tensor_allreduces(shape, cell, stage, settings) * activation if cell.tensor > 1 else 0.0
+
+
+def tensor_s(shape: Shape, cell: Cell, stage: int, settings: Settings, links: Links) -> float:
+    """One micro-batch's tensor-parallel collectives on `stage`, and the layers' own work per
+    byte they allreduce (the profile's tensor_s_per_byte)."""
+    if cell.tensor == 1:
+        return 0.0
+    activation = cell.micro_batch_size * shape.seq_len * shape.hidden * FP32_BYTES
+    count = tensor_allreduces(shape, cell, stage, settings)
     small = VOCAB_LOSS_ALLREDUCES * (stage == cell.pipeline - 1)
     fit = links.profile.allreduce
     tokens_bytes = cell.micro_batch_size * shape.seq_len * FP32_BYTES
-    return count * links.seconds(fit, cell.tensor, activation) + small * links.seconds(fit, cell.tensor, tokens_bytes)
+    return (count * links.seconds(fit, cell.tensor, activation) + small * links.seconds(fit, cell.tensor, tokens_bytes)
+            + links.profile.tensor_s_per_byte * count * activation)
 
 
 def send_s(shape: Shape, cell: Cell, links: Links) -> float:
@@ -113,15 +143,27 @@ def send_s(shape: Shape, cell: Cell, links: Links) -> float:
     return 2 * links.seconds(links.profile.point_to_point, 2, activation, horovod=False)
 
 
-def data_s(shape: Shape, cell: Cell, held: float, compute_s: float, fusion_bytes: int, links: Links) -> float:
+def zero_passes(cell: Cell) -> int:
+    """Times a step reduces ZeRO's gradients: once at stage 1 and under a pipeline, else once a
+    micro-batch (app/parallel/zero.py passes_per_reduce)."""
+    return cell.grad_accum_steps if cell.zero_stage >= 2 and cell.pipeline == 1 else 1
+
+
+def zero_work_s(cell: Cell, held: float, profile: HardwareProfile) -> float:
+    """ZeRO's own work beyond its collectives' wire time (module docstring)."""
+    return profile.zero_s_per_parameter[cell.zero_stage] * held * zero_passes(cell) if cell.data > 1 else 0.0
+
+
+def data_s(cell: Cell, units: int, held: float, compute_s: float, fusion_bytes: int, links: Links) -> float:
     """The data dimension's exposed communication per step (module docstring: what overlaps)."""
     if cell.data == 1:
         return 0.0
     profile, m, d = links.profile, cell.grad_accum_steps, cell.data
-    # ZeRO sends each unit (a layer, the ends one more) alone; Horovod's plain allreduce fuses
-    # whatever gradients are ready at each cycle, so it sends one piece per cycle the last
-    # backward spans (at most one per unit), more where a piece would exceed the fusion threshold.
-    pieces = math.ceil(held / max(shape.layer_parameters / cell.tensor, 1))
+    # ZeRO sends each unit (a layer, the rest of the part one more) alone; Horovod's plain
+    # allreduce fuses whatever gradients are ready at each cycle, so it sends one piece per
+    # cycle the last backward spans (at most one per unit), more where a piece would exceed the
+    # fusion threshold.
+    pieces = units
     if cell.zero_stage == 0:
         hideable = BACKWARD_SHARE * compute_s / m
         cycles = max(1, math.ceil(hideable / links.cycle_s))
@@ -129,8 +171,10 @@ def data_s(shape: Shape, cell: Cell, held: float, compute_s: float, fusion_bytes
         costs = [links.seconds(profile.allreduce, d, held * FP32_BYTES / pieces)] * pieces
     else:
         piece_bytes = held * FP32_BYTES / pieces
-        scatters = pieces * (m if cell.zero_stage >= 2 else 1)
-        gathers = pieces * (2 * m if cell.zero_stage == 3 else 1)
+        scatters = pieces * zero_passes(cell)
+        # Stage 3 gathers each unit before its forward and its backward, but under a pipeline
+        # once a step (it keeps the unit until the step's gradients are reduced).
+        gathers = pieces * (2 * m if cell.zero_stage == 3 and cell.pipeline == 1 else 1)
         costs = ([links.seconds(profile.reducescatter, d, piece_bytes)] * scatters
                  + [links.seconds(profile.allgather, d, piece_bytes)] * gathers)
         hideable = {1: BACKWARD_SHARE / m, 2: BACKWARD_SHARE, 3: 1.0}[cell.zero_stage] * compute_s
@@ -138,8 +182,15 @@ def data_s(shape: Shape, cell: Cell, held: float, compute_s: float, fusion_bytes
     return max(costs[-1], total - profile.backward_overlap * hideable)
 
 
-def step_seconds(shape: Shape, cell: Cell, settings: Settings, fusion_bytes: int,
-                 profile: HardwareProfile) -> Dict[str, float]:
+def oversubscription(profile: HardwareProfile, ranks_on_host: Optional[int]) -> float:
+    """How much slower every part runs when a host's ranks outnumber its cores (module docstring)."""
+    if not profile.host_cores or not ranks_on_host:
+        return 1.0
+    return max(1.0, ranks_on_host / profile.host_cores)
+
+
+def step_seconds(shape: Shape, cell: Cell, settings: Settings, fusion_bytes: int, profile: HardwareProfile,
+                 ranks_on_host: Optional[int] = None) -> Dict[str, float]:
     """Seconds per optimizer step by part, with their sum under "total"."""
     links = Links(profile, cycle_time_ms(settings, cell, profile))
     m, p = cell.grad_accum_steps, cell.pipeline
@@ -147,14 +198,19 @@ def step_seconds(shape: Shape, cell: Cell, settings: Settings, fusion_bytes: int
     tensor = [tensor_s(shape, cell, s, settings, links) for s in range(p)]
     slowest = max(range(p), key=lambda s: per_stage[s] + tensor[s])
     sends = send_s(shape, cell, links)
-    held = max(stage_parameters(shape, cell, s) for s in range(p))
+    fullest = max(range(p), key=lambda s: stage_parameters(shape, cell, s))
+    held = stage_parameters(shape, cell, fullest)
+    units = stage_layers(shape.layers, p)[fullest] + 1  # its layers and the rest of its part
     parts = {
         "compute": m * per_stage[slowest],
         # (m + P - 1) rounds at the slowest stage's pace: P - 1 of them are the fill and drain.
         "bubble": (p - 1) * (per_stage[slowest] + tensor[slowest] + sends),
         "tensor": m * tensor[slowest],
         "pipeline_sends": m * sends,
-        "data": data_s(shape, cell, held, m * per_stage[slowest], fusion_bytes, links),
+        "data": data_s(cell, units, held, m * per_stage[slowest], fusion_bytes, links),
+        "zero_work": zero_work_s(cell, held, profile),
         "optimizer": profile.optimizer_s_per_parameter * held / (cell.data if cell.zero_stage >= 1 else 1),
     }
+    stretch = oversubscription(profile, ranks_on_host)
+    parts = {name: seconds * (stretch if name in CPU_WORK else 1.0) for name, seconds in parts.items()}
     return {**parts, "total": sum(parts.values())}

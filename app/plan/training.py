@@ -42,7 +42,7 @@ def auto_argv(argv: List[str]) -> List[str]:
     hardware = profile.load(startup.plan)
     global_batch = startup.train.micro_batch_size * startup.train.grad_accum_steps * world
     cap = choose.memory_cap_bytes(startup.plan, hardware, ranks_on_host)
-    pick = choose.Planner(startup, hardware).pick(world, global_batch, cap, mpi=dist.launched_by_mpi())
+    pick = choose.Planner(startup, hardware, ranks_on_host).pick(world, global_batch, cap, mpi=dist.launched_by_mpi())
     if pick is None:
         raise config.ConfigError(
             f"parallel.auto=true found no layout of {startup.model.name} on {world} ranks within {cap / 2**30:.2f} GiB "
@@ -87,7 +87,7 @@ def predict_run(cfg, world: int, warn: Callable[[str], None], note: Callable[[st
         note(f"parallel.auto: the planner picked {' '.join(cell.overrides())}")
     try:
         hardware = profile.load(cfg.plan)
-        planner = choose.Planner(cfg, hardware)
+        planner = choose.Planner(cfg, hardware, launched_world()[1])
     except config.ConfigError as error:
         warn(f"no prediction for this run: {error}")
         return PlannedRun()
