@@ -3,7 +3,7 @@ rank's cores, and the trainer's own step pieces (app/step.py), synchronised and 
 import torch
 from omegaconf import OmegaConf
 
-from app import cli, config, dist, runtime
+from app import allocator, cli, config, dist, runtime
 from app.bench import launch
 from app.step import Training, build_training
 
@@ -17,6 +17,7 @@ def start_training(spec: dict, fresh: bool = True):
     OmegaConf.resolve(cfg)
     try:
         config.validate(cfg)
+        allocator.ensure(cfg)  # the malloc app.train would run this layout under; may re-execute
         dist.init(cfg.horovod, cfg.parallel)
     except ValueError as error:  # config.ConfigError is one
         cli.fail(" ".join(str(error).split()))
