@@ -82,6 +82,14 @@ def return_freed_memory() -> bool:
     return _set_thresholds(_RETURN_FROM_BYTES)
 
 
+def trim_freed_memory() -> bool:
+    """Hand what glibc holds freed back to the kernel now (malloc_trim); whether it could."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def _set_thresholds(size: int) -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")

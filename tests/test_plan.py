@@ -228,6 +228,8 @@ def test_calibration_measures_every_cost_and_the_planner_then_uses_it(tmp_path):
     measured = profile.read_cache(cache)
     assert measured.calibrated and measured.host_cores == len(cores.affinity()) and list(measured.compute) == ["fp32"]
     assert 100 * 2**20 < measured.process_baseline_bytes < 2 * 2**30  # torch, Horovod, MPI loaded
+    # A step's resident peak over the formula's activations: near 1 when both count the same things.
+    assert 0.5 < measured.activation_factor < 4, measured.activation_factor
     links = [measured.allreduce, measured.reducescatter, measured.allgather, measured.point_to_point]
     assert all(link.latency_s > 0 and link.seconds_per_byte > 0 for link in links)
     # The layout jobs ran every stage and tensor parallelism (the log names each step's seconds).

@@ -1,18 +1,23 @@
-"""python -m app.plan calibrate: this machine's costs for the planner, in under a minute, cached
+"""python -m app.plan calibrate: this machine's costs for the planner, in about a minute, cached
 as a HardwareProfile (plan.cache). Measured:
 
 - the process baseline: a rank's resident memory once Horovod and MPI run and the trainer's
   libraries are loaded, before any model (app/plan/collectives.py measures it);
-- compute: forward + backward of small LLaMA models (plan.calibration.models) at each precision,
-  with the threads one rank of a plan.calibration.ranks-rank job gets, fitted by least squares
-  to seconds = a + b * layers + FLOPs / rate (app/plan/time.py's compute model);
+- compute: forward + backward of small LLaMA models (plan.calibration.models) with the trainer's
+  loss at each precision, with the threads one rank of a plan.calibration.ranks-rank job gets,
+  fitted by least squares to seconds = a + b * layers + FLOPs / rate (app/plan/time.py's
+  compute model);
+- activation_factor: the same runs' resident peak over app/plan/memory.py's activations (the
+  median over the models, at the first precision);
 - an AdamW step over plan.calibration.optimizer_parameters parameters, per parameter;
 - the collectives: a real plan.calibration.ranks-rank MPI job (app/plan/collectives.py), each
-  fitted to seconds = latency + bytes * seconds_per_byte.
+  fitted to seconds = latency + bytes * seconds_per_byte;
+- ZeRO's and tensor parallelism's own costs beyond their collectives (app/plan/layout_costs.py);
+- host_cores: the cores this process may run on.
 
-Not measured, kept at cpu_default's value: backward_overlap (checked by the planner bench) and
-activation_factor (1.0: the formula as derived)."""
+Not measured, kept at cpu_default's value: backward_overlap (checked by the planner bench)."""
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -20,13 +25,15 @@ from pathlib import Path
 from typing import List
 
 import numpy as np
+import psutil
 import torch
 from omegaconf import OmegaConf
 
-from app import cores, models
+from app import cores, models, runtime
 from app.bench import bandwidth, launch
 from app.parallel.layers import transformer_layers
-from app.plan import layout_costs, profile
+from app.plan import layout_costs, memory, profile
+from app.plan.cell import Cell, shape
 from app.plan.profile import ComputeFit, HardwareProfile, LinkFit
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,8 +63,40 @@ def model_overrides(hidden: int, layers: int, seq_len: int) -> dict:
             "tie_embeddings": False}
 
 
+def resident_peak_bytes() -> int:
+    """This process's resident high-water mark (VmHWM) since the last reset_resident_peak."""
+    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def reset_resident_peak() -> None:
+    """Linux resets VmHWM to the current resident set when 5 is written to clear_refs."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def forward_backward(model, tokens: torch.Tensor, dtype) -> None:
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        loss = models.causal_lm_loss(model, tokens, tokens)
+    loss.backward()
+
+
+def held_by_a_step(model, tokens: torch.Tensor, dtype) -> int:
+    """What one forward + backward holds at its peak beyond the resident set before it (the
+    gradients already there): glibc returning every freed block of 128 KiB or more and trimmed
+    first, so the resident set follows what is live; then back to keeping freed blocks, as
+    plain data parallelism trains (app/config.py keeps_freed_memory)."""
+    runtime.return_freed_memory()
+    runtime.trim_freed_memory()
+    before = psutil.Process().memory_info().rss
+    reset_resident_peak()
+    forward_backward(model, tokens, dtype)
+    held = resident_peak_bytes() - before
+    runtime.keep_freed_memory()
+    return held
+
+
 def time_model(model_cfg, vocab: int, shape: List[int], dtype, repeats: int) -> tuple:
-    """(layers, FLOPs, median seconds) of one forward + backward of a model of `shape`."""
+    """(layers, FLOPs, median seconds, bytes held by a step) of one forward + backward of a model
+    of `shape` with the trainer's loss."""
     hidden, layers, seq_len, batch = shape
     model = models.build_causal_lm(OmegaConf.merge(model_cfg, model_overrides(hidden, layers, seq_len)), vocab)
     per_layer = sum(p.numel() for p in transformer_layers(model)[0].parameters())
@@ -66,20 +105,28 @@ def time_model(model_cfg, vocab: int, shape: List[int], dtype, repeats: int) -> 
     seconds = []
     for _ in range(repeats + 1):  # the first warms the allocator and kernels up
         started = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
+        forward_backward(model, tokens, dtype)
         seconds.append(time.perf_counter() - started)
-    return layers, flops, statistics.median(seconds[1:])
+    return layers, flops, statistics.median(seconds[1:]), held_by_a_step(model, tokens, dtype)
 
 
-def compute_fit(model_cfg, vocab: int, calibration, precision: str) -> ComputeFit:
-    rows = [time_model(model_cfg, vocab, list(shape), DTYPES[precision], calibration.repeats)
-            for shape in calibration.models]
-    design = np.array([[1.0, layers, flops] for layers, flops, _ in rows])
-    coefficients, *_ = np.linalg.lstsq(design, np.array([s for *_, s in rows]), rcond=None)
+def compute_fit(rows: List[tuple]) -> ComputeFit:
+    """time_model's rows fitted to app/plan/time.py's compute model."""
+    design = np.array([[1.0, layers, flops] for layers, flops, *_ in rows])
+    coefficients, *_ = np.linalg.lstsq(design, np.array([s for _, _, s, _ in rows]), rcond=None)
     fixed, per_layer, per_flop = (max(float(c), SMALLEST_COST) for c in coefficients)
     return ComputeFit(micro_batch_overhead_s=fixed, layer_overhead_s=per_layer, flops_per_s=1 / per_flop)
+
+
+def activation_factor(cfg, rows: List[tuple], precision: str) -> float:
+    """The median over the timed models of their measured activation bytes over app/plan/memory.py's."""
+    calibration, ratios = cfg.plan.calibration, []
+    for (hidden, layers, seq_len, batch), (*_, measured) in zip(calibration.models, rows):
+        timed = OmegaConf.merge(cfg, {"model": model_overrides(hidden, layers, seq_len), "train": {"seq_len": seq_len}})
+        formula = memory.activation_bytes(shape(timed), Cell(1, micro_batch_size=batch), 0, precision,
+                                          cfg.train.activation_checkpointing_every, 1.0)
+        ratios.append(measured / formula)
+    return statistics.median(ratios)
 
 
 def optimizer_seconds_per_parameter(parameters: int, repeats: int) -> float:
@@ -118,16 +165,21 @@ def calibrate(cfg, log=print) -> HardwareProfile:
     fits = {name: linear_fit([r["bytes"] for r in rows], [r["time_s"] for r in rows])
             for name, rows in job["rows"].items()}
     torch.set_num_threads(threads)
+    runtime.keep_freed_memory()  # as plain data parallelism trains (app/config.py keeps_freed_memory)
     log(f"calibrate: LLaMA forward + backward at {', '.join(calibration.precisions)}, {threads} threads")
-    compute = {p: compute_fit(cfg.model, cfg.data.vocab_size, calibration, p) for p in calibration.precisions}
+    rows = {p: [time_model(cfg.model, cfg.data.vocab_size, list(model), DTYPES[p], calibration.repeats)
+                for model in calibration.models] for p in calibration.precisions}
+    compute = {p: compute_fit(rows[p]) for p in calibration.precisions}
     default = profile.hardware(profile.DEFAULT_HARDWARE)
     measured = HardwareProfile(
         name=f"calibrated on {os.uname().nodename}", validated=False, calibrated=True, device="cpu", threads=threads,
         compute=compute, optimizer_s_per_parameter=optimizer_seconds_per_parameter(
             calibration.optimizer_parameters, calibration.repeats),
         calibration_ranks=calibration.ranks, calibration_cycle_time_ms=calibration.cycle_time_ms,
-        process_baseline_bytes=job["baseline_bytes"], activation_factor=default.activation_factor,
+        process_baseline_bytes=job["baseline_bytes"],
+        activation_factor=activation_factor(cfg, rows[calibration.precisions[0]], calibration.precisions[0]),
         backward_overlap=default.backward_overlap, host_cores=len(cores.affinity()), **fits)
+    log(f"calibrate: activations measured at {measured.activation_factor:.2f} times app/plan/memory.py's")
     measured = layout_costs.fit(cfg, layout_model, layouts, measured, log)
     path = profile.cache_path(cfg.plan)
     profile.write_cache(measured, path)
