@@ -49,13 +49,13 @@ def command_line(cfg, prediction: choose.Prediction, overrides: List[str]) -> st
 
 
 def ranked_table(ranked: List[choose.Prediction], top: int) -> str:
-    lines = ["| # | layout | peak GiB/rank | step s | tokens/s | compute s | bubble s | communication s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| # | layout | peak GiB/rank | step s | tokens/s | compute s | bubble s | communication s "
+             "| ZeRO work s |", "|---|---|---|---|---|---|---|---|---|"]
     for index, p in enumerate(ranked[:top], 1):
         s = p.seconds
         lines.append(f"| {index} | {p.cell.name()} | {p.peak_bytes / 2**30:.2f} | {p.step_s:.3f} | "
                      f"{p.tokens_per_s:,.0f} | {s['compute']:.3f} | {s['bubble']:.3f} | "
-                     f"{s['tensor'] + s['pipeline_sends'] + s['data']:.3f} |")
+                     f"{s['tensor'] + s['pipeline_sends'] + s['data']:.3f} | {s['zero_work']:.3f} |")
     return "\n".join(lines)
 
 

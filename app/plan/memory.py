@@ -13,7 +13,7 @@ and the process itself. Each term's assumption:
   fp32, 2 bf16/fp16) the normalised inputs (2h), q, rotated q and the attention output (3h/t),
   k, v and rotated k (3kv/t), SwiGLU's gate, up, activation and product (4f/t). The loss keeps
   three fp32 copies of the logits (logits, softmax, their gradient) per token, V/t each. The
-  profile's activation_factor scales the sum (1.0 until a measurement says otherwise).
+  profile's activation_factor scales the sum (calibration measures it; 1.0 in an uncalibrated profile).
 - Checkpointing keeps a recomputed layer's fp32 input only, plus one layer's full activations
   while it is recomputed in backward. every_k recomputes layers 0, k, 2k, ...
 - Micro-batches held: 1 without a pipeline (accumulation runs them one after another); under a

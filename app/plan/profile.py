@@ -63,7 +63,7 @@ class HardwareProfile:
     calibration_cycle_time_ms: float = 1.0
     # A rank's resident memory before its model: interpreter, torch, Horovod, MPI, transformers.
     process_baseline_bytes: int = 0
-    # Measured activation bytes over the formula's (app/plan/memory.py); 1.0 until measured.
+    # Measured activation bytes over the formula's (app/plan/memory.py; calibration measures it); 1.0 unmeasured.
     activation_factor: float = 1.0
     # The share of gradient communication that runs behind backward (and of ZeRO's parameter
     # gathers behind forward); an assumption per profile, checked by the planner bench.
