@@ -6,7 +6,8 @@
 # transformers per rank) and waiting on each other, which leaves cores idle, so the first pass
 # runs TEST_WORKERS test files at a time (pytest-xdist; default 2, this machine's cores;
 # --dist loadfile keeps each file on one worker, and tests/conftest.py puts the longest files
-# first). The second runs the tests marked serial alone.
+# first; --no-loadscope-reorder keeps that order, which xdist would otherwise replace by the
+# number of tests per file). The second runs the tests marked serial alone.
 # Extra arguments go to both passes; a pass they select nothing from is skipped (pytest exit 5).
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -22,6 +23,6 @@ run_pass() {
 }
 
 status=0
-run_pass -n "$workers" --dist loadfile -m "not serial" "$@" || status=$?
+run_pass -n "$workers" --dist loadfile --no-loadscope-reorder -m "not serial" "$@" || status=$?
 run_pass -m serial "$@" || status=$?
 exit "$status"
