@@ -12,6 +12,7 @@ Intel's ipexrun preload it."""
 import ctypes.util
 import os
 import sys
+from typing import List
 
 from app import cli, config
 
@@ -43,3 +44,12 @@ def ensure(cfg) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def ensure_at_launch(argv: List[str]) -> None:
+    """ensure() for `python -m app.train argv`, called before the trainer's imports (torch,
+    transformers, Horovod: seconds of CPU a rank) so that a rank re-executing itself pays them
+    once. Under parallel.auto the planner's pick decides the layout, so main() decides then."""
+    startup = cli.startup_config(argv)
+    if not startup.parallel.auto:
+        ensure(startup)

@@ -174,7 +174,7 @@ class CalibrationConfig:
         [64, 1, 64, 4], [64, 3, 64, 4], [128, 2, 128, 4], [256, 1, 128, 4], [256, 3, 128, 4]])
     precisions: List[str] = field(default_factory=lambda: ["fp32", "bf16"])
     # Timed runs of each model (their median) after one warm-up run; also the optimizer's steps.
-    repeats: int = 2
+    repeats: int = 5
     # Parameters of the timed optimizer step (AdamW).
     optimizer_parameters: int = 4_000_000
     # The layout jobs (app/plan/layout_costs.py): one LLaMA [hidden, layers, seq_len, micro_batch],

@@ -11,10 +11,18 @@ unscaled, clipped by their global norm and applied. Around the step this file lo
 checkpoints and stops on a signal; rank 0 alone writes, into the run directory all ranks share,
 except each rank's own boxes of a checkpoint (app/checkpoint.py).
 """
+import sys
+
+from app import allocator
+
+if __name__ == "__main__":
+    # Before the imports below: a rank that re-executes itself under jemalloc (ZeRO's malloc,
+    # app/allocator.py) then imports torch, transformers and Horovod once, not twice.
+    allocator.ensure_at_launch(sys.argv[1:])
+
 import json
 import logging
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +33,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from app import (allocator, checkpoint, cli, compilation, config, cores, dist, elastic, fileio, metrics, models,
+from app import (checkpoint, cli, compilation, config, cores, dist, elastic, fileio, metrics, models,
                  optim, plan, prepare, runtime, saving, stop, tokenizer)
 from app.plan import training as planning
 from app.state_dicts import full_model_order

@@ -24,6 +24,8 @@ stage 1's checkpoint into a tensor split.
 import json
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -33,8 +35,8 @@ from safetensors.torch import load_file
 from app import checkpoint, cli, config, export, generate, tokenizer
 from app.parallel.flat import split_sizes
 from app.parallel.layers import apply_activation_checkpointing, transformer_layers
-from conftest import (CLIPPED, UNCLIPPED, assert_always_clipped, assert_never_clipped, assert_same_grad_norms,
-                      last_json_line, read_metrics, read_summary, run_job, tiny_train_args)
+from conftest import (CLIPPED, ROOT, UNCLIPPED, assert_always_clipped, assert_never_clipped, assert_same_grad_norms,
+                      job_env, last_json_line, read_metrics, read_summary, run_job, tiny_train_args)
 
 ADAM_ATOL = 1e-5
 # Evaluation at step 4 and at the end, right after a step: stages 1-2 gather the parameters
@@ -228,6 +230,22 @@ def test_each_rank_holds_about_half_the_model_state_of_a_replica(runs):
     # Stage 3: parameters too (the slices alone; full buffers are freed between uses).
     assert stage3["parameters"] <= 0.55 * replica["parameters"]
     assert sum(stage3.values()) <= 0.55 * sum(replica.values())
+
+
+# Stands in for os.execve: says whether torch had been imported when app.train re-executed itself.
+_REEXEC_PROBE = """
+import os, runpy, sys
+os.environ.pop("LLAMA_HOROVOD_PRELOADED", None)
+os.execve = lambda *args: (print("torch imported:", "torch" in sys.modules), sys.exit(0))
+sys.argv = ["app.train", "parallel.zero_stage=1", "train.allocator=jemalloc"]
+runpy.run_module("app.train", run_name="__main__")
+"""
+
+
+def test_a_zero_rank_re_executes_itself_under_jemalloc_before_importing_torch():
+    result = subprocess.run([sys.executable, "-c", _REEXEC_PROBE], cwd=ROOT, env=job_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.stdout.strip() == "torch imported: False", result.stdout + result.stderr[-2000:]
 
 
 def test_split_follows_horovods_reducescatter_rule():

@@ -12,7 +12,8 @@ as a HardwareProfile (plan.cache). Measured:
 - an AdamW step over plan.calibration.optimizer_parameters parameters, per parameter;
 - the collectives: a real plan.calibration.ranks-rank MPI job (app/plan/collectives.py), each
   fitted to seconds = latency + bytes * seconds_per_byte;
-- ZeRO's and tensor parallelism's own costs beyond their collectives (app/plan/layout_costs.py);
+- ZeRO's, tensor parallelism's and a pipeline's own costs beyond their collectives and sends
+  (app/plan/layout_costs.py);
 - host_cores: the cores this process may run on.
 
 Not measured, kept at cpu_default's value: backward_overlap (checked by the planner bench)."""
@@ -110,10 +111,18 @@ def time_model(model_cfg, vocab: int, shape: List[int], dtype, repeats: int) -> 
     return layers, flops, statistics.median(seconds[1:]), held_by_a_step(model, tokens, dtype)
 
 
+def warm_up(cfg) -> None:
+    """One forward + backward of the first timed model: the process's first (thread pools, the
+    kernels' one-time set-up) would otherwise weigh on that model's timings."""
+    time_model(cfg.model, cfg.data.vocab_size, list(cfg.plan.calibration.models[0]), None, 1)
+
+
 def compute_fit(rows: List[tuple]) -> ComputeFit:
-    """time_model's rows fitted to app/plan/time.py's compute model."""
+    """time_model's rows fitted to app/plan/time.py's compute model, by least squares on relative
+    residuals (as linear_fit): the small models are what fix the fixed costs."""
+    seconds = np.array([s for _, _, s, _ in rows])
     design = np.array([[1.0, layers, flops] for layers, flops, *_ in rows])
-    coefficients, *_ = np.linalg.lstsq(design, np.array([s for _, _, s, _ in rows]), rcond=None)
+    coefficients, *_ = np.linalg.lstsq(design / seconds[:, None], np.ones_like(seconds), rcond=None)
     fixed, per_layer, per_flop = (max(float(c), SMALLEST_COST) for c in coefficients)
     return ComputeFit(micro_batch_overhead_s=fixed, layer_overhead_s=per_layer, flops_per_s=1 / per_flop)
 
@@ -159,13 +168,16 @@ def calibrate(cfg, log=print) -> HardwareProfile:
     threads = max(1, len(cores.affinity()) // calibration.ranks)
     hidden, layers, seq_len, _ = calibration.layout_model
     layout_model = model_overrides(hidden, layers, seq_len)
-    tensor, zero = layout_costs.tensor_layout(cfg, layout_model), layout_costs.zero_layouts(cfg, layout_model)
-    job = collective_job(cfg, threads, tensor, log)
-    layouts = {**layout_costs.zero_job(cfg, zero, threads, log), "tensor": job["layout_seconds_per_step"][0]}
+    specs = {job: layout_costs.layouts(cfg, layout_model, job) for job in ("tensor", "zero", "pipeline")}
+    job = collective_job(cfg, threads, specs["tensor"], log)
+    zero = layout_costs.run_job(cfg, specs["zero"], [f"zero{stage}" for stage in layout_costs.STAGES], threads, log)
+    layouts = {**zero, **layout_costs.run_job(cfg, specs["pipeline"], ["pipeline"], threads, log),
+               "tensor": job["layout_seconds_per_step"][0]}
     fits = {name: linear_fit([r["bytes"] for r in rows], [r["time_s"] for r in rows])
             for name, rows in job["rows"].items()}
     torch.set_num_threads(threads)
     runtime.keep_freed_memory()  # as plain data parallelism trains (app/config.py keeps_freed_memory)
+    warm_up(cfg)
     log(f"calibrate: LLaMA forward + backward at {', '.join(calibration.precisions)}, {threads} threads")
     rows = {p: [time_model(cfg.model, cfg.data.vocab_size, list(model), DTYPES[p], calibration.repeats)
                 for model in calibration.models] for p in calibration.precisions}

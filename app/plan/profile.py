@@ -75,6 +75,9 @@ class HardwareProfile:
     # Tensor-parallel layers' own seconds per byte of activation they allreduce, beyond the
     # allreduce's fit; measured the same way.
     tensor_s_per_byte: float = 0.0
+    # A pipeline stage's own seconds per micro-batch beyond its sends' fit (the schedule's work,
+    # posting and completing its receives); measured the same way.
+    pipeline_s_per_micro_batch: float = 0.0
     # CPU cores a host gives its ranks: more ranks than these time-share them (app/plan/time.py);
     # None where each rank has its own device.
     host_cores: Optional[int] = None

@@ -18,9 +18,10 @@
   The tensor-parallel layers' own work beyond those collectives' wire time (splitting and
   gathering activations, the blocking waits' wake-ups) is the profile's tensor_s_per_byte per
   byte allreduced; calibration measures it (app/plan/layout_costs.py).
-- Pipeline: m micro-batches through P stages take (m + P - 1) times the slowest stage's
-  micro-batch (forward, backward, its sends of the activation and its gradient by mpi4py), so
-  the bubble is (P - 1)/(m + P - 1) for GPipe and 1F1B alike (app/parallel/pipeline_schedule.py).
+- Pipeline: m micro-batches through P stages take m times the slowest stage's micro-batch
+  (forward, backward, its sends of the activation and its gradient by mpi4py) plus one of each
+  other stage's, the fill and drain (T = (m - 1) t_max + sum of t_s); with equal stages the
+  bubble is (P - 1)/(m + P - 1), for GPipe and 1F1B alike (app/parallel/pipeline_schedule.py).
 - Data dimension: plain data parallelism allreduces the gradients during the last micro-batch's
   backward, one fused piece per Horovod cycle that backward spans (at most one per layer, more
   where a piece would exceed the fusion threshold); ZeRO-1 reduce-scatters each unit (a layer, plus one
@@ -136,11 +137,13 @@ def tensor_s(shape: Shape, cell: Cell, stage: int, settings: Settings, links: Li
 
 
 def send_s(shape: Shape, cell: Cell, links: Links) -> float:
-    """A stage's sends per micro-batch: its activation forward and its gradient backward."""
+    """A stage's sends per micro-batch: its activation forward and its gradient backward, and the
+    schedule's own work around them (the profile's pipeline_s_per_micro_batch)."""
     if cell.pipeline == 1:
         return 0.0
     activation = cell.micro_batch_size * shape.seq_len * shape.hidden * FP32_BYTES
-    return 2 * links.seconds(links.profile.point_to_point, 2, activation, horovod=False)
+    return (2 * links.seconds(links.profile.point_to_point, 2, activation, horovod=False)
+            + links.profile.pipeline_s_per_micro_batch)
 
 
 def zero_passes(cell: Cell) -> int:
@@ -203,8 +206,8 @@ def step_seconds(shape: Shape, cell: Cell, settings: Settings, fusion_bytes: int
     units = stage_layers(shape.layers, p)[fullest] + 1  # its layers and the rest of its part
     parts = {
         "compute": m * per_stage[slowest],
-        # (m + P - 1) rounds at the slowest stage's pace: P - 1 of them are the fill and drain.
-        "bubble": (p - 1) * (per_stage[slowest] + tensor[slowest] + sends),
+        # m rounds at the slowest stage's pace, and the fill and drain through the others.
+        "bubble": sum(per_stage[s] + tensor[s] + sends for s in range(p) if s != slowest),
         "tensor": m * tensor[slowest],
         "pipeline_sends": m * sends,
         "data": data_s(cell, units, held, m * per_stage[slowest], fusion_bytes, links),
