@@ -182,6 +182,9 @@ class CalibrationConfig:
     # parallelism, ZeRO 1-3 and tensor parallelism with this many micro-batches (the tensor
     # layout's micro-batch as large as the data ranks' together), steps warmed up and timed.
     layout_model: List[int] = field(default_factory=lambda: [256, 4, 128, 2])
+    # The pipeline's model, small so that the schedule's own work per micro-batch stands out of
+    # its compute, timed as a pipeline over the ranks and at plain data parallelism.
+    pipeline_model: List[int] = field(default_factory=lambda: [64, 2, 64, 1])
     layout_micro_batches: int = 2
     layout_warmup_steps: int = 1
     layout_measure_steps: int = 3
@@ -202,6 +205,10 @@ class PlanConfig:
     # Ranks on each host, whose cores they share (the profile's host_cores: more ranks than cores
     # time-share them); null: as the launch placed them (training), else none shared (python -m app.plan).
     ranks_per_host: Optional[int] = None
+    # The pick: a layout plainer than the fastest predicted (data parallel, else the lowest ZeRO
+    # stage, else the pipeline) is taken when predicted within this fraction of it; the
+    # planner's step-time error here is 8-11% (README, "Planning a run").
+    pick_margin: float = 0.10
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 
@@ -412,6 +419,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.prefetch_steps < 0:
         raise ConfigError(f"train.prefetch_steps={cfg.train.prefetch_steps} must be 0 (off) or more")
     _check_profile_steps(list(cfg.train.profile_steps))
+    if cfg.plan.pick_margin < 0:
+        raise ConfigError(f"plan.pick_margin={cfg.plan.pick_margin} must be 0 or more (0: always the fastest "
+                          "predicted layout)")
     if cfg.horovod.cycle_time_ms is not None and cfg.horovod.cycle_time_ms <= 0:
         raise ConfigError(f"horovod.cycle_time_ms={cfg.horovod.cycle_time_ms} must be above 0 "
                           "(null: 10 ms on CPU ranks, Horovod's 1 ms on GPU ranks)")

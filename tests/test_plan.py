@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from app import cli, cores
-from app.plan import choose, memory, profile
+from app import cli, config, cores
+from app.plan import choose, layout_costs, memory, profile
 from app.plan import time as plan_time
 from app.plan.cell import Cell, from_config
 from conftest import ROOT, job_env, read_metrics, read_summary, run_job, tensorboard_scalars, tiny_train_args
@@ -148,24 +148,25 @@ def test_pipeline_stages_share_the_fixed_cost_of_a_micro_batch():
 
 
 def test_calibration_recovers_the_layout_costs_that_made_the_steps():
-    """Steps 'measured' as the planner predicts them under known ZeRO and tensor costs: the
-    calibration's fit finds those costs again from a profile that has none."""
-    from app.plan import layout_costs
+    """Steps 'measured' as the planner predicts them under known ZeRO, tensor and pipeline costs:
+    the calibration's fit finds those costs again from a profile that has none."""
+    from app.plan import calibrate
 
     cfg = cli.compose_config([])
-    model = {"hidden_size": 128, "intermediate_size": 341, "num_layers": 2, "num_heads": 2, "num_kv_heads": None,
-             "max_seq_len": 64, "tie_embeddings": False}
+    models = {"layout": calibrate.model_overrides(128, 2, 64), "pipeline": calibrate.model_overrides(64, 2, 32)}
     true = {"zero_s_per_parameter": [0.0, 2e-9, 5e-9, 7e-9], "tensor_s_per_byte": 3e-9,
-            "pipeline_s_per_micro_batch": 4e-3}
+            "pipeline_s_per_micro_batch": 4e-3, "pipeline_s_per_step": 9e-3}
     base = profile.hardware(profile.DEFAULT_HARDWARE)
-    cells = layout_costs.cells(cfg, 2)
-    job_cfg = cli.compose_config(layout_costs.overrides(cfg, model, cells["zero0"]))
-    made = choose.Planner(job_cfg, dataclasses.replace(base, **true), 2)
-    measured = {name: made.predict(cell).step_s for name, cell in cells.items()}
-    fitted = layout_costs.fit(cfg, model, measured, dataclasses.replace(base), log=lambda line: None)
+    measured = {}
+    for name, (model, cell) in layout_costs.cells(cfg).items():
+        made = choose.Planner(cli.compose_config(layout_costs.overrides(cfg, models[model], cell)),
+                              dataclasses.replace(base, **true), 2)
+        measured[name] = made.predict(cell).step_s
+    fitted = layout_costs.fit(cfg, models, measured, dataclasses.replace(base), log=lambda line: None)
     assert fitted.zero_s_per_parameter == pytest.approx(true["zero_s_per_parameter"], rel=1e-6)
     assert fitted.tensor_s_per_byte == pytest.approx(true["tensor_s_per_byte"], rel=1e-6)
     assert fitted.pipeline_s_per_micro_batch == pytest.approx(true["pipeline_s_per_micro_batch"], rel=1e-6)
+    assert fitted.pipeline_s_per_step == pytest.approx(true["pipeline_s_per_step"], rel=1e-6)
 
 
 def test_every_prediction_of_the_grid_is_finite_and_positive(small):
@@ -184,6 +185,22 @@ def test_no_proposed_layout_exceeds_the_memory_cap(small):
     assert 0 < len(fitting) < len(everything)
     assert max(p.peak_bytes for p in fitting) <= cap
     assert small.pick(4, 32, min(p.peak_bytes for p in everything) - 1, mpi=True) is None
+
+
+def test_the_pick_keeps_the_plain_rules_layout_unless_another_is_predicted_faster_by_the_margin():
+    plain, zero1, pipeline, tensor = Cell(2), Cell(2, zero_stage=1), Cell(2, pipeline=2), Cell(2, tensor=2)
+
+    def pick(seconds: dict, margin: float = 0.10):
+        return choose.prefer_plain(list(seconds), lambda cell: cell, seconds.get, margin)
+
+    assert pick({plain: 1.08, pipeline: 1.0, tensor: 1.05}) == plain  # within 10% of the fastest
+    assert pick({plain: 1.12, pipeline: 1.0}) == pipeline
+    assert pick({plain: 1.08, pipeline: 1.0}, margin=0.0) == pipeline
+    # Without plain data parallelism the rule's next choice is the lowest ZeRO stage, then a pipeline.
+    assert pick({zero1: 1.05, tensor: 1.0}) == zero1 and pick({pipeline: 1.05, tensor: 1.0}) == pipeline
+    assert pick({tensor: 1.0}) == tensor and pick({}) is None
+    with pytest.raises(config.ConfigError, match=r"plan.pick_margin=-0.1 must be 0 or more"):
+        config.validate(cli.compose_config(["plan.pick_margin=-0.1"]))
 
 
 def test_layouts_the_trainer_refuses_are_never_proposed():
@@ -235,6 +252,7 @@ SMALL_CALIBRATION = [
     "plan.calibration.seconds_per_size=0.05", "plan.calibration.precisions=[fp32]",
     "plan.calibration.models=[[64,1,32,1],[64,2,32,1],[128,1,32,2]]", "plan.calibration.repeats=1",
     "plan.calibration.optimizer_parameters=100000", "plan.calibration.layout_model=[128,2,32,1]",
+    "plan.calibration.pipeline_model=[64,2,32,1]",
     "plan.calibration.layout_warmup_steps=1", "plan.calibration.layout_measure_steps=1"]
 
 
@@ -250,9 +268,11 @@ def test_calibration_measures_every_cost_and_the_planner_then_uses_it(tmp_path):
     links = [measured.allreduce, measured.reducescatter, measured.allgather, measured.point_to_point]
     assert all(link.latency_s > 0 and link.seconds_per_byte > 0 for link in links)
     # The layout jobs ran every stage and tensor parallelism (the log names each step's seconds).
-    assert all(f"{name} " in result.stdout for name in ("zero0", "zero1", "zero2", "zero3", "tensor", "pipeline"))
-    costs = [*measured.zero_s_per_parameter, measured.tensor_s_per_byte, measured.pipeline_s_per_micro_batch]
-    assert len(costs) == 6 and costs[0] == 0 and all(math.isfinite(c) and c >= 0 for c in costs), costs
+    names = (*layout_costs.ZERO, "tensor", "pipeline", "pipeline_long", "pipeline_base")
+    assert all(f"{name} " in result.stdout for name in names), result.stdout
+    costs = [*measured.zero_s_per_parameter, measured.tensor_s_per_byte, measured.pipeline_s_per_micro_batch,
+             measured.pipeline_s_per_step]
+    assert len(costs) == 7 and costs[0] == 0 and all(math.isfinite(c) and c >= 0 for c in costs), costs
     planned = plan_command("model=llama_tiny", "world=2", "memory_gib=2", "train.precision=fp32", f"plan.cache={cache}")
     assert planned.returncode == 0 and f"profile {measured.name}" in planned.stdout, planned.stderr
 

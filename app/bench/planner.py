@@ -11,7 +11,8 @@ training run would (plan.cache, else cpu_default). Reported, per the issue's tar
   measured step times (per model, over its cells);
 - the median relative peak-memory error;
 - pick quality: for each model and memory cap, the planner's pick among the grid's cells (the
-  fastest predicted whose predicted peak fits) against the fastest measured cell that fits, and
+  fastest predicted whose predicted peak fits, or the plain rule's choice where predicted
+  within plan.pick_margin of it, as parallel.auto picks) against the fastest measured cell that fits, and
   the plain rule's pick (data parallel if it fits, else the lowest ZeRO stage that fits, else the
   first pipeline cell that fits; fitting by measured peak, which favours the rule).
 Cells with more ranks than cores are flagged oversubscribed and left out of the pick cases
@@ -135,7 +136,15 @@ def plain_rule(rows: List[dict], cap: float) -> Optional[dict]:
     return (data or pipelines or [None])[0]
 
 
-def pick_cases(rows: List[dict], pc) -> List[dict]:
+def row_cell(row: dict) -> Cell:
+    """The layout of a measured row, as the planner's pick reads it."""
+    return Cell(row["processes"], row["tensor"], row["pipeline"], row["zero_stage"], row["schedule"] or "1f1b",
+                row["checkpointing"])
+
+
+def pick_cases(rows: List[dict], pc, margin: float) -> List[dict]:
+    """Per model and cap: the planner's pick among the grid's cells (choose.prefer_plain, as
+    parallel.auto picks), the plain rule's, and the fastest measured."""
     cases = []
     for model in pc.models:
         measured = [r for r in rows if r["model"] == model and not r["refused"] and not r["oversubscribed"]]
@@ -147,7 +156,7 @@ def pick_cases(rows: List[dict], pc) -> List[dict]:
                 cases.append({"model": model, "cap_gib": cap_gib, "fastest": None})
                 continue
             fastest = min(fitting, key=lambda r: r["measured_step_s"])
-            pick = min(predicted, key=lambda r: r["predicted_step_s"])
+            pick = choose.prefer_plain(predicted, row_cell, lambda r: r["predicted_step_s"], margin)
             rule = plain_rule(measured, cap)
             cases.append({
                 "model": model, "cap_gib": cap_gib, "fastest": fastest["cell"], "pick": pick["cell"],
@@ -220,7 +229,7 @@ def measure(ctx: Context, log=print) -> dict:
     correlations = {model: spearman([r["predicted_step_s"] for r in ran if r["model"] == model],
                                     [r["measured_step_s"] for r in ran if r["model"] == model])
                     for model in pc.models}
-    cases = pick_cases(rows, pc)
+    cases = pick_cases(rows, pc, cli.compose_config(list(ctx.train_overrides)).plan.pick_margin)
     judged = [c for c in cases if c["fastest"]]
     return {
         "precision": pc.grid.precision, "processes": pc.grid.processes, "global_batch": pc.grid.global_batch,

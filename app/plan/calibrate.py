@@ -166,13 +166,13 @@ def calibrate(cfg, log=print) -> HardwareProfile:
     """Measure this machine (module docstring) and write the cache; returns the profile."""
     calibration = cfg.plan.calibration
     threads = max(1, len(cores.affinity()) // calibration.ranks)
-    hidden, layers, seq_len, _ = calibration.layout_model
-    layout_model = model_overrides(hidden, layers, seq_len)
-    specs = {job: layout_costs.layouts(cfg, layout_model, job) for job in ("tensor", "zero", "pipeline")}
+    layout_models = {name: model_overrides(*shape[:3]) for name, shape in
+                     (("layout", calibration.layout_model), ("pipeline", calibration.pipeline_model))}
+    specs = {job: layout_costs.layouts(cfg, layout_models, job) for job in layout_costs.JOBS}
     job = collective_job(cfg, threads, specs["tensor"], log)
-    zero = layout_costs.run_job(cfg, specs["zero"], [f"zero{stage}" for stage in layout_costs.STAGES], threads, log)
-    layouts = {**zero, **layout_costs.run_job(cfg, specs["pipeline"], ["pipeline"], threads, log),
-               "tensor": job["layout_seconds_per_step"][0]}
+    layouts = {"tensor": job["layout_seconds_per_step"][0]}
+    for name in ("zero", "pipeline"):
+        layouts.update(layout_costs.run_job(cfg, specs[name], name, threads, log))
     fits = {name: linear_fit([r["bytes"] for r in rows], [r["time_s"] for r in rows])
             for name, rows in job["rows"].items()}
     torch.set_num_threads(threads)
@@ -192,7 +192,7 @@ def calibrate(cfg, log=print) -> HardwareProfile:
         activation_factor=activation_factor(cfg, rows[calibration.precisions[0]], calibration.precisions[0]),
         backward_overlap=default.backward_overlap, host_cores=len(cores.affinity()), **fits)
     log(f"calibrate: activations measured at {measured.activation_factor:.2f} times app/plan/memory.py's")
-    measured = layout_costs.fit(cfg, layout_model, layouts, measured, log)
+    measured = layout_costs.fit(cfg, layout_models, layouts, measured, log)
     path = profile.cache_path(cfg.plan)
     profile.write_cache(measured, path)
     log(f"calibrate: wrote {path}")

@@ -6,14 +6,17 @@ stage per layer), with GPipe and 1F1B; ZeRO 0-3 where the data size is above 1; 
 none or full; and every micro-batch size that divides a data rank's share of the global batch,
 the rest accumulated (a pipeline's micro-batches). A cell app/config.py refuses is never
 proposed: each distinct layout goes through config.validate. The pick is the fastest predicted
-cell whose predicted peak fits the memory cap; ties go to the earlier cell in the grid's order
-(smaller tensor, pipeline, ZeRO stage; no checkpointing; larger micro-batches), so every rank
-that plans the same inputs picks the same cell.
+cell whose predicted peak fits the memory cap, unless the plain rule's choice among the fitting
+cells ("data parallel, else the lowest ZeRO stage, else the pipeline") is predicted within
+plan.pick_margin of it: a difference that small is inside the planner's error, and the plainer
+layout is the safer bet. Ties go to the earlier cell in the grid's order (smaller tensor,
+pipeline, ZeRO stage; no checkpointing; larger micro-batches), so every rank that plans the
+same inputs picks the same cell.
 """
 import copy
 import itertools
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, TypeVar
 
 import psutil
 
@@ -26,6 +29,7 @@ from app.plan.profile import HardwareProfile
 # Horovod's HOROVOD_FUSION_THRESHOLD default, in MiB.
 HOROVOD_FUSION_THRESHOLD_MB = 64
 CHECKPOINTING = ("none", "full")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -105,8 +109,33 @@ class Planner:
         return sorted(fitting, key=lambda p: p.step_s)  # stable: ties keep the grid's order
 
     def pick(self, world: int, global_batch: int, cap_bytes: float, mpi: bool) -> Optional[Prediction]:
-        ranked = self.rank(world, global_batch, cap_bytes, mpi)
-        return ranked[0] if ranked else None
+        return prefer_plain(self.rank(world, global_batch, cap_bytes, mpi), lambda p: p.cell, lambda p: p.step_s,
+                            self.cfg.plan.pick_margin)
+
+
+def plain_rank(cell: Cell) -> Optional[tuple]:
+    """A cell's place in the plain rule ("data parallel if it fits, else the lowest ZeRO stage
+    that fits, else the pipeline"): lower first; None for what the rule never picks (tensor
+    parallelism, checkpointing)."""
+    if cell.tensor > 1 or cell.checkpointing != "none":
+        return None
+    return cell.pipeline > 1, cell.zero_stage
+
+
+def prefer_plain(fitting: List[T], cell_of: Callable[[T], Cell], seconds_of: Callable[[T], float],
+                 margin: float) -> Optional[T]:
+    """The fastest of `fitting` (cells that fit, as predictions or rows), unless the plain rule's
+    own choice among them (its first place, the fastest of its micro-batchings) is predicted
+    within `margin` of it: a less plain layout must promise more than the planner's error."""
+    if not fitting:
+        return None
+    fastest = min(fitting, key=seconds_of)
+    ruled = [(plain_rank(cell_of(x)), seconds_of(x), i) for i, x in enumerate(fitting)
+             if plain_rank(cell_of(x)) is not None]
+    if not ruled:
+        return fastest
+    rule = fitting[min(ruled)[2]]
+    return rule if seconds_of(rule) <= (1 + margin) * seconds_of(fastest) else fastest
 
 
 def memory_cap_bytes(plan_cfg, profile: HardwareProfile, ranks_on_host: int) -> float:

@@ -78,6 +78,9 @@ class HardwareProfile:
     # A pipeline stage's own seconds per micro-batch beyond its sends' fit (the schedule's work,
     # posting and completing its receives); measured the same way.
     pipeline_s_per_micro_batch: float = 0.0
+    # A pipeline's own seconds per step beyond its stages' micro-batches (the step's exchanges
+    # between stages: the loss, the gradient norm); measured the same way.
+    pipeline_s_per_step: float = 0.0
     # CPU cores a host gives its ranks: more ranks than these time-share them (app/plan/time.py);
     # None where each rank has its own device.
     host_cores: Optional[int] = None

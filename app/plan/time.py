@@ -22,6 +22,9 @@
   (forward, backward, its sends of the activation and its gradient by mpi4py) plus one of each
   other stage's, the fill and drain (T = (m - 1) t_max + sum of t_s); with equal stages the
   bubble is (P - 1)/(m + P - 1), for GPipe and 1F1B alike (app/parallel/pipeline_schedule.py).
+  The schedule's own work beyond the sends' fit, per micro-batch of a stage and per step (the
+  loss and gradient norm exchanged between stages), is the profile's pipeline_s_per_micro_batch
+  and pipeline_s_per_step; calibration measures them (app/plan/layout_costs.py).
 - Data dimension: plain data parallelism allreduces the gradients during the last micro-batch's
   backward, one fused piece per Horovod cycle that backward spans (at most one per layer, more
   where a piece would exceed the fusion threshold); ZeRO-1 reduce-scatters each unit (a layer, plus one
@@ -209,7 +212,7 @@ def step_seconds(shape: Shape, cell: Cell, settings: Settings, fusion_bytes: int
         # m rounds at the slowest stage's pace, and the fill and drain through the others.
         "bubble": sum(per_stage[s] + tensor[s] + sends for s in range(p) if s != slowest),
         "tensor": m * tensor[slowest],
-        "pipeline_sends": m * sends,
+        "pipeline_sends": m * sends + (profile.pipeline_s_per_step if p > 1 else 0.0),
         "data": data_s(cell, units, held, m * per_stage[slowest], fusion_bytes, links),
         "zero_work": zero_work_s(cell, held, profile),
         "optimizer": profile.optimizer_s_per_parameter * held / (cell.data if cell.zero_stage >= 1 else 1),
