@@ -171,7 +171,8 @@ class CalibrationConfig:
     # LLaMA models timed forward + backward, each [hidden, layers, seq_len, micro_batch]; their
     # FFN width is 8/3 of hidden and their heads 64 wide (LLaMA's proportions).
     models: List[List[int]] = field(default_factory=lambda: [
-        [64, 1, 64, 4], [64, 3, 64, 4], [128, 2, 128, 4], [256, 1, 128, 4], [256, 3, 128, 4]])
+        [64, 1, 64, 4], [64, 3, 64, 4], [64, 6, 64, 4], [128, 2, 128, 4], [128, 6, 64, 2], [256, 1, 128, 4],
+        [256, 3, 128, 4]])
     precisions: List[str] = field(default_factory=lambda: ["fp32", "bf16"])
     # Timed runs of each model (their median) after one warm-up run; also the optimizer's steps.
     repeats: int = 5
@@ -188,6 +189,8 @@ class CalibrationConfig:
     layout_micro_batches: int = 2
     layout_warmup_steps: int = 1
     layout_measure_steps: int = 3
+    # Each layout is timed over at least this many seconds (its steps counted from a probe step).
+    layout_measure_seconds: float = 1.0
 
 
 @dataclass

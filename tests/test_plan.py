@@ -331,6 +331,29 @@ def test_every_run_reports_its_prediction_beside_what_it_measured(auto_run):
     assert not any(key.startswith("plan/") for row in read_metrics(run_dir) for key in row)
 
 
+def test_the_bench_judges_the_planners_pick_and_the_plain_rules_against_the_fastest_measured():
+    from app.bench import planner as bench_planner
+    from app.bench.config import BenchPlannerConfig
+
+    def row(cell, pipeline, zero, predicted, measured, peak_mib):
+        return {"model": "m", "cell": cell, "processes": 2, "tensor": 1, "pipeline": pipeline, "zero_stage": zero,
+                "schedule": "1f1b" if pipeline > 1 else None, "checkpointing": "none", "refused": None,
+                "oversubscribed": False, "predicted_step_s": predicted, "measured_step_s": measured,
+                "predicted_peak_bytes": peak_mib * 2**20, "measured_peak_bytes": peak_mib * 2**20}
+
+    rows = [row("D2", 1, 0, 1.05, 1.0, 900), row("ZeRO3", 1, 3, 1.20, 1.3, 500), row("P2", 2, 0, 1.00, 1.1, 400)]
+    pc = BenchPlannerConfig(models=["m"], memory_caps_gib=[None, 0.6, 0.1])
+    unlimited, capped, nothing = bench_planner.pick_cases(rows, pc, margin=0.10)
+    # P2 is predicted fastest, but D2 within 10% of it: the plainer layout, which is the fastest.
+    assert (unlimited["pick"], unlimited["fastest"], unlimited["rule"]) == ("D2", "D2", "D2")
+    assert unlimited["pick_over_fastest"] == 1.0
+    # Under 0.6 GiB: ZeRO-3 is the rule's, 20% slower in prediction than P2, which is picked and is the fastest.
+    assert (capped["pick"], capped["fastest"], capped["rule"]) == ("P2", "P2", "ZeRO3")
+    assert capped["rule_over_fastest"] == pytest.approx(1.3 / 1.1) and capped["pick_fits"]
+    assert nothing["fastest"] is None
+    assert bench_planner.pick_cases(rows, pc, margin=0.0)[0]["pick"] == "P2"
+
+
 def test_the_bench_fit_recovers_the_overlap_and_activation_factor_that_made_the_measurements():
     """Rows 'measured' as the planner predicts them under known values: the fit finds those
     values, in sample and held out by model, with no error left."""

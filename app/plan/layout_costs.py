@@ -73,7 +73,7 @@ def layouts(cfg, models: Dict[str, Dict[str, object]], job: str) -> dict:
     for run in runs:
         config.validate(cli.compose_config([*job_overrides, *run]))
     return {"overrides": job_overrides, "runs": runs, "warmup_steps": calibration.layout_warmup_steps,
-            "measure_steps": calibration.layout_measure_steps}
+            "measure_steps": calibration.layout_measure_steps, "measure_seconds": calibration.layout_measure_seconds}
 
 
 def run_job(cfg, spec: dict, job: str, threads: int, log) -> Dict[str, float]:

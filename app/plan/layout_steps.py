@@ -9,6 +9,7 @@ turns the seconds per step into the profile's zero_s_per_parameter and tensor_s_
     mpirun -np 2 python -m app.plan.layout_steps SPEC.json   (python -m app.plan calibrate runs it)
 """
 import gc
+import math
 from types import SimpleNamespace
 
 import torch
@@ -55,10 +56,16 @@ def seconds_per_step(cfg, spec: dict, device: torch.device) -> float:
     training = step.training_for(cfg, device, task, batches)
     training.parallel.start(None)
     training.model.train()
-    elapsed = timed_steps(training, spec, step.PhaseTimer(device))
+    timer = step.PhaseTimer(device)
+    probe = timed_steps(training, {"warmup_steps": spec["warmup_steps"], "measure_steps": 1}, timer)
+    # As many steps as fill measure_seconds (a small model's steps are milliseconds, and a few
+    # of them are noise), at least measure_steps; every rank takes the slowest rank's count.
+    wanted = max(math.ceil(spec["measure_seconds"] / max(probe, 1e-6)), spec["measure_steps"])
+    steps = max(dist.allgather_object(wanted, name="layout_steps.count"))
+    elapsed = timed_steps(training, {"warmup_steps": 0, "measure_steps": steps}, timer)
     del training
     gc.collect()  # this layout's model and buffers, before the next one builds its own
-    return elapsed / spec["measure_steps"]
+    return elapsed / steps
 
 
 def configs(layout_spec: dict) -> list:
