@@ -12,9 +12,9 @@ training run would (plan.cache, else cpu_default). Reported, per the issue's tar
 - the median relative peak-memory error;
 - pick quality: for each model and memory cap, the planner's pick among the grid's cells (the
   fastest predicted whose predicted peak fits, or the plain rule's choice where predicted
-  within plan.pick_margin of it, as parallel.auto picks) against the fastest measured cell that fits, and
-  the plain rule's pick (data parallel if it fits, else the lowest ZeRO stage that fits, else the
-  first pipeline cell that fits; fitting by measured peak, which favours the rule).
+  within plan.pick_margin of it, as parallel.auto picks) against the fastest measured cell that
+  fits, and the plain rule's pick (data parallel if it fits, else the lowest ZeRO stage that
+  fits, else the first pipeline cell that fits; fitting by measured peak, which favours the rule).
 Cells with more ranks than cores are flagged oversubscribed and left out of the pick cases
 and the fit: the profile's two assumed numbers (backward_overlap, activation_factor) fitted to
 the measured rows, with each model's errors under the values fitted on the other models alone.
@@ -129,11 +129,10 @@ def errors(prediction: choose.Prediction, measured: dict) -> dict:
 
 
 def plain_rule(rows: List[dict], cap: float) -> Optional[dict]:
-    """Data parallel if it fits, else the lowest ZeRO stage that fits, else the first pipeline cell."""
-    fits = [r for r in rows if r["measured_peak_bytes"] <= cap and r["checkpointing"] == "none"]
-    data = sorted((r for r in fits if r["tensor"] == r["pipeline"] == 1), key=lambda r: r["zero_stage"])
-    pipelines = [r for r in fits if r["pipeline"] > 1]
-    return (data or pipelines or [None])[0]
+    """Data parallel if it fits, else the lowest ZeRO stage that fits, else the first pipeline
+    cell (choose.plain_rank's order; among equals, the grid's)."""
+    ruled = [r for r in rows if r["measured_peak_bytes"] <= cap and choose.plain_rank(row_cell(r)) is not None]
+    return min(ruled, key=lambda r: choose.plain_rank(row_cell(r)), default=None)
 
 
 def row_cell(row: dict) -> Cell:

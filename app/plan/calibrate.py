@@ -95,10 +95,10 @@ def held_by_a_step(model, tokens: torch.Tensor, dtype) -> int:
     return held
 
 
-def time_model(model_cfg, vocab: int, shape: List[int], dtype, repeats: int) -> tuple:
-    """(layers, FLOPs, median seconds, bytes held by a step) of one forward + backward of a model
-    of `shape` with the trainer's loss."""
-    hidden, layers, seq_len, batch = shape
+def time_model(model_cfg, vocab: int, dimensions: List[int], dtype, repeats: int, held: bool = False) -> tuple:
+    """(layers, FLOPs, median seconds, bytes held by a step or None unless `held`) of one
+    forward + backward of a model of `dimensions` with the trainer's loss."""
+    hidden, layers, seq_len, batch = dimensions
     model = models.build_causal_lm(OmegaConf.merge(model_cfg, model_overrides(hidden, layers, seq_len)), vocab)
     per_layer = sum(p.numel() for p in transformer_layers(model)[0].parameters())
     flops = batch * seq_len * (layers * (6 * per_layer + 12 * hidden * seq_len) + 6 * vocab * hidden)
@@ -108,7 +108,7 @@ def time_model(model_cfg, vocab: int, shape: List[int], dtype, repeats: int) -> 
         started = time.perf_counter()
         forward_backward(model, tokens, dtype)
         seconds.append(time.perf_counter() - started)
-    return layers, flops, statistics.median(seconds[1:]), held_by_a_step(model, tokens, dtype)
+    return layers, flops, statistics.median(seconds[1:]), held_by_a_step(model, tokens, dtype) if held else None
 
 
 def warm_up(cfg) -> None:
@@ -179,8 +179,10 @@ def calibrate(cfg, log=print) -> HardwareProfile:
     runtime.keep_freed_memory()  # as plain data parallelism trains (app/config.py keeps_freed_memory)
     warm_up(cfg)
     log(f"calibrate: LLaMA forward + backward at {', '.join(calibration.precisions)}, {threads} threads")
-    rows = {p: [time_model(cfg.model, cfg.data.vocab_size, list(model), DTYPES[p], calibration.repeats)
-                for model in calibration.models] for p in calibration.precisions}
+    # The activations are measured at the first precision alone, which activation_factor reads.
+    rows = {p: [time_model(cfg.model, cfg.data.vocab_size, list(model), DTYPES[p], calibration.repeats,
+                           held=p == calibration.precisions[0]) for model in calibration.models]
+            for p in calibration.precisions}
     compute = {p: compute_fit(rows[p]) for p in calibration.precisions}
     default = profile.hardware(profile.DEFAULT_HARDWARE)
     measured = HardwareProfile(

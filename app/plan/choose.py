@@ -130,11 +130,10 @@ def prefer_plain(fitting: List[T], cell_of: Callable[[T], Cell], seconds_of: Cal
     if not fitting:
         return None
     fastest = min(fitting, key=seconds_of)
-    ruled = [(plain_rank(cell_of(x)), seconds_of(x), i) for i, x in enumerate(fitting)
-             if plain_rank(cell_of(x)) is not None]
-    if not ruled:
+    ranked = [(rank, seconds_of(x), i) for i, x in enumerate(fitting) if (rank := plain_rank(cell_of(x))) is not None]
+    if not ranked:
         return fastest
-    rule = fitting[min(ruled)[2]]
+    rule = fitting[min(ranked)[2]]
     return rule if seconds_of(rule) <= (1 + margin) * seconds_of(fastest) else fastest
 
 

@@ -11,7 +11,7 @@ import psutil
 import torch
 from omegaconf import OmegaConf
 
-from app import config, dist, fileio, runtime, train  # noqa: F401  train: the libraries a training rank loads, in the baseline
+from app import dist, fileio, train  # noqa: F401  train: the libraries a training rank loads, in the baseline
 from app.bench import bandwidth, launch
 from app.plan import layout_steps
 
@@ -50,8 +50,6 @@ def main() -> None:
     collectives = {"allreduce": bandwidth.allreduce, "reducescatter": reducescatter, "allgather": allgather,
                    "point_to_point": exchange(MPI.COMM_WORLD)}
     rows = {name: bandwidth.sweep(spec, collective, prefix=name) for name, collective in collectives.items()}
-    if layouts:  # under the malloc settings its training would run with (app.train)
-        runtime.set_freed_memory(config.keeps_freed_memory(layouts[0]))
     layout_seconds = layout_steps.timed(layouts, spec["layout"]) if layouts else []
     if dist.is_main():
         fileio.write_json(spec["result"], {"processes": hvd.size(), "rows": rows, "baseline_bytes": baseline,

@@ -34,11 +34,12 @@ JOBS = {"tensor": ("tensor",), "zero": (*ZERO, "pipeline_base"), "pipeline": ("p
 
 
 def overrides(cfg, model: Dict[str, object], cell: Cell) -> List[str]:
-    """A run's training overrides: the model (`model`: model.* values), fp32, the cell's mesh and batch."""
+    """A run's training overrides: the model (`model`: model.* values), fp32, the cell's layout and batch."""
     return [*(f"model.{key}={'null' if value is None else value}" for key, value in model.items()),
             f"train.seq_len={model['max_seq_len']}", f"train.micro_batch_size={cell.micro_batch_size}",
             f"train.grad_accum_steps={cell.grad_accum_steps}", f"parallel.tensor={cell.tensor}",
-            f"parallel.pipeline={cell.pipeline}", "train.precision=fp32", f"data.vocab_size={cfg.data.vocab_size}"]
+            f"parallel.pipeline={cell.pipeline}", f"parallel.zero_stage={cell.zero_stage}", "train.precision=fp32",
+            f"data.vocab_size={cfg.data.vocab_size}"]
 
 
 def cells(cfg) -> Dict[str, Tuple[str, Cell]]:
@@ -66,10 +67,7 @@ def layouts(cfg, models: Dict[str, Dict[str, object]], job: str) -> dict:
     refuse is one line before any launch."""
     calibration, found = cfg.plan.calibration, cells(cfg)
     job_overrides = ["train.allocator=jemalloc"] if job == "zero" else []
-    runs = []
-    for name in JOBS[job]:
-        model, cell = found[name]
-        runs.append([*overrides(cfg, models[model], cell), f"parallel.zero_stage={cell.zero_stage}"])
+    runs = [overrides(cfg, models[found[name][0]], found[name][1]) for name in JOBS[job]]
     for run in runs:
         config.validate(cli.compose_config([*job_overrides, *run]))
     return {"overrides": job_overrides, "runs": runs, "warmup_steps": calibration.layout_warmup_steps,

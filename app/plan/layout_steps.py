@@ -1,10 +1,10 @@
 """The calibration's layout steps: the trainer's own step (app/step.py) on a small LLaMA fed random
 tokens, under several layouts of one mesh one after another in one job on
 plan.calibration.ranks ranks, with the training's Horovod settings and the malloc the first
-layout runs under (app/allocator.py). Calibration runs plain data parallelism and each ZeRO
-stage as this module's job, and tensor parallelism inside the collectives job
-(app/plan/collectives.py, whose cycle time is tensor parallelism's); app/plan/layout_costs.py
-turns the seconds per step into the profile's zero_s_per_parameter and tensor_s_per_byte.
+layout runs under (app/allocator.py). Calibration runs this module's job twice (plain data
+parallelism and each ZeRO stage; the pipeline), and tensor parallelism inside the collectives
+job (app/plan/collectives.py, whose cycle time is tensor parallelism's); app/plan/layout_costs.py
+turns the seconds per step into the profile's layout costs.
 
     mpirun -np 2 python -m app.plan.layout_steps SPEC.json   (python -m app.plan calibrate runs it)
 """
@@ -78,9 +78,11 @@ def configs(layout_spec: dict) -> list:
 
 
 def timed(found: list, layout_spec: dict) -> list:
-    """Seconds per step of each config, in order, on this rank's device (Horovod started). The
-    first config runs once untimed before: the process's first layout pays one-time costs
-    (thread pools, Horovod's first negotiations) that its warm-up steps do not absorb."""
+    """Seconds per step of each config, in order, on this rank's device (Horovod started), with
+    glibc keeping or returning freed memory as the first config's training would. The first
+    config runs once untimed before: the process's first layout pays one-time costs (thread
+    pools, Horovod's first negotiations) that its warm-up steps do not absorb."""
+    runtime.set_freed_memory(config.keeps_freed_memory(found[0]))
     device = runtime.pick_device(found[0].train.device, dist.local_rank())
     seconds_per_step(found[0], layout_spec, device)
     return [seconds_per_step(cfg, layout_spec, device) for cfg in found]
@@ -93,7 +95,6 @@ def main() -> None:
     allocator.ensure(first)  # may re-execute this process
     dist.init(first.horovod, first.parallel)  # one mesh: every run's tensor and pipeline sizes alike
     torch.set_num_threads(dist.place_rank(spec["threads"], first.train.bind_cores))
-    runtime.set_freed_memory(config.keeps_freed_memory(first))
     seconds = timed(found, spec)
     if dist.is_main():
         fileio.write_json(spec["result"], {"processes": dist.size(), "seconds_per_step": seconds})

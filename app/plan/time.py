@@ -189,7 +189,7 @@ def data_s(cell: Cell, units: int, held: float, compute_s: float, fusion_bytes: 
 
 
 def oversubscription(profile: HardwareProfile, ranks_on_host: Optional[int]) -> float:
-    """How much slower every part runs when a host's ranks outnumber its cores (module docstring)."""
+    """How much slower a rank's CPU work runs when a host's ranks outnumber its cores (module docstring)."""
     if not profile.host_cores or not ranks_on_host:
         return 1.0
     return max(1.0, ranks_on_host / profile.host_cores)
