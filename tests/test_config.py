@@ -1,5 +1,6 @@
 """Configuration mistakes fail at once, on every rank, with a message naming the key."""
 import pytest
+from omegaconf import OmegaConf
 
 from app import cli, config
 from conftest import run_job, tiny_train_args
@@ -38,6 +39,21 @@ def test_horovod_settings_come_from_the_overrides_hydra_composes_later():
     assert cfg.horovod.cycle_time_ms == 2.5 and cfg.model.name == "llama_tiny"
     # Overrides that do not compose leave the schema's values; Hydra reports the error itself.
     assert cli.startup_config(["train.max_stepz=3"]).horovod.cycle_time_ms is None  # auto: 10 ms on CPU ranks
+
+
+def test_a_ranks_start_composes_its_startup_config_once_and_each_caller_gets_its_own(monkeypatch):
+    composed = []
+    monkeypatch.setattr(cli, "compose_config", lambda overrides: composed.append(overrides) or
+                        OmegaConf.structured(config.Config))
+    cli._startup_config.cache_clear()  # what earlier tests in this process composed
+    argv = ["model=llama_tiny", "train.max_steps=7", "hydra.run.dir=/x"]
+    first = cli.startup_config(argv)
+    first.train.max_steps = 1  # the planner changes its copy per layout
+    again = cli.startup_config(argv[:2])  # the same overrides: Hydra's own are not the config's
+    assert composed == [argv[:2]] and again is not first
+    assert again.train.max_steps == OmegaConf.structured(config.Config).train.max_steps
+    cli.startup_config(["model=llama_tiny", "train.max_steps=8"])
+    assert composed[1:] == [["model=llama_tiny", "train.max_steps=8"]]
 
 
 @pytest.mark.parametrize("overrides, message", [
