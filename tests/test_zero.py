@@ -237,14 +237,19 @@ _REEXEC_PROBE = """
 import os, runpy, sys
 os.environ.pop("LLAMA_HOROVOD_PRELOADED", None)
 os.execve = lambda *args: (print("torch imported:", "torch" in sys.modules), sys.exit(0))
-sys.argv = ["app.train", "parallel.zero_stage=1", "train.allocator=jemalloc"]
-runpy.run_module("app.train", run_name="__main__")
+module, sys.argv = sys.argv[1], sys.argv[1:]
+runpy.run_module(module, run_name="__main__")
 """
+_ZERO = ["parallel.zero_stage=1", "train.allocator=jemalloc"]
 
 
-def test_a_zero_rank_re_executes_itself_under_jemalloc_before_importing_torch():
-    result = subprocess.run([sys.executable, "-c", _REEXEC_PROBE], cwd=ROOT, env=job_env(), capture_output=True,
-                            text=True, timeout=120)
+@pytest.mark.parametrize("module", ["app.train", "app.bench.layouts"])
+def test_a_zero_rank_re_executes_itself_under_jemalloc_before_importing_torch(module, tmp_path):
+    spec = tmp_path / "spec.json"  # a bench worker's overrides are in its spec
+    spec.write_text(json.dumps({"overrides": _ZERO}))
+    argv = _ZERO if module == "app.train" else [str(spec)]
+    result = subprocess.run([sys.executable, "-c", _REEXEC_PROBE, module, *argv], cwd=ROOT, env=job_env(),
+                            capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "torch imported: False", result.stdout + result.stderr[-2000:]
 
 

@@ -13,6 +13,14 @@ A row is oversubscribed when its ranks outnumber this machine's cores: they time
 so its tokens/s say more about the machine than about the layout.
 """
 import re
+import sys
+
+from app import allocator
+
+if __name__ == "__main__":
+    # Before the imports below: a ZeRO cell's ranks re-execute under jemalloc, as app.train's
+    # do, and then import torch, transformers and Horovod once, not twice.
+    allocator.ensure_at_worker_launch(sys.argv[1])
 
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
