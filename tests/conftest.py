@@ -251,13 +251,12 @@ def plain_shard(model, optimizer, extra=None, parts=1, index=0):
 # worker, so its module fixtures, the launches its tests share, and the daemons test_slurm and
 # test_multihost start run once), then the tests marked serial alone. The longest files go first
 # (scripts/test.sh keeps this order: xdist would sort files by their number of tests), so the
-# files left at the end are short and neither worker idles long: every file over 50 s, by its
-# worker time in a full run here (2026-12-07, the sum of its tests' --durations: test_bench 525 s
-# down to test_prepare 51 s).
-LONGEST_FIRST = ("test_bench", "test_layouts", "test_checkpoint", "test_train_horovod", "test_tensor_parallel",
-                 "test_zero", "test_pipeline", "test_equivalence", "test_slurm", "test_speed",
-                 "test_encoder_equivalence", "test_encoder", "test_encoder_tensor", "test_shards",
-                 "test_checkpoint_integrity", "test_multihost", "test_plan", "test_prepare")
+# files left at the end are short and neither worker idles long: every file over 30 s, by its
+# worker time in a full run here (2026-12-07 at b44c96c, the sum of its tests' --durations:
+# test_bench 274 s down to test_multihost 31 s).
+LONGEST_FIRST = ("test_bench", "test_layouts", "test_checkpoint", "test_train_horovod", "test_slurm", "test_speed",
+                 "test_zero", "test_plan", "test_equivalence", "test_tensor_parallel", "test_pipeline", "test_encoder",
+                 "test_encoder_equivalence", "test_shards", "test_encoder_tensor", "test_prepare", "test_multihost")
 
 
 def pytest_collection_modifyitems(config, items):
