@@ -10,10 +10,8 @@ wants jemalloc and runs without it re-executes itself with LD_PRELOAD, before Ho
 start (same pid, so launchers and MPI see one process), as torch.backends.xeon.run_cpu and
 Intel's ipexrun preload it."""
 import ctypes.util
-import json
 import os
 import sys
-from pathlib import Path
 from typing import List
 
 from app import cli, config
@@ -55,8 +53,3 @@ def ensure_at_launch(argv: List[str]) -> None:
     startup = cli.startup_config(argv)
     if not startup.parallel.auto:
         ensure(startup)
-
-
-def ensure_at_worker_launch(spec_path: str) -> None:
-    """ensure_at_launch for a bench worker (app/bench/launch.py), whose overrides are in its spec."""
-    ensure_at_launch(json.loads(Path(spec_path).read_text())["overrides"])

@@ -17,4 +17,3 @@ def test_doctor_shows_horovods_build_check_under_its_section_headers():
     assert lines[controllers + 1:controllers + 3] == ["[X] MPI", "[X] Gloo"]
     assert "[X] PyTorch" in lines[lines.index("Available Frameworks:"):controllers]
     assert operations > controllers and any(line.endswith("] NCCL") for line in lines[operations:])
-

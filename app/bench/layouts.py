@@ -13,20 +13,20 @@ A row is oversubscribed when its ranks outnumber this machine's cores: they time
 so its tokens/s say more about the machine than about the layout.
 """
 import re
-import sys
 
 from app import allocator
+from app.bench import launch
 
 if __name__ == "__main__":
     # Before the imports below: a ZeRO cell's ranks re-execute under jemalloc, as app.train's
     # do, and then import torch, transformers and Horovod once, not twice.
-    allocator.ensure_at_worker_launch(sys.argv[1])
+    allocator.ensure_at_launch(launch.read_spec()["overrides"])
 
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from app import cli, dist, fileio, metrics
-from app.bench import launch, worker
+from app.bench import worker
 from app.bench.context import Context
 from app.bench.pipeline import timed_steps
 from app.config import ConfigError
